@@ -1,0 +1,103 @@
+"""Collectives of a training step: bucketed gradient reduction, tied-embedding sum, loss, norms.
+
+All nonblocking and completed by polling (waiting.wait_all), never by a spinning MPI wait.
+Gradients are summed, not averaged: every replica's loss gradient is already scaled by
+1/(B·T) of the global batch, so the sum over replicas is the average of their mean-loss
+gradients — the gradient of the global mean loss.
+"""
+
+import numpy as np
+from mpi4py import MPI
+
+from mpigpt2.params import LAYER_NAMES
+from mpigpt2.waiting import wait_all
+
+
+class GradReducer:
+    """Sums a stage's gradients over its data-parallel group, one bucket per layer.
+
+    A layer's bucket (its 12 tensors) starts as soon as the last backward of the step has
+    finished that layer; wte is summed over the embed group (first and last stages of every
+    replica: the tied embedding), wpe and lnf over the data group, after the backward.
+    """
+
+    def __init__(self, grid, stage):
+        self.grid, self.g = grid, stage.g
+        self.reqs = []
+        self.nl = stage.nl
+        self.data_active = grid.dp > 1
+        self.embed_active = grid.embed != MPI.COMM_NULL and grid.embed.Get_size() > 1
+
+    def _start(self, comm, arrays):
+        for a in arrays:
+            self.reqs.append(comm.Iallreduce(MPI.IN_PLACE, a, op=MPI.SUM))
+
+    def start_layer(self, i):
+        """Layer i (local index) has its final gradient: start its bucket."""
+        if self.data_active:
+            self._start(self.grid.data, [self.g[n][i] for n in LAYER_NAMES])
+
+    def start_rest(self):
+        """The embeddings and final LayerNorm are final once the whole backward ran."""
+        if self.data_active:
+            self._start(self.grid.data, [self.g[n] for n in ("wpe", "lnfw", "lnfb")
+                                         if n in self.g])
+        if self.embed_active:
+            self._start(self.grid.embed, [self.g["wte"]])
+
+    def wait(self):
+        wait_all(self.reqs, "allreduce", lambda: f"{len(self.reqs)} gradient allreduces")
+        self.reqs = []
+
+
+def sum_to_root(comm, values):
+    """Sum a small float64 vector over comm onto rank 0 (polled); returns it on rank 0."""
+    send = np.asarray(values, dtype=np.float64)
+    recv = np.zeros_like(send)
+    req = comm.Ireduce(send, recv, op=MPI.SUM, root=0)
+    wait_all([req], "reduce", lambda: "loss reduction")
+    return recv
+
+
+def allreduce_sum(comm, values, kind="reduce"):
+    """Sum a small float64 vector over comm on every rank (polled)."""
+    buf = np.array(values, dtype=np.float64)
+    req = comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+    wait_all([req], kind, lambda: f"allreduce of {buf.size} values")
+    return buf
+
+
+def barrier(comm):
+    """A polled barrier."""
+    wait_all([comm.Ibarrier()], "barrier", lambda: "barrier")
+
+
+def gather_model(grid, stage, layout):
+    """Collect replica 0's stage parameters on world rank 0 as global tensors (else None)."""
+    from mpigpt2.params import ParamLayout, PARAM_NAMES  # noqa: local to keep the top light
+    if grid.replica != 0:
+        return None
+    cfg = stage.cfg
+    sizes = [ParamLayout(cfg, layout.spec(s)).size for s in range(grid.pp)]
+    recv = None
+    if grid.stage == 0:
+        recv = np.empty(sum(sizes), dtype=stage.dtype)
+        mpitype = MPI.DOUBLE if stage.dtype == np.float64 else MPI.FLOAT
+        recvspec = [recv, sizes, np.cumsum([0] + sizes[:-1]).tolist(), mpitype]
+    req = grid.pipe.Igatherv(stage.flat, recvspec if grid.stage == 0 else None, root=0)
+    wait_all([req], "gather", lambda: "model gather")
+    if grid.stage != 0:
+        return None
+    parts, off = [], 0
+    for s, size in enumerate(sizes):
+        parts.append(ParamLayout(cfg, layout.spec(s)).views(recv[off:off + size]))
+        off += size
+    out = {}
+    for n in PARAM_NAMES:
+        if n in LAYER_NAMES:
+            out[n] = np.concatenate([p[n] for p in parts], axis=0)
+        elif n in ("wte", "wpe"):
+            out[n] = parts[0][n]
+        else:
+            out[n] = parts[-1][n]
+    return out

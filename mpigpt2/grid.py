@@ -1,0 +1,51 @@
+"""Communicators of the pp × dp grid, built once and passed explicitly.
+
+Rank r is stage r % pp of replica r // pp, so a replica's stages are neighbouring ranks (on one
+node when ranks fill nodes in order). pipe: the pp ranks of one replica, ordered by stage.
+data: the dp ranks holding the same stage. embed: the ranks holding wte (first and last stages
+of every replica), over which the tied embedding's gradient is summed.
+"""
+
+from dataclasses import dataclass
+
+from mpi4py import MPI
+
+
+@dataclass
+class Grid:
+    world: MPI.Comm
+    pipe: MPI.Comm
+    data: MPI.Comm
+    embed: MPI.Comm  # MPI.COMM_NULL on ranks without wte
+    pp: int
+    dp: int
+    stage: int
+    replica: int
+
+    @property
+    def rank(self):
+        return self.world.Get_rank()
+
+    @property
+    def first(self):
+        return self.stage == 0
+
+    @property
+    def last(self):
+        return self.stage == self.pp - 1
+
+    def stage_rank(self, stage, replica=None):
+        """World rank holding (stage, replica)."""
+        return (self.replica if replica is None else replica) * self.pp + stage
+
+
+def make_grid(world, pp, dp):
+    """Split world (size pp·dp) into the pipe, data and embed communicators."""
+    assert world.Get_size() == pp * dp
+    rank = world.Get_rank()
+    stage, replica = rank % pp, rank // pp
+    pipe = world.Split(color=replica, key=stage)
+    data = world.Split(color=stage, key=replica)
+    holds_wte = stage in (0, pp - 1)
+    embed = world.Split(color=0 if holds_wte else MPI.UNDEFINED, key=rank)
+    return Grid(world, pipe, data, embed, pp, dp, stage, replica)

@@ -1,0 +1,136 @@
+"""The parallel layout: pp × dp grid sizes, stage partition, micro-batches and slices (pure)."""
+
+from dataclasses import dataclass, asdict
+
+from mpigpt2.errors import UserError
+from mpigpt2.params import StageSpec
+
+SCHEDULES = ("gpipe", "1f1b")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Resolved parallel layout; every rank computes the same one from the same flags."""
+    pp: int
+    dp: int
+    stage_layers: tuple     # layers per stage, sums to L
+    microbatches: int       # M per replica per step
+    slice_tokens: int       # k; T // k slices per micro-batch
+    schedule: str
+
+    def spec(self, stage):
+        l0 = sum(self.stage_layers[:stage])
+        return StageSpec(l0, l0 + self.stage_layers[stage], stage == 0, stage == self.pp - 1)
+
+    def as_dict(self):
+        d = asdict(self)
+        d["stage_layers"] = list(self.stage_layers)
+        return d
+
+
+def default_pp(world, L):
+    """Default rule: the largest divisor of world that is ≤ min(L, 4); dp = world / pp."""
+    return max(p for p in range(1, min(world, L, 4) + 1) if world % p == 0)
+
+
+def layer_cost(cfg, T):
+    """Forward FLOPs per token of one transformer block (matmuls + attention, mean prefix T/2)."""
+    C = cfg.channels
+    return 24 * C * C + 2 * T * C
+
+
+def head_cost(cfg):
+    """Forward FLOPs per token of the logits matmul, plus the softmax/cross-entropy passes."""
+    return 2 * cfg.channels * cfg.padded_vocab_size + 5 * cfg.vocab_size
+
+
+def embed_cost(cfg):
+    """The embedding lookup and its scatter-add backward, weighted as memory-bound work."""
+    return 16 * cfg.channels
+
+
+def balanced_partition(cfg, T, pp):
+    """Contiguous split of L layers into pp stages (≥ 1 each) minimising the dearest stage."""
+    L = cfg.num_layers
+    lc = layer_cost(cfg, T)
+    extra = [0.0] * pp
+    extra[0] += embed_cost(cfg)
+    extra[-1] += head_cost(cfg)
+    # best[s][l]: minimal max cost splitting the first l layers over stages 0..s
+    INF = float("inf")
+    best = [[INF] * (L + 1) for _ in range(pp)]
+    choice = [[0] * (L + 1) for _ in range(pp)]
+    for l in range(1, L + 1):
+        best[0][l] = extra[0] + l * lc
+    for s in range(1, pp):
+        for l in range(s + 1, L + 1):
+            for n in range(1, l - s + 1):  # layers on stage s
+                c = max(best[s - 1][l - n], extra[s] + n * lc)
+                if c < best[s][l]:
+                    best[s][l], choice[s][l] = c, n
+    counts, l = [], L
+    for s in range(pp - 1, 0, -1):
+        n = choice[s][l]
+        counts.append(n)
+        l -= n
+    counts.append(l)
+    return tuple(reversed(counts))
+
+
+def parse_stage_layers(text, pp, L):
+    try:
+        counts = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise UserError(f"--stage-layers {text!r}: expected comma-separated layer counts like 4,3,3,2")
+    if len(counts) != pp:
+        raise UserError(f"--stage-layers {text!r} has {len(counts)} entries but --pp is {pp}; "
+                        f"give one layer count per stage")
+    if sum(counts) != L or min(counts) < 1:
+        raise UserError(f"--stage-layers {text!r} must be ≥ 1 per stage and sum to the model's "
+                        f"{L} layers (sums to {sum(counts)})")
+    return counts
+
+
+def resolve(world, cfg, B, T, pp=None, dp=None, stage_layers=None, microbatches=None,
+            slice_tokens=None, schedule=None):
+    """Check the requested layout and fill in defaults; raise UserError naming the bad flag."""
+    L = cfg.num_layers
+    for flag, v in (("--pp", pp), ("--dp", dp), ("--microbatches", microbatches),
+                    ("--slice-tokens", slice_tokens)):
+        if v is not None and v < 1:
+            raise UserError(f"{flag} must be ≥ 1, got {v}")
+    if pp is None and dp is None:
+        pp = default_pp(world, L)
+    if pp is None:
+        if world % dp:
+            raise UserError(f"--dp {dp} does not divide the {world} MPI ranks")
+        pp = world // dp
+    if dp is None:
+        if world % pp:
+            raise UserError(f"--pp {pp} does not divide the {world} MPI ranks")
+        dp = world // pp
+    if pp * dp != world:
+        raise UserError(f"--pp {pp} × --dp {dp} = {pp * dp}, but mpiexec started {world} ranks; "
+                        f"make pp × dp equal the number of ranks")
+    if pp > L:
+        raise UserError(f"--pp {pp} exceeds the model's {L} layers; each stage needs ≥ 1 layer")
+    counts = (parse_stage_layers(stage_layers, pp, L) if stage_layers
+              else balanced_partition(cfg, T, pp))
+    if microbatches is None:
+        microbatches = pp if (B % dp == 0 and (B // dp) % pp == 0) else 1
+    if B % (dp * microbatches):
+        raise UserError(f"--batch-size {B} is not divisible by dp × microbatches = {dp} × "
+                        f"{microbatches}; each micro-batch needs the same number of sequences")
+    if slice_tokens is None:
+        slice_tokens = T if pp == 1 else max(d for d in range(1, T // 4 + 1) if T % d == 0) \
+            if T >= 4 else T
+    if T % slice_tokens:
+        raise UserError(f"--slice-tokens {slice_tokens} does not divide --seq-len {T}")
+    if schedule is None:
+        schedule = "1f1b" if microbatches >= pp else "gpipe"
+    if schedule not in SCHEDULES:
+        raise UserError(f"--schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
+    if schedule == "1f1b" and microbatches < pp:
+        raise UserError(f"--schedule 1f1b needs --microbatches ≥ pp ({pp}), got {microbatches}; "
+                        f"raise --microbatches or use --schedule gpipe")
+    return Layout(pp, dp, counts, microbatches, slice_tokens, schedule)

@@ -1,0 +1,63 @@
+"""Every point-to-point transfer of the pipeline: activation and gradient slices between stages.
+
+Buffers are preallocated slabs (M, n, b·k, C), one per direction and role, so each (micro-batch,
+slice) message has its own C-contiguous block; a send block is written once per step and is not
+touched again until its request completed (finish()). Tags encode (direction, mb, slice).
+"""
+
+import numpy as np
+from mpi4py import MPI
+
+from mpigpt2.schedule import FORWARD, BACKWARD, tag, max_tag
+from mpigpt2.waiting import wait_all
+
+
+class PipeP2P:
+    """Sends and pre-posted receives of one stage within its replica's pipe communicator."""
+
+    def __init__(self, pipe, stage, pp, M, n, rows, C, dtype):
+        self.comm, self.stage, self.pp, self.M, self.n = pipe, stage, pp, M, n
+        if max_tag(M, n) > MPI.COMM_WORLD.Get_attr(MPI.TAG_UB):
+            raise ValueError(f"M·n = {M * n} slices per step exceed the MPI tag space")
+        slab = (M, n, rows, C)
+        has_prev, has_next = stage > 0, stage < pp - 1
+        self.buf = {
+            "RECV_F": np.empty(slab, dtype) if has_prev else None,  # (M, n, b*k, C)
+            "SEND_F": np.empty(slab, dtype) if has_next else None,
+            "RECV_B": np.empty(slab, dtype) if has_next else None,
+            "SEND_B": np.empty(slab, dtype) if has_prev else None,
+        }
+        self.recvs = {}
+        self.sends = []
+
+    def _peer_tag(self, kind, mb, j):
+        direction = FORWARD if kind.endswith("F") else BACKWARD
+        if kind in ("RECV_F", "SEND_B"):
+            peer = self.stage - 1
+        else:
+            peer = self.stage + 1
+        return peer, tag(direction, mb, j, self.M, self.n)
+
+    def post_recv(self, kind, mb, j):
+        peer, t = self._peer_tag(kind, mb, j)
+        self.recvs[(kind, mb, j)] = self.comm.Irecv(self.buf[kind][mb, j], source=peer, tag=t)
+
+    def wait_recv(self, kind, mb, j):
+        """Poll until the (mb, j) message of kind arrived; return its buffer (b*k, C)."""
+        req = self.recvs.pop((kind, mb, j))
+        peer, _ = self._peer_tag(kind, mb, j)
+        wait_all([req], "p2p", lambda: f"{kind} mb={mb} slice={j} from pipe stage {peer}")
+        return self.buf[kind][mb, j]
+
+    def send(self, kind, mb, j, data):
+        """Copy data (b*k, C) into its send block and start the Isend."""
+        block = self.buf[kind][mb, j]
+        block[...] = data
+        peer, t = self._peer_tag(kind, mb, j)
+        self.sends.append(self.comm.Isend(block, dest=peer, tag=t))
+
+    def finish(self):
+        """Wait for every send of the step (receives were consumed by wait_recv)."""
+        assert not self.recvs, f"unconsumed receives: {sorted(self.recvs)}"
+        wait_all(self.sends, "p2p", lambda: f"{len(self.sends)} sends to finish")
+        self.sends = []

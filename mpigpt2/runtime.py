@@ -1,0 +1,85 @@
+"""The schedule interpreter: runs one rank's action list for a training or evaluation step."""
+
+import sys
+import time
+
+import numpy as np
+
+from mpigpt2 import schedule
+from mpigpt2.collectives import GradReducer
+from mpigpt2.p2p import PipeP2P
+
+
+class Runner:
+    """Executes this stage's program each step, on preallocated message buffers."""
+
+    def __init__(self, grid, stage, layout, T, rows_per_mb):
+        self.grid, self.stage, self.layout = grid, stage, layout
+        self.T, self.b = T, rows_per_mb
+        self.k = layout.slice_tokens
+        self.M, self.n = layout.microbatches, T // layout.slice_tokens
+        progs = schedule.build(layout.schedule, grid.pp, self.M, self.n)
+        self.program = progs[grid.stage]
+        self.eval_program = schedule.build_eval(grid.pp, self.M, self.n)[grid.stage]
+        self.final_b = [a for a in self.program if a.kind == "B"][-1]
+        self.p2p = PipeP2P(grid.pipe, grid.stage, grid.pp, self.M, self.n,
+                           rows_per_mb * self.k, stage.cfg.channels, stage.dtype)
+        self.reducer = GradReducer(grid, stage)
+        self.times = {}
+
+    def _tick(self, kind, t0):
+        self.times[kind] = self.times.get(kind, 0.0) + time.perf_counter() - t0
+
+    def run(self, tokens, targets, dloss, train=True):
+        """One step over M micro-batches; tokens/targets (M, b, T) on the first/last stage.
+
+        Returns the sum of per-token losses on the last stage (0.0 elsewhere). With train,
+        gradients are accumulated into stage.g and reduced over the data group at REDUCE.
+        """
+        st, p2p, k = self.stage, self.p2p, self.k
+        program = self.program if train else self.eval_program
+        outputs = {}
+        loss = 0.0
+        for i, a in enumerate(program):
+            try:
+                if a.kind in ("RECV_F", "RECV_B"):
+                    p2p.post_recv(a.kind, a.mb, a.j)
+                elif a.kind == "F":
+                    pos0 = a.j * k
+                    x = (np.ascontiguousarray(tokens[a.mb, :, pos0:pos0 + k]) if st.spec.first
+                         else p2p.wait_recv("RECV_F", a.mb, a.j))
+                    tgt = targets[a.mb, :, pos0:pos0 + k] if st.spec.last else None
+                    t0 = time.perf_counter()
+                    if a.j == 0:
+                        st.begin(a.mb, self.b, self.T)
+                    out = st.forward(a.mb, pos0, x, tgt, dloss, train=train)
+                    if not train and a.j == self.n - 1:
+                        st.drop(a.mb)
+                    self._tick("forward", t0)
+                    if st.spec.last:
+                        loss += float(out.sum())
+                    else:
+                        outputs[(a.mb, a.j)] = out
+                elif a.kind == "SEND_F" or a.kind == "SEND_B":
+                    p2p.send(a.kind, a.mb, a.j, outputs.pop((a.mb, a.j)))
+                elif a.kind == "B":
+                    dout = None if st.spec.last else p2p.wait_recv("RECV_B", a.mb, a.j)
+                    t0 = time.perf_counter()
+                    hook = self.reducer.start_layer if a == self.final_b else None
+                    dx = st.backward(a.mb, a.j * k, dout, layer_done=hook)
+                    self._tick("backward", t0)
+                    if dx is not None:
+                        outputs[(a.mb, a.j)] = dx
+                elif a.kind == "REDUCE":
+                    self.reducer.start_rest()
+                    self.reducer.wait()
+            except Exception:
+                print(f"[rank {self.grid.rank}] failed at action {i} ({a}) of:\n"
+                      + " ".join(str(x) for x in program), file=sys.stderr, flush=True)
+                raise
+        p2p.finish()
+        return loss
+
+    def take_times(self):
+        t, self.times = self.times, {}
+        return t

@@ -1,0 +1,85 @@
+"""Sample a continuation from a model: `python -m mpigpt2.sample --model PATH --prompt TEXT`."""
+
+import argparse
+import sys
+
+import numpy as np
+
+from mpigpt2.errors import UserError
+
+
+def model_from_tensors(cfg, tensors):
+    """A one-process GPT holding the given global tensors."""
+    from mpigpt2.model import GPT
+    m = GPT(cfg)
+    for n, v in m.params.items():
+        v[...] = tensors[n]
+    return m
+
+
+def generate(model, prompt, n_tokens, temperature=1.0, top_k=None, seed=0):
+    """Autoregressive sampling with the KV prefix cache: each new token is a slice of one."""
+    cfg, stage = model.cfg, model.stage
+    if not prompt:
+        raise UserError("the prompt is empty")
+    total = min(cfg.max_seq_len, len(prompt) + n_tokens)
+    if len(prompt) >= cfg.max_seq_len:
+        raise UserError(f"the prompt has {len(prompt)} tokens; the model's maxT is "
+                        f"{cfg.max_seq_len}")
+    rng = np.random.default_rng(seed)
+    toks = list(prompt)
+    stage.begin(-1, 1, cfg.max_seq_len)
+    logits = stage.forward(-1, 0, np.array([toks]), train=False)[-1:]  # (1, Vp)
+    while len(toks) < total:
+        if temperature <= 0:
+            nxt = int(np.argmax(logits[0, :cfg.vocab_size]))
+        else:
+            z = logits[:, :cfg.vocab_size].astype(np.float64) / temperature  # (1, V)
+            if top_k:
+                kth = np.partition(z[0], -top_k)[-top_k]
+                z[z < kth] = -np.inf
+            from mpigpt2.ops import softmax_logits
+            probs = softmax_logits(z, cfg.vocab_size)[0]  # (V,)
+            nxt = int(rng.choice(cfg.vocab_size, p=probs))
+        toks.append(nxt)
+        if len(toks) < total:
+            logits = stage.forward(-1, len(toks) - 1, np.array([[nxt]]), train=False)  # (1, Vp)
+    stage.drop(-1)
+    return toks
+
+
+def decode(tokens):
+    from mpigpt2.tokenizer import gpt2_encoding
+    return gpt2_encoding().decode([t for t in tokens if t < 50257])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m mpigpt2.sample", description=__doc__)
+    p.add_argument("--model", required=True, help="llm.c .bin model file")
+    p.add_argument("--prompt", default="", help="text to continue (default: <|endoftext|>)")
+    p.add_argument("--tokens", type=int, default=64, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest (0 = all)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
+    args = p.parse_args(argv)
+    if args.tokens < 0 or args.top_k < 0:
+        raise UserError("--tokens and --top-k must be ≥ 0")
+    from mpigpt2.llmc import read_header, load_params
+    from mpigpt2.model import GPT
+    from mpigpt2.params import full_spec
+    from mpigpt2.tokenizer import gpt2_encoding, EOT
+    cfg, _ = read_header(args.model)
+    prompt = gpt2_encoding().encode_ordinary(args.prompt) if args.prompt else [EOT]
+    if max(prompt) >= cfg.vocab_size:
+        raise UserError(f"the prompt has token ids ≥ the model's vocabulary {cfg.vocab_size}")
+    model = GPT(cfg)
+    load_params(args.model, full_spec(cfg), model.params)
+    toks = generate(model, prompt, args.tokens, args.temperature, args.top_k or None, args.seed)
+    print(args.prompt + decode(toks[len(prompt):]))
+    return 0
+
+
+if __name__ == "__main__":
+    from mpigpt2.errors import run_cli
+    sys.exit(run_cli(main))

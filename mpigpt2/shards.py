@@ -1,0 +1,160 @@
+"""llm.c token shards: a 256×int32 header then uint16 tokens; atomic writes, strict reads."""
+
+import contextlib
+import glob
+import os
+import secrets
+
+import numpy as np
+
+from mpigpt2.errors import UserError
+
+MAGIC = 20240520  # llm.c's GPT-2 (uint16) token shard
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+MAX_TOKEN = 2**16 - 1
+_HINT = "re-run `python -m mpigpt2.prepare`"
+
+
+def _fsync_dir(path):
+    # Makes the rename itself durable; some filesystems refuse to open directories.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class ShardWriter:
+    """Streams tokens into a temp file beside `path`; finish() seals it, commit() renames it.
+
+    Splitting sealing from renaming lets a caller write several shards and publish them only
+    once all succeeded; abort() (or an exception inside `with`) leaves nothing behind.
+    """
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        d = os.path.dirname(os.path.abspath(self.path))
+        self.tmp = os.path.join(d, f".{os.path.basename(self.path)}.{secrets.token_hex(6)}.tmp")
+        # os.open rather than mkstemp so the shard gets the usual umask permissions, not 0600.
+        try:
+            fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except OSError as e:
+            raise UserError(f"cannot create {self.path} ({e.strerror}) — does its directory "
+                            "exist and is it writable?") from None
+        self.f = os.fdopen(fd, "wb")
+        self.f.write(b"\0" * HEADER_BYTES)  # real header once the count is known
+        self.count = 0
+        self.done = False
+
+    def write(self, tokens):
+        """Append tokens (any integer array-like); refuses ids outside [0, 65535]."""
+        toks = np.asarray(tokens)
+        if toks.size == 0:
+            return
+        if not np.issubdtype(toks.dtype, np.integer):
+            raise UserError(f"{self.path}: token ids must be integers, got dtype {toks.dtype}")
+        lo, hi = int(toks.min()), int(toks.max())
+        if lo < 0 or hi > MAX_TOKEN:
+            raise UserError(f"{self.path}: token id {lo if lo < 0 else hi} does not fit the "
+                            f"uint16 llm.c shard format (0..{MAX_TOKEN})")
+        if self.count + toks.size >= 2**31:
+            raise UserError(f"{self.path}: more than 2**31-1 tokens in one shard; "
+                            "use a smaller --shard-tokens")
+        self.f.write(toks.astype("<u2", copy=False).ravel().tobytes())
+        self.count += toks.size
+
+    def finish(self):
+        """Write the header and fsync; the file is complete but still under its temp name."""
+        header = np.zeros(HEADER_INTS, dtype="<i4")
+        header[:3] = (MAGIC, VERSION, self.count)
+        self.f.seek(0)
+        self.f.write(header.tobytes())
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        self.done = True
+
+    def commit(self):
+        """Atomically move the finished file to its final path."""
+        if not self.done:
+            self.finish()
+        os.replace(self.tmp, self.path)
+        _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+
+    def abort(self):
+        """Drop the temp file (safe to call more than once)."""
+        if not self.f.closed:
+            self.f.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.tmp)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+def write_shard(path, tokens):
+    """Write tokens to `path` as one llm.c shard, atomically (temp file + fsync + rename)."""
+    with ShardWriter(path) as w:
+        w.write(tokens)
+    return w.count
+
+
+def read_shard(path, vocab_size=None):
+    """Validate an llm.c shard and return its tokens as a read-only uint16 memmap."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"token shard {path} does not exist — check the path or {_HINT}")
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_BYTES)
+    except OSError as e:
+        raise UserError(f"cannot read token shard {path} ({e.strerror})") from None
+    if size < HEADER_BYTES:
+        raise UserError(f"{path}: only {size} bytes, shorter than the {HEADER_BYTES}-byte "
+                        f"llm.c header — {_HINT}")
+    magic, version, count = (int(x) for x in np.frombuffer(raw, dtype="<i4", count=3))
+    if magic != MAGIC:
+        raise UserError(f"{path}: not an llm.c token shard (magic {magic}) — {_HINT}")
+    if version != VERSION:
+        raise UserError(f"{path}: llm.c shard version {version}, expected {VERSION} — {_HINT}")
+    want = HEADER_BYTES + 2 * count
+    if count < 0 or size < want:
+        raise UserError(f"{path}: truncated: header says {count} tokens ({want} bytes) but the "
+                        f"file has {size} bytes — {_HINT}")
+    if size > want:
+        raise UserError(f"{path}: {size - want} trailing bytes after the {count} tokens the "
+                        f"header announces — {_HINT}")
+    if count == 0:
+        tokens = np.zeros(0, dtype=np.uint16)  # mmap refuses empty regions
+    else:
+        tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
+    if vocab_size is not None and count:
+        top = int(tokens.max())
+        if top >= vocab_size:
+            raise UserError(f"{path}: token id {top} is outside the model's vocab size "
+                            f"{vocab_size} — made with another tokenizer? {_HINT}")
+    return tokens
+
+
+def shard_paths(pattern, flag="--train-data"):
+    """Sorted shard files matching a glob; UserError naming `flag` when nothing matches."""
+    paths = sorted(glob.glob(os.path.expanduser(os.fspath(pattern))))
+    paths = [p for p in paths if os.path.isfile(p)]
+    if not paths:
+        raise UserError(f"{flag} {pattern!s} matches no files — run `python -m mpigpt2.prepare` "
+                        f"or fix the path/glob")
+    return paths

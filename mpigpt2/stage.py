@@ -1,0 +1,142 @@
+"""A pipeline stage: forward/backward of one (micro-batch, slice) through a contiguous layer range.
+
+Slice j of a micro-batch covers token positions [P, P+S). Forward appends the slice's keys and
+values to the micro-batch's KV prefix cache; backward must visit slices in reverse order, adding
+each slice's dK/dV over its whole prefix into per-layer accumulators (see DESIGN.md). The whole
+model on one process is simply the stage that owns every layer, with one slice of T tokens.
+"""
+
+import numpy as np
+
+from mpigpt2 import ops
+from mpigpt2.params import ParamLayout
+
+
+class _MicroBatch:
+    """Per-micro-batch state: KV prefix caches, dK/dV accumulators, saved slice activations."""
+
+    def __init__(self, nl, b, NH, T, hs, dtype):
+        self.k = np.empty((nl, b, NH, T, hs), dtype=dtype)  # (nl, b, NH, T, hs)
+        self.v = np.empty((nl, b, NH, T, hs), dtype=dtype)  # (nl, b, NH, T, hs)
+        self.dk = None  # allocated by the first backward slice
+        self.dv = None
+        self.saved = {}  # slice index -> activations of that slice
+
+
+class Stage:
+    """Parameters, gradients and activation bookkeeping of one pipeline stage."""
+
+    def __init__(self, cfg, spec, dtype=np.float32):
+        self.cfg, self.spec, self.dtype = cfg, spec, np.dtype(dtype)
+        self.layout = ParamLayout(cfg, spec)
+        self.flat, self.p = self.layout.alloc(self.dtype)
+        self.grad_flat, self.g = self.layout.alloc(self.dtype)
+        self.nl = spec.l1 - spec.l0
+        self.mbs = {}
+
+    # -----------------------------------------------------------------------------------------
+    def zero_grad(self):
+        self.grad_flat[...] = 0.0
+
+    def begin(self, mb, b, T):
+        """Start micro-batch mb of b sequences of T tokens (allocates its KV cache)."""
+        cfg = self.cfg
+        NH = cfg.num_heads
+        self.mbs[mb] = _MicroBatch(self.nl, b, NH, T, cfg.channels // NH, self.dtype)
+
+    def forward(self, mb, pos0, x_in, targets=None, dloss=0.0, train=True):
+        """Forward one slice at positions [pos0, pos0+S).
+
+        x_in: tokens (b, S) on the first stage, else activations (b*S, C).
+        Returns activations (b*S, C) for the next stage; on the last stage the per-token
+        losses (b*S,) float64 when targets (b, S) are given, else the logits (b*S, Vp).
+        With train=True the slice's activations are kept for backward and, on the last stage,
+        the logits are turned into their gradient at once (dloss per token).
+        """
+        cfg, p, st = self.cfg, self.p, self.mbs[mb]
+        NH = cfg.num_heads
+        saved = {}
+        if self.spec.first:
+            b, S = x_in.shape
+            saved["tokens"] = x_in
+            x = ops.encoder_forward(p["wte"], p["wpe"], x_in, pos0)  # (b*S, C)
+        else:
+            b = st.k.shape[1]
+            x = x_in  # (b*S, C)
+        for i in range(self.nl):
+            ln1, norm1, rstd1 = ops.layernorm_forward(x, p["ln1w"][i], p["ln1b"][i])  # (b*S, C)
+            qkv = ops.matmul_forward(ln1, p["qkvw"][i], p["qkvb"][i])  # (b*S, 3C)
+            atty, q, att = ops.attention_forward(qkv, st.k[i], st.v[i], b, NH, pos0)  # (b*S, C)
+            attproj = ops.matmul_forward(atty, p["attprojw"][i], p["attprojb"][i])  # (b*S, C)
+            x2 = x + attproj  # (b*S, C)
+            ln2, norm2, rstd2 = ops.layernorm_forward(x2, p["ln2w"][i], p["ln2b"][i])  # (b*S, C)
+            fch = ops.matmul_forward(ln2, p["fcw"][i], p["fcb"][i])  # (b*S, 4C)
+            fch_gelu = ops.gelu_forward(fch)  # (b*S, 4C)
+            fcproj = ops.matmul_forward(fch_gelu, p["fcprojw"][i], p["fcprojb"][i])  # (b*S, C)
+            x = x2 + fcproj  # (b*S, C)
+            if train:
+                saved[i] = (ln1, norm1, rstd1, q, att, atty, ln2, norm2, rstd2, fch, fch_gelu)
+        if self.spec.last:
+            lnf, normf, rstdf = ops.layernorm_forward(x, p["lnfw"], p["lnfb"])  # (b*S, C)
+            logits = ops.matmul_forward(lnf, p["wte"], None)  # (b*S, Vp)
+            if targets is None:
+                return logits
+            losses = ops.crossentropy_forward_backward(logits, targets.reshape(-1),
+                                                       cfg.vocab_size, dloss)  # (b*S,)
+            if train:
+                saved["head"] = (lnf, normf, rstdf, logits)  # logits now hold dlogits
+            out = losses
+        else:
+            out = x
+        if train:
+            saved["pos0"] = pos0
+            st.saved[pos0] = saved
+        return out
+
+    def backward(self, mb, pos0, dx_out=None, layer_done=None):
+        """Backward one slice (slices of a micro-batch in reverse order).
+
+        dx_out: gradient (b*S, C) of this stage's output; None on the last stage (the loss
+        gradient was fused into forward). Returns the input gradient (b*S, C), or None on
+        the first stage (it ends in the embedding tables). layer_done(i) is called once layer
+        i's backward is done (the runtime starts that layer's gradient reduction).
+        """
+        p, g, st = self.p, self.g, self.mbs[mb]
+        saved = st.saved.pop(pos0)
+        if st.dk is None:
+            st.dk = np.zeros_like(st.k)
+            st.dv = np.zeros_like(st.v)
+        if self.spec.last:
+            lnf, normf, rstdf, dlogits = saved["head"]
+            dlnf = ops.matmul_backward(dlogits, lnf, p["wte"], g["wte"], None)  # (b*S, C)
+            dx = ops.layernorm_backward(dlnf, normf, rstdf, p["lnfw"], g["lnfw"], g["lnfb"])
+        else:
+            dx = dx_out  # (b*S, C)
+        for i in reversed(range(self.nl)):
+            ln1, norm1, rstd1, q, att, atty, ln2, norm2, rstd2, fch, fch_gelu = saved[i]
+            dx2 = dx  # residual: d(x2 + fcproj) flows to both
+            dfch_gelu = ops.matmul_backward(dx, fch_gelu, p["fcprojw"][i], g["fcprojw"][i],
+                                            g["fcprojb"][i])  # (b*S, 4C)
+            dfch = ops.gelu_backward(dfch_gelu, fch)  # (b*S, 4C)
+            dln2 = ops.matmul_backward(dfch, ln2, p["fcw"][i], g["fcw"][i], g["fcb"][i])  # (b*S, C)
+            dx2 = dx2 + ops.layernorm_backward(dln2, norm2, rstd2, p["ln2w"][i], g["ln2w"][i],
+                                               g["ln2b"][i])  # (b*S, C)
+            datty = ops.matmul_backward(dx2, atty, p["attprojw"][i], g["attprojw"][i],
+                                        g["attprojb"][i])  # (b*S, C)
+            dqkv = ops.attention_backward(datty, q, att, st.k[i], st.v[i], st.dk[i], st.dv[i],
+                                          pos0)  # (b*S, 3C)
+            dln1 = ops.matmul_backward(dqkv, ln1, p["qkvw"][i], g["qkvw"][i], g["qkvb"][i])
+            dx = dx2 + ops.layernorm_backward(dln1, norm1, rstd1, p["ln1w"][i], g["ln1w"][i],
+                                              g["ln1b"][i])  # (b*S, C)
+            if layer_done is not None:
+                layer_done(i)
+        if pos0 == 0:
+            del self.mbs[mb]  # slice 0 is the last backward of the micro-batch
+        if self.spec.first:
+            ops.encoder_backward(g["wte"], g["wpe"], dx, saved["tokens"], pos0)
+            return None
+        return dx
+
+    def drop(self, mb):
+        """Forget a micro-batch (inference, or an aborted step)."""
+        self.mbs.pop(mb, None)

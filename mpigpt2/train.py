@@ -1,0 +1,252 @@
+"""Train GPT-2 with data + pipeline parallelism: `mpiexec -n N python -m mpigpt2.train [...]`.
+
+Reads top to bottom: arguments, layout and data checks (agreed by all ranks), the grid and this
+rank's stage, the optimizer, then the loop (lr, step, reduce, update, log, eval, sample, save).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from mpigpt2.errors import UserError
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m mpigpt2.train", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--model", default="gpt2-tiny", help="preset name (random init) or llm.c .bin to start from")
+    a("--train-data", default="data/tinyshakespeare/tiny_shakespeare_train.bin",
+      help="glob of llm.c token shards for training")
+    a("--val-data", default="data/tinyshakespeare/tiny_shakespeare_val.bin",
+      help="glob of llm.c token shards for validation ('' to skip)")
+    a("--batch-size", type=int, default=8, help="B: sequences per optimizer step (global)")
+    a("--seq-len", type=int, default=64, help="T: tokens per sequence")
+    a("--steps", type=int, default=300, help="optimizer steps")
+    a("--lr", type=float, default=1e-4, help="peak learning rate")
+    a("--beta1", type=float, default=0.9, help="AdamW beta1")
+    a("--beta2", type=float, default=0.999, help="AdamW beta2")
+    a("--eps", type=float, default=1e-8, help="AdamW epsilon (added after the sqrt)")
+    a("--weight-decay", type=float, default=0.0, help="decoupled weight decay (all parameters)")
+    a("--warmup-steps", type=int, default=0, help="linear lr warm-up steps")
+    a("--lr-schedule", choices=("constant", "cosine"), default="constant", help="lr after warm-up")
+    a("--min-lr-frac", type=float, default=0.0, help="cosine floor as a fraction of --lr")
+    a("--grad-clip", type=float, default=0.0, help="clip the global gradient norm (0 = off)")
+    a("--seed", type=int, default=1337, help="seed of the random init and data shuffling")
+    a("--shuffle", action="store_true", help="shuffle windows and shards each epoch (seeded)")
+    a("--out-dir", default="out", help="where metrics.jsonl and config.json go")
+    a("--val-every", type=int, default=0, help="validate every N steps (0 = only at the end)")
+    a("--val-steps", type=int, default=5, help="validation batches per evaluation")
+    a("--sample-every", type=int, default=0, help="sample every N steps (0 = only at the end)")
+    a("--sample-tokens", type=int, default=64, help="tokens per sample (0 = no sampling)")
+    a("--save", default=None, help="write the final model here (llm.c fp32 .bin)")
+    a("--dtype", choices=("float32", "float64"), default="float32", help="compute precision")
+    a("--pp", type=int, default=None, help="pipeline stages (default: see README)")
+    a("--dp", type=int, default=None, help="data-parallel replicas (default: world / pp)")
+    a("--stage-layers", default=None, help="layers per stage, e.g. 4,3,3,2 (default: balanced)")
+    a("--microbatches", type=int, default=None, help="M micro-batches per replica per step")
+    a("--slice-tokens", type=int, default=None, help="k tokens per slice (k divides T; k=T: none)")
+    a("--schedule", choices=("gpipe", "1f1b"), default=None, help="pipeline schedule")
+    a("--print-schedule", action="store_true", help="print the step × rank table and exit")
+    a("--threads", type=int, default=None, help="BLAS threads per rank (default cores / ranks)")
+    a("--stall-seconds", type=float, default=60.0, help="report waits longer than this")
+    a("--debug", action="store_true", help="show tracebacks for input errors")
+    a("--inject-error", default=None, help=argparse.SUPPRESS)  # "RANK:STEP", for failure tests
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    for flag in ("batch_size", "seq_len", "val_steps"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be ≥ 1, got {getattr(args, flag)}")
+    for flag in ("steps", "val_every", "sample_every", "sample_tokens", "warmup_steps"):
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be ≥ 0, got {getattr(args, flag)}")
+    if args.lr < 0 or not (0 <= args.beta1 < 1) or not (0 <= args.beta2 < 1) or args.eps <= 0:
+        raise UserError("optimizer flags out of range: need --lr ≥ 0, 0 ≤ --beta1/--beta2 < 1, "
+                        "--eps > 0")
+
+
+def load_config(model):
+    """Model shape from a preset name or an llm.c file header."""
+    from mpigpt2.config import preset, PRESETS
+    from mpigpt2.llmc import read_header
+    if model in PRESETS:
+        return preset(model)
+    if os.path.exists(model) or model.endswith(".bin"):
+        return read_header(model)[0]
+    return preset(model)  # raises: unknown preset
+
+
+def setup(args, world):
+    """Everything that can fail because of user input, before any compute."""
+    from mpigpt2 import layout as lay
+    from mpigpt2.data import DataLoader
+    check_args(args)
+    cfg = load_config(args.model)
+    B, T = args.batch_size, args.seq_len
+    if T > cfg.max_seq_len:
+        raise UserError(f"--seq-len {T} exceeds the model's maximum sequence length "
+                        f"{cfg.max_seq_len} (maxT)")
+    layout = lay.resolve(world, cfg, B, T, args.pp, args.dp, args.stage_layers,
+                         args.microbatches, args.slice_tokens, args.schedule)
+    train = DataLoader(args.train_data, B, T, vocab_size=cfg.vocab_size, flag="--train-data",
+                       shuffle=args.shuffle, seed=args.seed)
+    val = (DataLoader(args.val_data, B, T, vocab_size=cfg.vocab_size, flag="--val-data")
+           if args.val_data else None)
+    os.makedirs(args.out_dir, exist_ok=True) if not args.print_schedule else None
+    if not args.print_schedule and not os.access(args.out_dir, os.W_OK):
+        raise UserError(f"--out-dir {args.out_dir} is not writable")
+    if args.save and not os.access(os.path.dirname(os.path.abspath(args.save)), os.W_OK):
+        raise UserError(f"--save {args.save}: its directory does not exist or is not writable")
+    return cfg, layout, train, val
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from mpi4py import MPI
+    from mpigpt2.failure import install_excepthook, agree
+    world = MPI.COMM_WORLD
+    rank, size = world.Get_rank(), world.Get_size()
+    install_excepthook(world)
+    print0 = (lambda *a, **k: print(*a, **k, flush=True)) if rank == 0 else (lambda *a, **k: None)
+
+    # -- set-up: checked on every rank, agreed, before any compute --------------------------
+    cfg, layout, train_loader, val_loader = agree(world, lambda: setup(args, size), args.debug)
+    from mpigpt2 import schedule
+    B, T = args.batch_size, args.seq_len
+    n_slices = T // layout.slice_tokens
+    if args.print_schedule:
+        progs = schedule.build(layout.schedule, layout.pp, layout.microbatches, n_slices)
+        print0(f"layout {layout.as_dict()}\n" + schedule.table(progs))
+        print0(f"predicted bubble (unit costs): {schedule.bubble(schedule.simulate(progs)):.3f}")
+        return 0
+
+    from threadpoolctl import threadpool_limits
+    from mpigpt2 import waiting
+    from mpigpt2.collectives import sum_to_root, allreduce_sum, gather_model, barrier
+    from mpigpt2.grid import make_grid
+    from mpigpt2.llmc import load_params, write_model
+    from mpigpt2.optim import AdamW, lr_at, clip_scale
+    from mpigpt2.params import init_params, PARAM_NAMES
+    from mpigpt2.runtime import Runner
+    from mpigpt2.stage import Stage
+    from mpigpt2.config import PRESETS
+
+    local = world.Split_type(MPI.COMM_TYPE_SHARED)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // local.Get_size())
+    threadpool_limits(threads, user_api="blas")
+    waiting.STALL["seconds"] = args.stall_seconds
+
+    # -- grid, this rank's stage, optimizer ----------------------------------------------------
+    grid = make_grid(world, layout.pp, layout.dp)
+    spec = layout.spec(grid.stage)
+    dtype = np.dtype(args.dtype)
+    stage = Stage(cfg, spec, dtype)
+    if args.model in PRESETS:
+        init_params(cfg, spec, stage.p, args.seed)
+    else:
+        load_params(args.model, spec, stage.p)
+    opt = AdamW(stage.layout.size, dtype, args.beta1, args.beta2, args.eps, args.weight_decay)
+    M = layout.microbatches
+    rows = B // layout.dp            # sequences per replica
+    b = rows // M                    # sequences per micro-batch
+    my_rows = slice(grid.replica * rows, (grid.replica + 1) * rows)
+    runner = Runner(grid, stage, layout, T, b)
+    dloss = 1.0 / (B * T)
+
+    if rank == 0:
+        config = {"model": cfg.as_dict(), "layout": layout.as_dict(), "world": size,
+                  "threads_per_rank": threads, "args": vars(args)}
+        with open(os.path.join(args.out_dir, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        metrics = open(os.path.join(args.out_dir, "metrics.jsonl"), "w")
+    print0(f"model L={cfg.num_layers} C={cfg.channels} NH={cfg.num_heads} V={cfg.vocab_size} "
+           f"maxT={cfg.max_seq_len} | ranks {size} = pp {layout.pp} × dp {layout.dp} | stages "
+           f"{list(layout.stage_layers)} | M={M} k={layout.slice_tokens} "
+           f"{layout.schedule} | B={B} T={T} | {threads} BLAS thread(s)/rank")
+
+    def batch(loader):
+        """This replica's rows of the next global batch, as (M, b, T) micro-batches."""
+        x, y = loader.next_batch(my_rows)
+        return x.reshape(M, b, T), y.reshape(M, b, T)
+
+    def log(obj):
+        if rank == 0:
+            metrics.write(json.dumps(obj) + "\n")
+            metrics.flush()
+
+    def evaluate(step):
+        if val_loader is None:
+            return None
+        val_loader.reset()
+        total = 0.0
+        for _ in range(args.val_steps):
+            x, y = batch(val_loader)
+            total += runner.run(x, y, 0.0, train=False)
+        val = sum_to_root(world, [total])[0] / (args.val_steps * B * T)
+        print0(f"step {step:5d} | val loss {val:.6f}")
+        log({"step": step, "val_loss": val})
+        return val
+
+    def sample(step):
+        tensors = gather_model(grid, stage, layout)
+        if rank == 0 and args.sample_tokens > 0:
+            from mpigpt2.sample import generate, model_from_tensors, decode
+            model = model_from_tensors(cfg, tensors)
+            toks = generate(model, [50256], args.sample_tokens, temperature=1.0, top_k=40,
+                            seed=args.seed + step)
+            print0(f"--- sample at step {step} ---\n{decode(toks[1:])}\n---")
+        barrier(world)
+        return tensors
+
+    # -- training loop --------------------------------------------------------------------------
+    inject = tuple(int(v) for v in args.inject_error.split(":")) if args.inject_error else None
+    for step in range(args.steps):
+        t0 = time.perf_counter()
+        lr = lr_at(step, args.lr, args.steps, args.warmup_steps, args.lr_schedule,
+                   args.min_lr_frac)
+        x, y = batch(train_loader)
+        if inject and inject == (rank, step):
+            raise RuntimeError(f"injected failure on rank {rank} at step {step}")
+        stage.zero_grad()
+        loss_sum = runner.run(x, y, dloss)
+        scale = 1.0
+        if args.grad_clip > 0:
+            # wte is on two stages when pp > 1: count it once (on the first stage)
+            g = stage.grad_flat if not (spec.last and not spec.first) else \
+                np.concatenate([stage.g[n].ravel() for n in stage.g if n != "wte"])
+            norm = float(np.sqrt(allreduce_sum(grid.pipe, [float(g @ g)])[0]))
+            scale = clip_scale(norm, args.grad_clip)
+        opt.step(stage.flat, stage.grad_flat, step + 1, lr, scale)
+        loss = sum_to_root(world, [loss_sum])[0] / (B * T)
+        dt = time.perf_counter() - t0
+        print0(f"step {step + 1:5d}/{args.steps} | loss {loss:.6f} | lr {lr:.2e} | "
+               f"{dt * 1000:7.1f} ms | {B * T / dt:8.0f} tok/s")
+        log({"step": step, "loss": loss, "lr": lr, "step_ms": dt * 1000,
+             "tokens_per_s": B * T / dt})
+        if not np.isfinite(loss) and rank == 0:
+            raise FloatingPointError(f"loss is {loss} at step {step}; lower --lr or clip")
+        if args.val_every and (step + 1) % args.val_every == 0 and step + 1 < args.steps:
+            evaluate(step)
+        if args.sample_every and (step + 1) % args.sample_every == 0 and step + 1 < args.steps:
+            sample(step)
+
+    # -- the end: validation, a sample, the final model -----------------------------------------
+    evaluate(args.steps)
+    tensors = sample(args.steps)
+    if args.save and rank == 0:
+        write_model(args.save, cfg, {n: tensors[n] for n in PARAM_NAMES})
+        print0(f"saved {args.save}")
+    if rank == 0:
+        metrics.close()
+    return 0
+
+
+if __name__ == "__main__":
+    from mpigpt2.errors import run_cli
+    sys.exit(run_cli(main))

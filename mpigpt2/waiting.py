@@ -1,0 +1,57 @@
+"""Waiting on MPI requests without stealing a core: poll with a short, growing sleep.
+
+MPICH's blocking waits spin at 100 % CPU; with more ranks than cores they starve the ranks that
+compute (DESIGN.md, "Waiting"). Every wait in the runtime goes through here.
+"""
+
+import sys
+import time
+
+from mpi4py import MPI
+
+SLEEP_START = 2e-5
+SLEEP_MAX = 1e-3
+
+
+class WaitStats:
+    """Seconds spent waiting, by kind (for the step metrics)."""
+
+    def __init__(self):
+        self.seconds = {}
+
+    def add(self, kind, dt):
+        self.seconds[kind] = self.seconds.get(kind, 0.0) + dt
+
+    def take(self):
+        s, self.seconds = self.seconds, {}
+        return s
+
+
+STATS = WaitStats()
+STALL = {"seconds": 60.0, "abort": False}
+
+
+def wait_all(reqs, kind="p2p", what=None):
+    """Poll reqs (a list of MPI.Request) until all complete; sleep between polls.
+
+    what: a callable returning a description of the awaited messages, printed if the wait
+    outlasts STALL["seconds"] (then the wait goes on, or the job aborts if STALL["abort"]).
+    """
+    if not reqs:
+        return
+    if MPI.Request.Testall(reqs):
+        return
+    t0 = time.perf_counter()
+    nap, warned = SLEEP_START, False
+    while not MPI.Request.Testall(reqs):
+        time.sleep(nap)
+        nap = min(2 * nap, SLEEP_MAX)
+        if not warned and time.perf_counter() - t0 > STALL["seconds"]:
+            warned = True
+            desc = what() if what else kind
+            rank = MPI.COMM_WORLD.Get_rank()
+            print(f"[rank {rank}] stalled {time.perf_counter() - t0:.0f}s waiting for {desc}",
+                  file=sys.stderr, flush=True)
+            if STALL["abort"]:
+                MPI.COMM_WORLD.Abort(3)
+    STATS.add(kind, time.perf_counter() - t0)
