@@ -1,12 +1,12 @@
 """llm.c's model file: 256 int32 header then the 16 tensors in order (fp32 v3; bf16 v5 read)."""
 
 import os
-import tempfile
 
 import numpy as np
 
 from mpigpt2.config import GPTConfig
 from mpigpt2.errors import UserError
+from mpigpt2.fileio import atomic_write
 from mpigpt2.params import PARAM_NAMES, LAYER_NAMES, tensor_shapes
 
 MODEL_MAGIC = 20240326
@@ -75,22 +75,6 @@ def load_params(path, spec, views):
             views[n][...] = part
     del raw
     return cfg
-
-
-def atomic_write(path, write_fn):
-    """Write through write_fn(fileobj) into a temp file beside path, fsync, rename into place."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def header_ints(cfg, version=VERSION_FP32):

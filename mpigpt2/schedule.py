@@ -152,6 +152,7 @@ def _check_rank(prog, s, p, M, n):
         if b < seen[F(mb, n - 1)]:
             raise ScheduleError(f"{where}: B{mb}.{j} before F{mb}.{n - 1}: a micro-batch's "
                                 f"backward needs all of its forward slices")
+    for mb, j in forward_units(M, n):  # messages, once the compute order is known good
         need = ([("RECV_F", "F")] if s > 0 else []) + ([("RECV_B", "B")] if s < p - 1 else [])
         for rk, ck in need:
             r = seen.get(Action(rk, mb, j))
@@ -195,29 +196,33 @@ def simulate(progs, f_cost=1, b_cost=1):
     timeline = [[] for _ in range(p)]
     t = 0
     while any(pc[s] < len(progs[s]) for s in range(p)):
-        progressed = False
+        progressed = True
+        while progressed:  # settle all sends and posts of this tick before anything starts
+            progressed = False
+            for s in range(p):
+                while pc[s] < len(progs[s]) and busy_until[s] <= t:
+                    a = progs[s][pc[s]]
+                    if a.kind in ("SEND_F", "SEND_B"):
+                        sent[(a.kind, a.mb, a.j, s)] = busy_until[s]
+                    elif a.kind not in ("RECV_F", "RECV_B", "REDUCE"):
+                        break
+                    pc[s] += 1
+                    progressed = True
+        started = False
         for s in range(p):
-            while pc[s] < len(progs[s]) and busy_until[s] <= t:
-                a = progs[s][pc[s]]
-                if a.kind in ("RECV_F", "RECV_B", "REDUCE"):
-                    pc[s] += 1
-                    progressed = True
-                    continue
-                if a.kind in ("SEND_F", "SEND_B"):
-                    sent[(a.kind, a.mb, a.j, s)] = busy_until[s]
-                    pc[s] += 1
-                    progressed = True
-                    continue
-                dep = (("SEND_F", a.mb, a.j, s - 1) if a.kind == "F" and s > 0 else
-                       ("SEND_B", a.mb, a.j, s + 1) if a.kind == "B" and s < p - 1 else None)
-                if dep is not None and sent.get(dep, t + 1) > t:
-                    break
-                timeline[s].append((t, a))
-                busy_until[s] = t + (f_cost if a.kind == "F" else b_cost)
-                pc[s] += 1
-                progressed = True
-                break
-        if not progressed and all(busy_until[s] <= t for s in range(p)):
+            if pc[s] >= len(progs[s]) or busy_until[s] > t:
+                continue
+            a = progs[s][pc[s]]
+            dep = (("SEND_F", a.mb, a.j, s - 1) if a.kind == "F" and s > 0 else
+                   ("SEND_B", a.mb, a.j, s + 1) if a.kind == "B" and s < p - 1 else None)
+            if dep is not None and sent.get(dep, t + 1) > t:
+                continue
+            timeline[s].append((t, a))
+            busy_until[s] = t + (f_cost if a.kind == "F" else b_cost)
+            pc[s] += 1
+            started = True
+        if not started and all(busy_until[s] <= t for s in range(p)) and \
+                any(pc[s] < len(progs[s]) for s in range(p)):
             stuck = [str(progs[s][pc[s]]) for s in range(p) if pc[s] < len(progs[s])]
             raise ScheduleError(f"deadlock at tick {t}: stages wait on {', '.join(stuck)}\n"
                                 + table(progs, upto=timeline))

@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -98,12 +99,26 @@ def setup(args, world):
                        shuffle=args.shuffle, seed=args.seed)
     val = (DataLoader(args.val_data, B, T, vocab_size=cfg.vocab_size, flag="--val-data")
            if args.val_data else None)
-    os.makedirs(args.out_dir, exist_ok=True) if not args.print_schedule else None
-    if not args.print_schedule and not os.access(args.out_dir, os.W_OK):
-        raise UserError(f"--out-dir {args.out_dir} is not writable")
-    if args.save and not os.access(os.path.dirname(os.path.abspath(args.save)), os.W_OK):
-        raise UserError(f"--save {args.save}: its directory does not exist or is not writable")
+    check_writable(args.out_dir, "--out-dir")
+    if args.save:
+        if os.path.isdir(args.save):
+            raise UserError(f"--save {args.save} is a directory; give a file name like model.bin")
+        check_writable(os.path.dirname(os.path.abspath(args.save)), "--save")
     return cfg, layout, train, val
+
+
+def check_writable(path, flag):
+    """path (a directory, maybe not yet created) can be created and written; nothing made."""
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    try:
+        if not os.path.isdir(p):
+            raise OSError
+        with tempfile.TemporaryFile(dir=p):  # access() says yes to root even on /proc
+            pass
+    except OSError:
+        raise UserError(f"{flag} {path}: {p} is not a writable directory")
 
 
 def main(argv=None):
@@ -136,6 +151,7 @@ def main(argv=None):
     from mpigpt2.runtime import Runner
     from mpigpt2.stage import Stage
     from mpigpt2.config import PRESETS
+    from mpigpt2.fileio import atomic_write_text
 
     local = world.Split_type(MPI.COMM_TYPE_SHARED)
     threads = args.threads or max(1, (os.cpu_count() or 1) // local.Get_size())
@@ -160,10 +176,10 @@ def main(argv=None):
     dloss = 1.0 / (B * T)
 
     if rank == 0:
+        os.makedirs(args.out_dir, exist_ok=True)
         config = {"model": cfg.as_dict(), "layout": layout.as_dict(), "world": size,
                   "threads_per_rank": threads, "args": vars(args)}
-        with open(os.path.join(args.out_dir, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
+        atomic_write_text(os.path.join(args.out_dir, "config.json"), json.dumps(config, indent=2))
         metrics = open(os.path.join(args.out_dir, "metrics.jsonl"), "w")
     print0(f"model L={cfg.num_layers} C={cfg.channels} NH={cfg.num_heads} V={cfg.vocab_size} "
            f"maxT={cfg.max_seq_len} | ranks {size} = pp {layout.pp} × dp {layout.dp} | stages "
@@ -240,8 +256,17 @@ def main(argv=None):
     evaluate(args.steps)
     tensors = sample(args.steps)
     if args.save and rank == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(args.save)), exist_ok=True)
         write_model(args.save, cfg, {n: tensors[n] for n in PARAM_NAMES})
         print0(f"saved {args.save}")
+    # per-rank memory: what the parameters, gradients and Adam moments take, and peak RSS
+    import resource
+    mem = world.gather({"rank": rank, "stage": grid.stage, "replica": grid.replica,
+                        "param_bytes": int(stage.flat.nbytes),
+                        "state_bytes": int(stage.flat.nbytes * 4),  # params, grads, m, v
+                        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
+                       root=0)
+    log({"summary": True, "ranks": mem})
     if rank == 0:
         metrics.close()
     return 0

@@ -19,7 +19,6 @@ from mpigpt2.tokenizer import EOT, GPT2_VOCAB, gpt2_encoding
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
-needs_text = pytest.mark.skipif(not TEXT.exists(), reason=f"{TEXT} not present")
 
 
 def raw_shard(path, tokens=(), magic=MAGIC, version=1, count=None, extra=b""):
@@ -80,7 +79,6 @@ def test_glob_matching_nothing(tmp_path):
 
 # -- prepare ----------------------------------------------------------------------------------
 
-@needs_text
 def test_prepare_tinyshakespeare_matches_llmc(tmp_path):
     assert prepare.main(["tinyshakespeare", "--input", str(TEXT), "--out-dir", str(tmp_path)]) == 0
     val = read_shard(tmp_path / "tiny_shakespeare_val.bin", GPT2_VOCAB)
@@ -164,7 +162,6 @@ def test_prepare_text_shards(tmp_path):
                                                      "text_val_000000.bin"]
 
 
-@needs_text
 def test_prepare_text_streaming_equals_whole_file(tmp_path):
     counts = prepare.prepare_text([str(TEXT)], str(tmp_path), val_tokens=0, chunk_bytes=4096)
     ref = [EOT] + gpt2_encoding().encode_ordinary(TEXT.read_bytes().decode("utf-8"))

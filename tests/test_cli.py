@@ -1,0 +1,106 @@
+"""End-to-end command lines: prepare, train, sample; every bad input ends in one line, exit 2."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import run, TEXT
+from mpigpt2.config import GPTConfig
+from mpigpt2.llmc import write_model
+from mpigpt2.model import GPT
+from mpigpt2.shards import write_shard
+
+PY = sys.executable
+
+
+def train_cmd(shards, out, *extra):
+    train, val = shards
+    return [PY, "-m", "mpigpt2.train", "--train-data", str(train), "--val-data", str(val),
+            "--out-dir", str(out), "--batch-size", "4", "--seq-len", "32", *extra]
+
+
+def test_end_to_end(tmp_path, shards):
+    out = tmp_path / "out"
+    r = run(train_cmd(shards, out, "--steps", "3", "--sample-tokens", "8", "--val-steps", "2",
+                      "--save", str(out / "model.bin")))
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if "loss" in x]
+    assert [x["step"] for x in steps] == [0, 1, 2]
+    assert all(k in steps[0] for k in ("loss", "lr", "step_ms", "tokens_per_s"))
+    assert abs(steps[0]["loss"] - np.log(50257)) < 0.5  # random init: ~uniform predictions
+    assert any("val_loss" in x for x in lines)
+    assert json.loads((out / "config.json").read_text())["layout"]["pp"] == 1
+    assert "sample at step 3" in r.stdout
+    s = run([PY, "-m", "mpigpt2.sample", "--model", str(out / "model.bin"), "--prompt",
+             "ROMEO:", "--tokens", "5", "--seed", "1"])
+    assert s.returncode == 0, s.stderr
+    assert s.stdout.startswith("ROMEO:") and len(s.stdout) > len("ROMEO:")
+
+
+def test_prepare_cli(tmp_path):
+    r = run([PY, "-m", "mpigpt2.prepare", "tinyshakespeare", "--input", str(TEXT),
+             "--out-dir", str(tmp_path)])
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "tiny_shakespeare_val.bin").stat().st_size == 1024 + 2 * 32768
+
+
+def test_print_schedule(tmp_path, shards):
+    r = run(train_cmd(shards, tmp_path / "o", "--print-schedule"))
+    assert r.returncode == 0, r.stderr
+    assert "stage0" in r.stdout and "F0.0" in r.stdout
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    """A small-vocabulary model and files with every kind of defect."""
+    cfg = GPTConfig(max_seq_len=32, vocab_size=100, padded_vocab_size=128, num_layers=2,
+                    num_heads=2, channels=8)
+    write_model(str(tmp_path / "small.bin"), cfg, GPT(cfg, seed=0).params)
+    write_shard(str(tmp_path / "short.bin"), np.arange(50) % 100)
+    (tmp_path / "foreign.bin").write_bytes(b"\x00" * 4096)
+    (tmp_path / "trunc.bin").write_bytes((tmp_path / "small.bin").read_bytes()[:-10])
+    return tmp_path
+
+
+BAD = [
+    (["--model", "gpt2-huge"], "unknown model preset"),
+    (["--model", "{d}/missing.bin"], "cannot read model file"),
+    (["--model", "{d}/foreign.bin"], "not an llm.c model file"),
+    (["--model", "{d}/trunc.bin"], "truncated"),
+    (["--train-data", "{d}/nothing*.bin"], "--train-data"),
+    (["--train-data", "{d}/foreign.bin"], "magic"),
+    (["--train-data", "{d}/short.bin"], "short.bin"),
+    (["--model", "{d}/small.bin"], "vocab"),          # tinyshakespeare ids ≥ V = 100
+    (["--seq-len", "512"], "exceeds the model's maximum sequence length"),
+    (["--batch-size", "0"], "--batch-size must be ≥ 1"),
+    (["--steps", "-1"], "--steps must be ≥ 0"),
+    (["--seq-len", "0"], "--seq-len must be ≥ 1"),
+    (["--slice-tokens", "5"], "does not divide --seq-len"),
+    (["--slice-tokens", "0"], "--slice-tokens must be ≥ 1"),
+    (["--pp", "2"], "does not divide the 1 MPI ranks"),
+    (["--pp", "1", "--dp", "2"], "mpiexec started 1 ranks"),
+    (["--microbatches", "3"], "not divisible by dp × microbatches"),
+    (["--out-dir", "/proc/forbidden"], "--out-dir"),
+    (["--lr", "-1"], "optimizer flags"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD, ids=[m for _, m in BAD])
+def test_bad_input(tmp_path, shards, bad_files, extra, message):
+    out = tmp_path / "out"
+    extra = [x.replace("{d}", str(bad_files)) for x in extra]
+    r = run(train_cmd(shards, out, "--steps", "2", *extra))
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not out.exists()  # nothing written
+
+
+def test_debug_shows_traceback(tmp_path, shards):
+    r = run(train_cmd(shards, tmp_path / "o", "--model", "gpt2-huge", "--debug"))
+    assert r.returncode == 2 and "Traceback" in r.stderr

@@ -1,0 +1,199 @@
+"""Schedules, layouts and tags as pure data: literal tables and every validator rule, no MPI."""
+
+import subprocess
+import sys
+
+import pytest
+
+from mpigpt2 import schedule as S
+from mpigpt2.config import PRESETS, GPTConfig
+from mpigpt2.errors import UserError
+from mpigpt2.layout import resolve, balanced_partition, default_pp
+from mpigpt2.schedule import Action, ScheduleError
+
+GPIPE_2_2_2 = """\
+tick stage0   stage1  
+   0 F0.0     .       
+   1 F0.1     F0.0    
+   2 F1.0     F0.1    
+   3 F1.1     F1.0    
+   4 .        F1.1    
+   5 .        B0.1    
+   6 B0.1     B0.0    
+   7 B0.0     B1.1    
+   8 B1.1     B1.0    
+   9 B1.0     .       """
+
+ONEFONEB_2_2_2 = """\
+tick stage0   stage1  
+   0 F0.0     .       
+   1 F0.1     F0.0    
+   2 F1.0     F0.1    
+   3 .        B0.1    
+   4 B0.1     F1.0    
+   5 F1.1     B0.0    
+   6 B0.0     F1.1    
+   7 .        B1.1    
+   8 B1.1     B1.0    
+   9 B1.0     .       """
+
+ONEFONEB_3_3_1 = """\
+tick stage0   stage1   stage2  
+   0 F0.0     .        .       
+   1 F1.0     F0.0     .       
+   2 F2.0     F1.0     F0.0    
+   3 .        .        B0.0    
+   4 .        B0.0     F1.0    
+   5 B0.0     F2.0     B1.0    
+   6 .        B1.0     F2.0    
+   7 B1.0     .        B2.0    
+   8 .        B2.0     .       
+   9 B2.0     .        .       """
+
+
+@pytest.mark.parametrize("name,p,M,n,want", [("gpipe", 2, 2, 2, GPIPE_2_2_2),
+                                             ("1f1b", 2, 2, 2, ONEFONEB_2_2_2),
+                                             ("1f1b", 3, 3, 1, ONEFONEB_3_3_1)])
+def test_literal_tables(name, p, M, n, want):
+    assert S.table(S.build(name, p, M, n)) == want
+
+
+def test_lowered_program_literal():
+    prog = S.build("1f1b", 2, 2, 2)[1]
+    assert " ".join(map(str, prog)) == (
+        "RECV_F0.0 RECV_F0.1 RECV_F1.0 RECV_F1.1 F0.0 F0.1 B0.1 SEND_B0.1 F1.0 B0.0 SEND_B0.0 "
+        "F1.1 B1.1 SEND_B1.1 B1.0 SEND_B1.0 REDUCE")
+
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("p,M,n", [(1, 1, 1), (2, 2, 4), (3, 4, 2), (4, 4, 16), (4, 8, 1)])
+def test_bubble_matches_formula(name, p, M, n):
+    """With unit costs the simulated idle fraction is (p-1)/(M·n+p-1)."""
+    tl = S.simulate(S.build(name, p, M, n))
+    assert abs(S.bubble(tl) - (p - 1) / (M * n + p - 1)) < 1e-12
+
+
+def test_actions_round_trip():
+    for prog in S.build("1f1b", 3, 3, 2):
+        assert [Action.parse(str(a)) for a in prog] == prog
+    with pytest.raises(ScheduleError):
+        Action.parse("X1.2")
+
+
+def test_one_f_one_b_bounds_memory():
+    """1F1B keeps at most n+p-1-s (micro-batch, slice) units in flight on stage s."""
+    p, M, n = 4, 8, 2
+    for s, prog in enumerate(S.build("1f1b", p, M, n)):
+        live = peak = 0
+        for a in prog:
+            live += (a.kind == "F") - (a.kind == "B")
+            peak = max(peak, live)
+        assert peak == n + p - 1 - s
+        gp = S.build("gpipe", p, M, n)[s]
+        assert max(sum(1 for a in gp[:i] if a.kind == "F") for i in range(len(gp))) == M * n
+
+
+def progs_with(mutate, name="gpipe", p=2, M=2, n=2):
+    progs = [S.lower(S.BUILDERS[name](s, p, M, n), s, p, M, n) for s in range(p)]
+    mutate(progs)
+    return progs
+
+
+def swap(prog, a, b):
+    i, j = prog.index(Action.parse(a)), prog.index(Action.parse(b))
+    prog[i], prog[j] = prog[j], prog[i]
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda ps: swap(ps[0], "F0.0", "F0.1"), "forward slices must ascend"),
+    (lambda ps: swap(ps[0], "B0.1", "B0.0"), "backward slices must descend"),
+    (lambda ps: swap(ps[1], "B0.1", "F0.1"), "needs all of its forward slices"),
+    (lambda ps: ps[0].remove(Action.parse("B1.0")), "missing B1.0"),
+    (lambda ps: ps[0].insert(5, Action.parse("F0.0")), "appears twice"),
+    (lambda ps: ps[1].remove(Action.parse("RECV_F1.1")), "no receive posted"),
+    (lambda ps: ps[0].remove(Action.parse("SEND_F1.0")), "SEND_F1.0 missing"),
+    (lambda ps: ps[1].insert(0, Action.parse("RECV_B0.0")), "no peer stage"),
+    (lambda ps: ps[0].append(Action("REDUCE", -1, -1)), "REDUCE"),
+    (lambda ps: ps[0].insert(0, Action.parse("F5.0")), "out of range"),
+])
+def test_validator_rejects(mutate, message):
+    with pytest.raises(ScheduleError, match=message):
+        S.validate(progs_with(mutate), 2, 2)
+
+
+def test_deadlock_detected():
+    """Stage 1 waits for B0.0 before it has sent B0.1's gradient... a cycle of waits."""
+    def mutate(ps):
+        # stage 0 runs its backward of micro-batch 1 before micro-batch 0; stage 1 needs
+        # F1.x first but stage 0 only sends F1.x after B0.x, which needs stage 1's B0.x
+        ps[0][:] = [a for a in ps[0] if a.kind != "REDUCE"]
+        f1 = [a for a in ps[0] if a.mb == 1 and a.kind in ("F", "SEND_F")]
+        rest = [a for a in ps[0] if a not in f1]
+        ps[0][:] = rest + f1 + [Action("REDUCE", -1, -1)]
+    with pytest.raises(ScheduleError):
+        S.validate(progs_with(mutate), 2, 2)
+
+
+def test_tags_unique_and_invertible():
+    M, n = 3, 5
+    tags = {}
+    for d in (S.FORWARD, S.BACKWARD):
+        for mb in range(M):
+            for j in range(n):
+                t = S.tag(d, mb, j, M, n)
+                assert S.untag(t, M, n) == (d, mb, j)
+                tags[t] = 1
+    assert len(tags) == 2 * M * n and max(tags) == S.max_tag(M, n)
+
+
+def test_partition_no_layer_dropped_or_duplicated():
+    for cfg in PRESETS.values():
+        for pp in range(1, min(cfg.num_layers, 8) + 1):
+            counts = balanced_partition(cfg, 256, pp)
+            assert len(counts) == pp and sum(counts) == cfg.num_layers and min(counts) >= 1
+            lay = resolve(pp, cfg, 8 * pp, 64, pp=pp, dp=1)
+            layers = [l for s in range(pp) for l in range(lay.spec(s).l0, lay.spec(s).l1)]
+            assert layers == list(range(cfg.num_layers))
+
+
+def test_partition_balances_the_head():
+    """The logits matmul weighs on the last stage: it gets fewer layers."""
+    counts = balanced_partition(PRESETS["gpt2-124m"], 1024, 4)
+    assert counts[-1] < counts[0] and sum(counts) == 12
+    assert balanced_partition(PRESETS["gpt2-tiny"], 64, 2) == (3, 1)
+
+
+def test_default_layout_rule():
+    assert default_pp(8, 4) == 4 and default_pp(8, 12) == 4 and default_pp(6, 12) == 3
+    assert default_pp(5, 12) == 1 and default_pp(2, 1) == 1
+    lay = resolve(8, PRESETS["gpt2-tiny"], 8, 64)
+    assert (lay.pp, lay.dp, lay.microbatches, lay.schedule) == (4, 2, 4, "1f1b")
+    assert 64 % lay.slice_tokens == 0 and lay.slice_tokens < 64
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(pp=3), "does not divide the 8 MPI ranks"),
+    (dict(pp=2, dp=2), "mpiexec started 8 ranks"),
+    (dict(pp=8, dp=1), "exceeds the model's 4 layers"),
+    (dict(pp=2, stage_layers="2,1"), "sum to the model's 4 layers"),
+    (dict(pp=2, stage_layers="2,1,1"), "has 3 entries"),
+    (dict(pp=2, stage_layers="4,0"), "≥ 1 per stage"),
+    (dict(pp=2, stage_layers="a,b"), "comma-separated"),
+    (dict(slice_tokens=7), "does not divide --seq-len"),
+    (dict(slice_tokens=0), "must be ≥ 1"),
+    (dict(pp=2, microbatches=3), "not divisible by dp × microbatches"),
+    (dict(pp=4, microbatches=2, schedule="1f1b"), "needs --microbatches ≥ pp"),
+    (dict(schedule="zigzag"), "choose one of"),
+])
+def test_layout_errors(kw, message):
+    with pytest.raises(UserError, match=message):
+        resolve(8, PRESETS["gpt2-tiny"], 8, 64, **kw)
+
+
+def test_math_modules_import_without_mpi():
+    """ops, model, stage, schedule, layout never import MPI (mpi4py blocked here)."""
+    code = ("import sys; sys.modules['mpi4py'] = None; sys.modules['mpi4py.MPI'] = None\n"
+            "import mpigpt2.ops, mpigpt2.model, mpigpt2.stage, mpigpt2.schedule, "
+            "mpigpt2.layout, mpigpt2.params, mpigpt2.optim, mpigpt2.data\nprint('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.stdout.strip() == "ok", r.stderr
