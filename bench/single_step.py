@@ -103,8 +103,8 @@ def check_equivalence():
         pairs = [(ours.grads["wte"], ref.wte.weight.grad), (ours.grads["qkvw"][1],
                  ref.blocks[1].qkv.weight.grad), (ours.grads["fcw"][0], ref.blocks[0].fc.weight.grad)]
         rel = max(float(np.abs(a - b.numpy()).max() / (np.abs(a).max() + 1e-30)) for a, b in pairs)
-        out[head] = {"loss_ours": loss_ours, "loss_torch": float(loss),
-                     "loss_rel_diff": abs(loss_ours - float(loss)) / abs(loss_ours),
+        out[head] = {"loss_ours": loss_ours, "loss_torch": loss.item(),
+                     "loss_rel_diff": abs(loss_ours - loss.item()) / abs(loss_ours),
                      "grad_max_rel_diff": rel}
     return out
 

@@ -72,8 +72,9 @@ def barrier(comm):
     wait_all([comm.Ibarrier()], "barrier", lambda: "barrier")
 
 
-def gather_model(grid, stage, layout):
-    """Collect replica 0's stage parameters on world rank 0 as global tensors (else None)."""
+def gather_model(grid, stage, layout, grads=False):
+    """Collect replica 0's stage parameters (or gradients) on its stage-0 rank as global
+    tensors; None elsewhere."""
     from mpigpt2.params import ParamLayout, PARAM_NAMES  # noqa: local to keep the top light
     if grid.replica != 0:
         return None
@@ -84,7 +85,7 @@ def gather_model(grid, stage, layout):
         recv = np.empty(sum(sizes), dtype=stage.dtype)
         mpitype = MPI.DOUBLE if stage.dtype == np.float64 else MPI.FLOAT
         recvspec = [recv, sizes, np.cumsum([0] + sizes[:-1]).tolist(), mpitype]
-    req = grid.pipe.Igatherv(stage.flat, recvspec if grid.stage == 0 else None, root=0)
+    req = grid.pipe.Igatherv(stage.grad_flat if grads else stage.flat, recvspec if grid.stage == 0 else None, root=0)
     wait_all([req], "gather", lambda: "model gather")
     if grid.stage != 0:
         return None

@@ -1,0 +1,129 @@
+"""Parity matrix: every parallel layout trains to the same losses and weights as one process.
+
+float64 compares losses and final parameters. float32 compares losses and the first step's
+gradients: Adam divides by sqrt(v), so a gradient that is exactly zero in exact arithmetic
+(the key bias: softmax ignores a constant added to every score) becomes a ±lr step whose sign
+is float32 rounding noise, and final float32 parameters can differ by design, not by error.
+
+Run under MPI: `mpiexec -n 8 python -m pytest --with-mpi tests/mpi`. Each case takes the first
+pp·dp ranks of the world; the verdict is agreed by all ranks so none fails alone.
+"""
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from mpigpt2.collectives import gather_model
+from mpigpt2.config import GPTConfig
+from mpigpt2.grid import make_grid
+from mpigpt2.layout import resolve
+from mpigpt2.model import GPT
+from mpigpt2.optim import AdamW
+from mpigpt2.params import init_params
+from mpigpt2.runtime import Runner
+from mpigpt2.stage import Stage
+from tolerances import PARITY_F32, PARITY_F64
+
+CFG = GPTConfig(max_seq_len=16, vocab_size=61, padded_vocab_size=64, num_layers=4,
+                num_heads=2, channels=16)
+B, T, STEPS, LR, SEED = 8, 16, 3, 1e-3, 7
+
+
+def batch(step):
+    rng = np.random.default_rng([SEED, step])
+    w = rng.integers(0, CFG.vocab_size, B * T + 1)
+    return w[:-1].reshape(B, T), w[1:].reshape(B, T)
+
+
+def reference(dtype):
+    """One process, whole batch, no slicing."""
+    m = GPT(CFG, dtype=dtype, seed=SEED)
+    opt = AdamW(m.flat.size, dtype)
+    losses, grads = [], None
+    for step in range(STEPS):
+        x, y = batch(step)
+        m.zero_grad()
+        losses.append(m.forward(x, y))
+        m.backward()
+        if grads is None:
+            grads = {n: g.copy() for n, g in m.grads.items()}
+        opt.step(m.flat, m.grad_flat, step + 1, LR)
+    return losses, m.params, grads
+
+
+def train_layout(comm, lay, dtype):
+    """The training loop of mpigpt2.train on a sub-communicator, with in-memory data."""
+    grid = make_grid(comm, lay.pp, lay.dp)
+    stage = Stage(CFG, lay.spec(grid.stage), dtype)
+    init_params(CFG, stage.spec, stage.p, SEED)
+    opt = AdamW(stage.layout.size, dtype)
+    M = lay.microbatches
+    rows = B // lay.dp
+    runner = Runner(grid, stage, lay, T, rows // M)
+    losses, grads = [], None
+    for step in range(STEPS):
+        x, y = batch(step)
+        mine = slice(grid.replica * rows, (grid.replica + 1) * rows)
+        x, y = x[mine].reshape(M, -1, T), y[mine].reshape(M, -1, T)
+        stage.zero_grad()
+        loss = runner.run(x, y, 1.0 / (B * T))
+        if step == 0:
+            grads = gather_model(grid, stage, lay, grads=True)
+        opt.step(stage.flat, stage.grad_flat, step + 1, LR)
+        losses.append(comm.allreduce(loss) / (B * T))
+    wtes = comm.allgather(stage.p["wte"].copy() if "wte" in stage.p else None)
+    tied_equal = all(np.array_equal(w, wtes[0]) for w in wtes if w is not None)
+    return losses, gather_model(grid, stage, lay), grads, tied_equal
+
+
+# (pp, dp, k, M, schedule, stage_layers): every value of the issue's matrix appears
+CASES = [
+    (1, 1, 16, 1, "gpipe", None),
+    (1, 2, 1, 4, "1f1b", None),
+    (1, 4, 4, 2, "gpipe", None),
+    (2, 1, 4, 2, "1f1b", None),
+    (2, 1, 1, 1, "gpipe", "3,1"),
+    (2, 2, 1, 2, "gpipe", "1,3"),
+    (2, 4, 16, 1, "gpipe", None),
+    (3, 1, 4, 4, "1f1b", "2,1,1"),
+    (3, 2, 16, 4, "1f1b", "1,2,1"),
+    (4, 1, 1, 4, "1f1b", None),
+    (4, 2, 4, 4, "1f1b", None),
+    (4, 2, 1, 1, "gpipe", None),
+]
+
+_REF = {}
+
+
+@pytest.mark.mpi(min_size=8)
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("pp,dp,k,M,sched,split", CASES,
+                         ids=[f"pp{c[0]}-dp{c[1]}-k{c[2]}-M{c[3]}-{c[4]}"
+                              + (f"-{c[5]}" if c[5] else "") for c in CASES])
+def test_parity(pp, dp, k, M, sched, split, dtype):
+    world = MPI.COMM_WORLD
+    lay = resolve(pp * dp, CFG, B, T, pp, dp, split, M, k, sched)
+    inside = world.Get_rank() < pp * dp
+    comm = world.Split(0 if inside else MPI.UNDEFINED, world.Get_rank())
+    verdict = None
+    if inside:
+        losses, params, grads, tied_equal = train_layout(comm, lay, dtype)
+        comm.Free()
+        if world.Get_rank() == 0:
+            if dtype not in _REF:
+                _REF[dtype] = reference(dtype)
+            ref_losses, ref_params, ref_grads = _REF[dtype]
+            tol = PARITY_F64 if dtype == np.float64 else PARITY_F32
+            errs = {"loss": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses))}
+            for n in ref_params:
+                errs["d" + n] = float(np.abs(grads[n] - ref_grads[n]).max()
+                                      / np.abs(ref_grads[n]).max())
+                if dtype == np.float64:
+                    errs[n] = float(np.abs(params[n] - ref_params[n]).max()
+                                    / np.abs(ref_params[n]).max())
+            bad = {n: e for n, e in errs.items() if not e <= tol}
+            if bad or not tied_equal:
+                verdict = f"relative errors over {tol}: {bad}; tied wte equal: {tied_equal}"
+    verdict = world.bcast(verdict, root=0)
+    assert verdict is None, verdict

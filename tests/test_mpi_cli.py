@@ -1,0 +1,62 @@
+"""The training command under mpiexec: default layout, parity with one process, failures."""
+
+import json
+import sys
+import time
+
+import pytest
+
+from conftest import run, mpiexec
+from test_cli import train_cmd
+from tolerances import PARITY_F32
+
+
+def losses(out):
+    return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()
+            if '"loss"' in x]
+
+
+@pytest.mark.timeout(300)
+def test_default_layout_8_ranks_matches_one_process(tmp_path, shards):
+    common = ["--steps", "3", "--sample-tokens", "0", "--val-steps", "1", "--batch-size", "8"]
+    one = run(train_cmd(shards, tmp_path / "one", *common))
+    assert one.returncode == 0, one.stderr
+    eight = run(mpiexec(8) + train_cmd(shards, tmp_path / "eight", *common))
+    assert eight.returncode == 0, eight.stderr
+    assert "pp 4 × dp 2" in eight.stdout
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "eight")
+    assert len(a) == len(b) == 3
+    assert max(abs(x - y) / x for x, y in zip(a, b)) < PARITY_F32
+    # only rank 0 prints and writes
+    assert eight.stdout.count("step     1/3") == 1
+
+
+@pytest.mark.timeout(120)
+def test_exception_on_one_rank_ends_the_job(tmp_path, shards):
+    t0 = time.time()
+    r = run(mpiexec(4) + train_cmd(shards, tmp_path / "o", "--steps", "50", "--pp", "2",
+                                   "--inject-error", "3:1", "--sample-tokens", "0"),
+            timeout=90)
+    assert r.returncode != 0
+    assert "[rank 3]" in r.stderr and "injected failure on rank 3 at step 1" in r.stderr
+    assert time.time() - t0 < 60
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("n,extra,message", [
+    (4, ["--pp", "3"], "--pp 3 does not divide the 4 MPI ranks"),
+    (4, ["--pp", "2", "--dp", "3"], "mpiexec started 4 ranks"),
+    (4, ["--pp", "2", "--slice-tokens", "5"], "does not divide --seq-len"),
+    (4, ["--dp", "4", "--microbatches", "2"], "not divisible by dp × microbatches"),
+    (2, ["--pp", "2", "--microbatches", "1", "--schedule", "1f1b"], "needs --microbatches ≥ pp"),
+    (2, ["--pp", "2", "--stage-layers", "3,2"], "sum to the model's 4 layers"),
+    (4, ["--pp", "8"], "does not divide"),
+    (2, ["--model", "nope"], "unknown model preset"),
+])
+def test_bad_layout_under_mpi(tmp_path, shards, n, extra, message):
+    out = tmp_path / "out"
+    r = run(mpiexec(n) + train_cmd(shards, out, "--steps", "2", *extra), timeout=90)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    err = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(err) == 1 and err[0].startswith("error") and message in err[0], r.stderr
+    assert not out.exists()
