@@ -70,7 +70,7 @@ def run_torch(cfg, B, T, warmup, steps, head, interop=True):
         opt.step()
         opt.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if t > warmup:
             times.append(t3 - t0)
             for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):

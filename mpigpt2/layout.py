@@ -28,9 +28,48 @@ class Layout:
         return d
 
 
-def default_pp(world, L):
-    """Default rule: the largest divisor of world that is ≤ min(L, 4); dp = world / pp."""
-    return max(p for p in range(1, min(world, L, 4) + 1) if world % p == 0)
+# constants of the default-layout cost model (orders of magnitude measured on our machines)
+RANK_FLOPS = 50e9        # float32 FLOP/s a rank gets when ranks share cores
+ALLREDUCE_BPS = 2e9      # bytes/s of a ring allreduce between ranks of one node
+STATE_BYTES = 16         # per parameter: weights, gradients, two Adam moments (fp32)
+
+
+def predicted_step_seconds(cfg, B, T, world, pp, slices=4):
+    """Rough step time of layout (pp, world/pp): the slowest stage's compute with its
+    bubble, plus the gradient allreduce of the largest stage. For ranking layouts only."""
+    dp = world // pp
+    counts = balanced_partition(cfg, T, pp)
+    lc = layer_cost(cfg, T)
+    stage_cost = [n * lc for n in counts]
+    stage_cost[0] += embed_cost(cfg)
+    stage_cost[-1] += head_cost(cfg)
+    M = pp
+    bubble = 1.0 + (pp - 1) / (M * (slices if pp > 1 else 1))
+    compute = 3.0 * (B / dp) * T * max(stage_cost) * bubble / RANK_FLOPS
+    C = cfg.channels
+    stage_params = max(counts) * 12 * C * C + cfg.padded_vocab_size * C
+    allreduce = 2.0 * (dp - 1) / dp * 4 * stage_params / ALLREDUCE_BPS
+    return compute + allreduce
+
+
+def default_pp(world, cfg, B, T, mem_bytes=None, ranks_per_node=None):
+    """Default rule: among the pp that divide world (pp ≤ L, B divisible by dp·pp) and whose
+    per-rank training state fits in half the node's memory, the one with the smallest
+    predicted step time (ties: the larger pp). dp = world / pp."""
+    from mpigpt2.params import num_parameters
+    L = cfg.num_layers
+    ranks_per_node = ranks_per_node or world
+    cands = [p for p in range(1, min(world, L) + 1)
+             if world % p == 0 and B % ((world // p) * p) == 0]
+    if not cands:
+        cands = [p for p in range(1, min(world, L) + 1) if world % p == 0 and B % (world // p) == 0]
+    if not cands:
+        cands = [max(p for p in range(1, min(world, L) + 1) if world % p == 0)]
+    if mem_bytes:
+        fits = [p for p in cands
+                if STATE_BYTES * num_parameters(cfg) / p * ranks_per_node <= mem_bytes / 2]
+        cands = fits or [max(cands)]
+    return min(cands, key=lambda p: (predicted_step_seconds(cfg, B, T, world, p), -p))
 
 
 def layer_cost(cfg, T):
@@ -92,7 +131,7 @@ def parse_stage_layers(text, pp, L):
 
 
 def resolve(world, cfg, B, T, pp=None, dp=None, stage_layers=None, microbatches=None,
-            slice_tokens=None, schedule=None):
+            slice_tokens=None, schedule=None, mem_bytes=None, ranks_per_node=None):
     """Check the requested layout and fill in defaults; raise UserError naming the bad flag."""
     L = cfg.num_layers
     for flag, v in (("--pp", pp), ("--dp", dp), ("--microbatches", microbatches),
@@ -100,7 +139,7 @@ def resolve(world, cfg, B, T, pp=None, dp=None, stage_layers=None, microbatches=
         if v is not None and v < 1:
             raise UserError(f"{flag} must be ≥ 1, got {v}")
     if pp is None and dp is None:
-        pp = default_pp(world, L)
+        pp = default_pp(world, cfg, B, T, mem_bytes, ranks_per_node)
     if pp is None:
         if world % dp:
             raise UserError(f"--dp {dp} does not divide the {world} MPI ranks")

@@ -83,7 +83,14 @@ def load_config(model):
     return preset(model)  # raises: unknown preset
 
 
-def setup(args, world):
+def node_memory_bytes():
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
+def setup(args, world, ranks_per_node=1):
     """Everything that can fail because of user input, before any compute."""
     from mpigpt2 import layout as lay
     from mpigpt2.data import DataLoader
@@ -94,7 +101,8 @@ def setup(args, world):
         raise UserError(f"--seq-len {T} exceeds the model's maximum sequence length "
                         f"{cfg.max_seq_len} (maxT)")
     layout = lay.resolve(world, cfg, B, T, args.pp, args.dp, args.stage_layers,
-                         args.microbatches, args.slice_tokens, args.schedule)
+                         args.microbatches, args.slice_tokens, args.schedule,
+                         node_memory_bytes(), ranks_per_node)
     train = DataLoader(args.train_data, B, T, vocab_size=cfg.vocab_size, flag="--train-data",
                        shuffle=args.shuffle, seed=args.seed)
     val = (DataLoader(args.val_data, B, T, vocab_size=cfg.vocab_size, flag="--val-data")
@@ -130,8 +138,11 @@ def main(argv=None):
     install_excepthook(world)
     print0 = (lambda *a, **k: print(*a, **k, flush=True)) if rank == 0 else (lambda *a, **k: None)
 
+    local = world.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks sharing this node
+
     # -- set-up: checked on every rank, agreed, before any compute --------------------------
-    cfg, layout, train_loader, val_loader = agree(world, lambda: setup(args, size), args.debug)
+    cfg, layout, train_loader, val_loader = agree(
+        world, lambda: setup(args, size, local.Get_size()), args.debug)
     from mpigpt2 import schedule
     B, T = args.batch_size, args.seq_len
     n_slices = T // layout.slice_tokens
@@ -153,7 +164,6 @@ def main(argv=None):
     from mpigpt2.config import PRESETS
     from mpigpt2.fileio import atomic_write_text
 
-    local = world.Split_type(MPI.COMM_TYPE_SHARED)
     threads = args.threads or max(1, (os.cpu_count() or 1) // local.Get_size())
     threadpool_limits(threads, user_api="blas")
     waiting.STALL["seconds"] = args.stall_seconds

@@ -16,15 +16,29 @@ def losses(out):
             if '"loss"' in x]
 
 
+COMMON = ["--steps", "3", "--sample-tokens", "0", "--val-steps", "1", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, shards):
+    out = tmp_path_factory.mktemp("one")
+    r = run(train_cmd(shards, out, *COMMON))
+    assert r.returncode == 0, r.stderr
+    return losses(out)
+
+
 @pytest.mark.timeout(300)
-def test_default_layout_8_ranks_matches_one_process(tmp_path, shards):
-    common = ["--steps", "3", "--sample-tokens", "0", "--val-steps", "1", "--batch-size", "8"]
-    one = run(train_cmd(shards, tmp_path / "one", *common))
-    assert one.returncode == 0, one.stderr
-    eight = run(mpiexec(8) + train_cmd(shards, tmp_path / "eight", *common))
+@pytest.mark.parametrize("extra,shown", [
+    ([], "pp 1 × dp 8"),  # the default layout
+    (["--pp", "4"], "pp 4 × dp 2"),
+    (["--pp", "2", "--microbatches", "2", "--slice-tokens", "8", "--schedule", "gpipe"],
+     "pp 2 × dp 4"),
+])
+def test_8_ranks_match_one_process(tmp_path, shards, one_process, extra, shown):
+    eight = run(mpiexec(8) + train_cmd(shards, tmp_path / "eight", *COMMON, *extra))
     assert eight.returncode == 0, eight.stderr
-    assert "pp 4 × dp 2" in eight.stdout
-    a, b = losses(tmp_path / "one"), losses(tmp_path / "eight")
+    assert shown in eight.stdout
+    a, b = one_process, losses(tmp_path / "eight")
     assert len(a) == len(b) == 3
     assert max(abs(x - y) / x for x, y in zip(a, b)) < PARITY_F32
     # only rank 0 prints and writes

@@ -1,0 +1,178 @@
+"""Rows 3-5: timed training steps of the MPI runtime, built as mpigpt2.train builds it.
+
+    mpiexec -n 2 python bench/pipe_step.py --pp 2 --dp 1 --B 8 --T 256 --ks 256,128,32
+    mpiexec -n 2 python bench/pipe_step.py --pp 1 --dp 2 --B 16 --T 256 --ks 256
+    mpiexec -n 2 python bench/pipe_step.py --pp 2 --M 8 --schedule gpipe --track-activations
+
+A model shape given by flags (no preset needed), random tokens (seeded), one BLAS thread per
+rank. For each k of --ks a Runner is built over the same stage and optimizer, and warm-up +
+timed steps run (zero_grad, runner.run, AdamW, loss reduction), each step timed between two
+polled barriers. Rank 0 prints one BENCH_JSON line per k with the step times and, per rank,
+the compute seconds, the polled waiting seconds, peak activation bytes and peak RSS.
+"""
+
+import argparse
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import emit, summary  # noqa: E402
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = ap.add_argument
+    a("--L", type=int, default=8, help="layers")
+    a("--NH", type=int, default=8, help="heads")
+    a("--C", type=int, default=512, help="channels")
+    a("--V", type=int, default=8192, help="vocabulary (padded to a multiple of 128)")
+    a("--B", type=int, default=8, help="global batch (sequences per step, all replicas)")
+    a("--T", type=int, default=256, help="sequence length (also maxT)")
+    a("--pp", type=int, default=2, help="pipeline stages")
+    a("--dp", type=int, default=1, help="data-parallel replicas")
+    a("--M", type=int, default=1, help="micro-batches per replica")
+    a("--schedule", choices=("gpipe", "1f1b"), default=None, help="default: the layout's rule")
+    a("--stage-layers", default=None, help="layers per stage, e.g. 5,3 (default: balanced)")
+    a("--ks", default=None, help="comma-separated slice lengths k (default: T)")
+    a("--warmup", type=int, default=1, help="untimed steps per k")
+    a("--steps", type=int, default=3, help="timed steps per k")
+    a("--track-activations", action="store_true",
+      help="measure the bytes of activations and KV caches held after every forward")
+    a("--label", default="", help="copied into the output lines")
+    return ap.parse_args()
+
+
+def _arrays(obj):
+    if isinstance(obj, np.ndarray):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from _arrays(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _arrays(o)
+
+
+def held_bytes(stage):
+    """Bytes of every micro-batch's KV cache, dK/dV accumulators and saved slice activations
+    (each underlying buffer counted once)."""
+    seen, total = set(), 0
+    for st in stage.mbs.values():
+        for a in _arrays([st.k, st.v, st.dk, st.dv, st.saved]):
+            while a.base is not None and isinstance(a.base, np.ndarray):
+                a = a.base
+            if id(a) not in seen:
+                seen.add(id(a))
+                total += a.nbytes
+    return total
+
+
+def track_activations(stage, peak):
+    """Wrap the stage's forward so peak["bytes"] follows the activations held."""
+    forward = stage.forward
+
+    def wrapped(*a, **kw):
+        out = forward(*a, **kw)
+        peak["bytes"] = max(peak["bytes"], held_bytes(stage))
+        return out
+
+    stage.forward = wrapped
+
+
+def main():
+    args = parse_args()
+    from mpi4py import MPI
+    from threadpoolctl import threadpool_limits
+    from mpigpt2 import layout as lay, waiting
+    from mpigpt2.collectives import barrier, sum_to_root
+    from mpigpt2.config import GPTConfig, pad_vocab
+    from mpigpt2.failure import install_excepthook
+    from mpigpt2.grid import make_grid
+    from mpigpt2.optim import AdamW
+    from mpigpt2.params import init_params
+    from mpigpt2.runtime import Runner
+    from mpigpt2.stage import Stage
+
+    world = MPI.COMM_WORLD
+    rank, size = world.Get_rank(), world.Get_size()
+    install_excepthook(world)
+    threadpool_limits(1, user_api="blas")
+    B, T = args.B, args.T
+    cfg = GPTConfig(max_seq_len=T, vocab_size=args.V, padded_vocab_size=pad_vocab(args.V),
+                    num_layers=args.L, num_heads=args.NH, channels=args.C)
+    ks = [int(k) for k in args.ks.split(",")] if args.ks else [T]
+    layouts = [lay.resolve(size, cfg, B, T, args.pp, args.dp, args.stage_layers, args.M, k,
+                           args.schedule) for k in ks]
+    grid = make_grid(world, args.pp, args.dp)
+    spec = layouts[0].spec(grid.stage)
+    stage = Stage(cfg, spec, np.float32)
+    init_params(cfg, spec, stage.p, seed=0)
+    opt = AdamW(stage.layout.size, np.float32)
+    M = args.M
+    rows = B // args.dp
+    b = rows // M
+    toks = np.random.default_rng(1234).integers(0, cfg.vocab_size, (B, T + 1)).astype(np.int32)
+    mine = toks[grid.replica * rows:(grid.replica + 1) * rows]
+    x = np.ascontiguousarray(mine[:, :-1]).reshape(M, b, T)
+    y = np.ascontiguousarray(mine[:, 1:]).reshape(M, b, T)
+    dloss = 1.0 / (B * T)
+    peak = {"bytes": 0}
+    if args.track_activations:
+        track_activations(stage, peak)
+
+    t = 0
+    for layout in layouts:
+        runner = Runner(grid, stage, layout, T, b)
+        times, losses = [], []
+        for s in range(args.warmup + args.steps):
+            if s == args.warmup:  # reset the per-rank counters after the warm-up
+                runner.take_times()
+                waiting.STATS.take()
+                peak["bytes"] = 0
+            t += 1
+            barrier(world)
+            t0 = time.perf_counter()
+            stage.zero_grad()
+            loss_sum = runner.run(x, y, dloss)
+            opt.step(stage.flat, stage.grad_flat, t, 1e-4)
+            loss = sum_to_root(world, [loss_sum])[0] / (B * T)
+            barrier(world)
+            dt = time.perf_counter() - t0
+            losses.append(float(loss))
+            if s >= args.warmup:
+                times.append(dt)
+        comp = runner.take_times()
+        waits = waiting.STATS.take()
+        p2p_bytes = sum(a.nbytes for a in runner.p2p.buf.values() if a is not None)
+        per_rank = world.gather({
+            "rank": rank, "stage": grid.stage, "replica": grid.replica,
+            "layers": spec.l1 - spec.l0,
+            "forward_s_per_step": comp.get("forward", 0.0) / args.steps,
+            "backward_s_per_step": comp.get("backward", 0.0) / args.steps,
+            "wait_s_per_step": {k: v / args.steps for k, v in waits.items()},
+            "param_bytes": int(stage.flat.nbytes),
+            "state_bytes": int(stage.flat.nbytes + stage.grad_flat.nbytes + opt.m.nbytes
+                               + opt.v.nbytes),
+            "p2p_buffer_bytes": int(p2p_bytes),
+            "peak_activation_bytes": int(peak["bytes"]) if args.track_activations else None,
+            "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }, root=0)
+        if rank == 0:
+            emit({"kind": "pipe", "label": args.label, "world": size,
+                  "model": {"L": cfg.num_layers, "NH": cfg.num_heads, "C": cfg.channels,
+                            "V": cfg.vocab_size, "Vp": cfg.padded_vocab_size, "maxT": T},
+                  "B": B, "T": T, "layout": layout.as_dict(), "k": layout.slice_tokens,
+                  "n_slices": T // layout.slice_tokens, "warmup": args.warmup,
+                  **summary(times), "tokens_per_s_best": B * T / min(times),
+                  "tokens_per_s_median": B * T / float(np.median(times)),
+                  "losses": losses, "ranks": per_rank, "loadavg_end": os.getloadavg()})
+    barrier(world)
+
+
+if __name__ == "__main__":
+    main()
