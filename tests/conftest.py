@@ -10,7 +10,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = Path(os.environ.get("MPIGPT2_TEXT") or REPO.parent / "shared/data/tinyshakespeare.txt")
-VENV_BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +38,8 @@ def run(cmd, cwd=None, timeout=240, env=None):
 
 def mpiexec(n):
     """The launcher of the MPI that mpi4py runs on (the venv's, unless MPIEXEC is set)."""
-    return [os.environ.get("MPIEXEC", str(VENV_BIN / "mpiexec")), "-n", str(n)]
+    from mpigpt2.launch import mpiexec_cmd
+    return mpiexec_cmd(n)
 
 
 def pytest_runtest_makereport(item, call):
