@@ -86,29 +86,47 @@ def matmul_backward(dout, x, w, dw, dbias):
 # GELU, tanh approximation
 
 def gelu_forward(x):
-    """x (N, H) -> gelu(x) (N, H)."""
-    inner = x * x  # (N, H)
-    inner *= GELU_CUBE
-    inner += 1.0
-    inner *= x
-    inner *= GELU_SCALE
-    np.tanh(inner, out=inner)
-    inner += 1.0
-    inner *= x
-    inner *= 0.5
-    return inner
+    """x (N, H) -> gelu(x) (N, H), th (N, H) = tanh(sqrt(2/pi) (x + 0.044715 x^3)).
+
+    th is what backward needs (it saves recomputing the tanh); gelu(x) = 0.5 x (1 + th).
+    """
+    th = x * x  # (N, H)
+    th *= GELU_CUBE
+    th += 1.0
+    th *= x
+    th *= GELU_SCALE
+    np.tanh(th, out=th)
+    out = th + 1.0  # (N, H)
+    out *= x
+    out *= 0.5
+    return out, th
 
 
-def gelu_backward(dout, x):
-    """Return dx (N, H) = dout * gelu'(x)."""
-    x2 = x * x  # (N, H)
-    th = np.tanh(GELU_SCALE * x * (1.0 + GELU_CUBE * x2))  # (N, H)
-    # d/dx 0.5 x (1 + tanh(u)) = 0.5 (1 + tanh u) + 0.5 x sech^2(u) u'
-    sech2 = 1.0 - th * th  # (N, H)
-    du = GELU_SCALE * (1.0 + 3.0 * GELU_CUBE * x2)  # (N, H)
-    grad = 0.5 * (1.0 + th) + 0.5 * x * sech2 * du  # (N, H)
-    grad *= dout
-    return grad
+def gelu_recompute(x, th):
+    """gelu(x) (N, H) from the saved tanh, for the weight gradient of the next matmul."""
+    out = th + 1.0  # (N, H)
+    out *= x
+    out *= 0.5
+    return out
+
+
+def gelu_backward(dout, x, th):
+    """Return dx (N, H) = dout * gelu'(x), with th from gelu_forward.
+
+    d/dx 0.5 x (1 + th) = 0.5 (1 + th) + 0.5 x (1 - th^2) sqrt(2/pi) (1 + 3·0.044715 x^2)
+    """
+    du = x * x  # (N, H)
+    du *= 3.0 * GELU_CUBE * GELU_SCALE
+    du += GELU_SCALE
+    du *= x
+    sech2 = th * th  # (N, H)
+    np.subtract(1.0, sech2, out=sech2)
+    du *= sech2
+    du += th
+    du += 1.0
+    du *= 0.5
+    du *= dout
+    return du
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,6 +135,19 @@ def gelu_backward(dout, x):
 def causal_mask(S, P):
     """Boolean (S, P+S): True where query i (at position P+i) must not see key j."""
     return np.arange(P + S)[None, :] > (P + np.arange(S))[:, None]
+
+
+_MASKS = {}
+
+
+def causal_bias(S, P, dtype):
+    """Additive mask (S, P+S): 0 where query i may see key j, -inf where it must not."""
+    key = (S, P, np.dtype(dtype).str)
+    if key not in _MASKS:
+        if len(_MASKS) > 256:
+            _MASKS.clear()
+        _MASKS[key] = np.where(causal_mask(S, P), -np.inf, 0.0).astype(dtype)
+    return _MASKS[key]
 
 
 def attention_forward(qkv, kcache, vcache, b, NH, P):
@@ -137,7 +168,7 @@ def attention_forward(qkv, kcache, vcache, b, NH, P):
     att = q @ K.transpose(0, 1, 3, 2)  # (b, NH, S, P+S)
     att *= 1.0 / math.sqrt(hs)
     if S > 1:
-        att[:, :, causal_mask(S, P)] = -np.inf
+        att += causal_bias(S, P, att.dtype)
     att -= att.max(axis=-1, keepdims=True)
     np.exp(att, out=att)
     att /= att.sum(axis=-1, keepdims=True)

@@ -15,12 +15,32 @@ from mpigpt2.params import ParamLayout
 class _MicroBatch:
     """Per-micro-batch state: KV prefix caches, dK/dV accumulators, saved slice activations."""
 
-    def __init__(self, nl, b, NH, T, hs, dtype):
-        self.k = np.empty((nl, b, NH, T, hs), dtype=dtype)  # (nl, b, NH, T, hs)
-        self.v = np.empty((nl, b, NH, T, hs), dtype=dtype)  # (nl, b, NH, T, hs)
-        self.dk = None  # allocated by the first backward slice
+    def __init__(self, k, v):
+        self.k = k  # (nl, b, NH, T, hs)
+        self.v = v  # (nl, b, NH, T, hs)
+        self.dk = None  # taken by the first backward slice
         self.dv = None
-        self.saved = {}  # slice index -> activations of that slice
+        self.saved = {}  # slice start -> activations of that slice
+
+
+class _Pool:
+    """Reuses the large per-micro-batch buffers across steps: a fresh allocation of this
+    size is mmap-ed and page-faulted again every step."""
+
+    def __init__(self, dtype):
+        self.dtype, self.free = dtype, {}
+
+    def take(self, shape, zero=False):
+        bufs = self.free.get(shape)
+        a = bufs.pop() if bufs else np.empty(shape, dtype=self.dtype)
+        if zero:
+            a.fill(0.0)
+        return a
+
+    def give(self, *arrays):
+        for a in arrays:
+            if a is not None:
+                self.free.setdefault(a.shape, []).append(a)
 
 
 class Stage:
@@ -33,6 +53,7 @@ class Stage:
         self.grad_flat, self.g = self.layout.alloc(self.dtype)
         self.nl = spec.l1 - spec.l0
         self.mbs = {}
+        self.pool = _Pool(self.dtype)
 
     # -----------------------------------------------------------------------------------------
     def zero_grad(self):
@@ -40,9 +61,10 @@ class Stage:
 
     def begin(self, mb, b, T):
         """Start micro-batch mb of b sequences of T tokens (allocates its KV cache)."""
-        cfg = self.cfg
-        NH = cfg.num_heads
-        self.mbs[mb] = _MicroBatch(self.nl, b, NH, T, cfg.channels // NH, self.dtype)
+        NH = self.cfg.num_heads
+        shape = (self.nl, b, NH, T, self.cfg.channels // NH)
+        self.drop(mb)
+        self.mbs[mb] = _MicroBatch(self.pool.take(shape), self.pool.take(shape))
 
     def forward(self, mb, pos0, x_in, targets=None, dloss=0.0, train=True):
         """Forward one slice at positions [pos0, pos0+S).
@@ -71,11 +93,11 @@ class Stage:
             x2 = x + attproj  # (b*S, C)
             ln2, norm2, rstd2 = ops.layernorm_forward(x2, p["ln2w"][i], p["ln2b"][i])  # (b*S, C)
             fch = ops.matmul_forward(ln2, p["fcw"][i], p["fcb"][i])  # (b*S, 4C)
-            fch_gelu = ops.gelu_forward(fch)  # (b*S, 4C)
+            fch_gelu, fch_tanh = ops.gelu_forward(fch)  # (b*S, 4C) each
             fcproj = ops.matmul_forward(fch_gelu, p["fcprojw"][i], p["fcprojb"][i])  # (b*S, C)
             x = x2 + fcproj  # (b*S, C)
             if train:
-                saved[i] = (ln1, norm1, rstd1, q, att, atty, ln2, norm2, rstd2, fch, fch_gelu)
+                saved[i] = (ln1, norm1, rstd1, q, att, atty, ln2, norm2, rstd2, fch, fch_tanh)
         if self.spec.last:
             lnf, normf, rstdf = ops.layernorm_forward(x, p["lnfw"], p["lnfb"])  # (b*S, C)
             logits = ops.matmul_forward(lnf, p["wte"], None)  # (b*S, Vp)
@@ -104,8 +126,8 @@ class Stage:
         p, g, st = self.p, self.g, self.mbs[mb]
         saved = st.saved.pop(pos0)
         if st.dk is None:
-            st.dk = np.zeros_like(st.k)
-            st.dv = np.zeros_like(st.v)
+            st.dk = self.pool.take(st.k.shape, zero=True)
+            st.dv = self.pool.take(st.v.shape, zero=True)
         if self.spec.last:
             lnf, normf, rstdf, dlogits = saved["head"]
             dlnf = ops.matmul_backward(dlogits, lnf, p["wte"], g["wte"], None)  # (b*S, C)
@@ -113,11 +135,13 @@ class Stage:
         else:
             dx = dx_out  # (b*S, C)
         for i in reversed(range(self.nl)):
-            ln1, norm1, rstd1, q, att, atty, ln2, norm2, rstd2, fch, fch_gelu = saved[i]
+            ln1, norm1, rstd1, q, att, atty, ln2, norm2, rstd2, fch, fch_tanh = saved[i]
             dx2 = dx  # residual: d(x2 + fcproj) flows to both
+            fch_gelu = ops.gelu_recompute(fch, fch_tanh)  # (b*S, 4C)
             dfch_gelu = ops.matmul_backward(dx, fch_gelu, p["fcprojw"][i], g["fcprojw"][i],
                                             g["fcprojb"][i])  # (b*S, 4C)
-            dfch = ops.gelu_backward(dfch_gelu, fch)  # (b*S, 4C)
+            del fch_gelu
+            dfch = ops.gelu_backward(dfch_gelu, fch, fch_tanh)  # (b*S, 4C)
             dln2 = ops.matmul_backward(dfch, ln2, p["fcw"][i], g["fcw"][i], g["fcb"][i])  # (b*S, C)
             dx2 = dx2 + ops.layernorm_backward(dln2, norm2, rstd2, p["ln2w"][i], g["ln2w"][i],
                                                g["ln2b"][i])  # (b*S, C)
@@ -131,12 +155,14 @@ class Stage:
             if layer_done is not None:
                 layer_done(i)
         if pos0 == 0:
-            del self.mbs[mb]  # slice 0 is the last backward of the micro-batch
+            self.drop(mb)  # slice 0 is the last backward of the micro-batch
         if self.spec.first:
             ops.encoder_backward(g["wte"], g["wpe"], dx, saved["tokens"], pos0)
             return None
         return dx
 
     def drop(self, mb):
-        """Forget a micro-batch (inference, or an aborted step)."""
-        self.mbs.pop(mb, None)
+        """Forget a micro-batch (end of its backward, inference, an aborted step)."""
+        st = self.mbs.pop(mb, None)
+        if st is not None:
+            self.pool.give(st.k, st.v, st.dk, st.dv)
