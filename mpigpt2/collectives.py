@@ -72,9 +72,9 @@ def barrier(comm):
     wait_all([comm.Ibarrier()], "barrier", lambda: "barrier")
 
 
-def gather_model(grid, stage, layout, grads=False):
-    """Collect replica 0's stage parameters (or gradients) on its stage-0 rank as global
-    tensors; None elsewhere."""
+def gather_model(grid, stage, layout, grads=False, flat=None):
+    """Collect replica 0's stage parameters (or gradients, or any flat array laid out like the
+    parameters, e.g. Adam moments) on its stage-0 rank as global tensors; None elsewhere."""
     from mpigpt2.params import ParamLayout, PARAM_NAMES  # noqa: local to keep the top light
     if grid.replica != 0:
         return None
@@ -85,7 +85,8 @@ def gather_model(grid, stage, layout, grads=False):
         recv = np.empty(sum(sizes), dtype=stage.dtype)
         mpitype = MPI.DOUBLE if stage.dtype == np.float64 else MPI.FLOAT
         recvspec = [recv, sizes, np.cumsum([0] + sizes[:-1]).tolist(), mpitype]
-    req = grid.pipe.Igatherv(stage.grad_flat if grads else stage.flat, recvspec if grid.stage == 0 else None, root=0)
+    src = flat if flat is not None else stage.grad_flat if grads else stage.flat
+    req = grid.pipe.Igatherv(src, recvspec if grid.stage == 0 else None, root=0)
     wait_all([req], "gather", lambda: "model gather")
     if grid.stage != 0:
         return None

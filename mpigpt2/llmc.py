@@ -13,9 +13,10 @@ MODEL_MAGIC = 20240326
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 VERSION_FP32, VERSION_BF16 = 3, 5
+VERSION_FP64 = 64  # mpigpt2's own extension, for float64 training state; llm.c never reads it
 
 
-def read_header(path):
+def read_header(path, allow_fp64=False):
     """Validate the header and file length of an llm.c model file; return (GPTConfig, version)."""
     try:
         size = os.path.getsize(path)
@@ -31,7 +32,7 @@ def read_header(path):
         raise UserError(f"{path} is not an llm.c model file (magic {h[0]}, expected "
                         f"{MODEL_MAGIC}); pass a .bin written by llm.c or mpigpt2, or a preset")
     version = int(h[1])
-    if version not in (VERSION_FP32, VERSION_BF16):
+    if version not in (VERSION_FP32, VERSION_BF16) + ((VERSION_FP64,) if allow_fp64 else ()):
         raise UserError(f"model file {path} has version {version}; supported are 3 (fp32) and "
                         f"5 (bf16) — re-export it with llm.c's current train_gpt2.py")
     maxT, V, L, NH, C, Vp = (int(x) for x in h[2:8])
@@ -42,7 +43,7 @@ def read_header(path):
     cfg = GPTConfig(max_seq_len=maxT, vocab_size=V, padded_vocab_size=Vp, num_layers=L,
                     num_heads=NH, channels=C)
     n = sum(int(np.prod(s)) for s in tensor_shapes(cfg, L).values())
-    expect = HEADER_BYTES + n * (4 if version == VERSION_FP32 else 2)
+    expect = HEADER_BYTES + n * {VERSION_FP32: 4, VERSION_BF16: 2, VERSION_FP64: 8}[version]
     if size != expect:
         what = "truncated" if size < expect else "longer than its header says"
         raise UserError(f"model file {path} is {what}: {size} bytes, header (L={L} C={C} "
@@ -59,11 +60,11 @@ def _tensor_offsets(cfg):
     return offs
 
 
-def load_params(path, spec, views):
+def load_params(path, spec, views, allow_fp64=False):
     """Copy the tensors a stage owns (layers spec.l0..l1) from an llm.c file into views."""
-    cfg, version = read_header(path)
-    raw = np.memmap(path, dtype="<u2" if version == VERSION_BF16 else "<f4", mode="r",
-                    offset=HEADER_BYTES)
+    cfg, version = read_header(path, allow_fp64)
+    dt = {VERSION_FP32: "<f4", VERSION_BF16: "<u2", VERSION_FP64: "<f8"}[version]
+    raw = np.memmap(path, dtype=dt, mode="r", offset=HEADER_BYTES)
     for n, (off, shape) in _tensor_offsets(cfg).items():
         if n not in views:
             continue
@@ -84,16 +85,18 @@ def header_ints(cfg, version=VERSION_FP32):
     return h
 
 
-def write_model(path, cfg, tensors):
-    """Write the global tensors (dict name -> array of the global shape) as an fp32 llm.c file."""
+def write_model(path, cfg, tensors, fp64=False):
+    """Write the global tensors (dict name -> array of the global shape) as an fp32 llm.c file
+    (or, with fp64, mpigpt2's float64 variant of it)."""
     shapes = tensor_shapes(cfg, cfg.num_layers)
+    dt = "<f8" if fp64 else "<f4"
 
     def write(f):
-        f.write(header_ints(cfg).tobytes())
+        f.write(header_ints(cfg, VERSION_FP64 if fp64 else VERSION_FP32).tobytes())
         for n in PARAM_NAMES:
             a = np.asarray(tensors[n])
             assert a.shape == shapes[n], (n, a.shape, shapes[n])
-            f.write(np.ascontiguousarray(a, dtype="<f4").tobytes())
+            f.write(np.ascontiguousarray(a, dtype=dt).tobytes())
 
     try:
         atomic_write(path, write)

@@ -13,7 +13,7 @@ from mpigpt2.p2p import PipeP2P
 class Runner:
     """Executes this stage's program each step, on preallocated message buffers."""
 
-    def __init__(self, grid, stage, layout, T, rows_per_mb):
+    def __init__(self, grid, stage, layout, T, rows_per_mb, tracer=None):
         self.grid, self.stage, self.layout = grid, stage, layout
         self.T, self.b = T, rows_per_mb
         self.k = layout.slice_tokens
@@ -26,9 +26,16 @@ class Runner:
                            rows_per_mb * self.k, stage.cfg.channels, stage.dtype)
         self.reducer = GradReducer(grid, stage)
         self.times = {}
+        self.tracer = tracer
 
-    def _tick(self, kind, t0):
-        self.times[kind] = self.times.get(kind, 0.0) + time.perf_counter() - t0
+    _CATS = {"forward": "forward", "backward": "backward", "p2p_wait": "wait",
+             "allreduce": "allreduce"}
+
+    def _tick(self, kind, t0, name):
+        t1 = time.perf_counter()
+        self.times[kind] = self.times.get(kind, 0.0) + t1 - t0
+        if self.tracer is not None and (kind in ("forward", "backward") or t1 - t0 > 2e-5):
+            self.tracer.span(name, self._CATS[kind], t0, t1)
 
     def run(self, tokens, targets, dloss, train=True):
         """One step over M micro-batches; tokens/targets (M, b, T) on the first/last stage.
@@ -40,14 +47,17 @@ class Runner:
         program = self.program if train else self.eval_program
         outputs = {}
         loss = 0.0
+        tr = self.tracer
         for i, a in enumerate(program):
             try:
                 if a.kind in ("RECV_F", "RECV_B"):
                     p2p.post_recv(a.kind, a.mb, a.j)
                 elif a.kind == "F":
                     pos0 = a.j * k
-                    x = (np.ascontiguousarray(tokens[a.mb, :, pos0:pos0 + k]) if st.spec.first
-                         else p2p.wait_recv("RECV_F", a.mb, a.j))
+                    if st.spec.first:
+                        x = np.ascontiguousarray(tokens[a.mb, :, pos0:pos0 + k])
+                    else:
+                        x = self._receive("RECV_F", a)
                     tgt = targets[a.mb, :, pos0:pos0 + k] if st.spec.last else None
                     t0 = time.perf_counter()
                     if a.j == 0:
@@ -55,30 +65,43 @@ class Runner:
                     out = st.forward(a.mb, pos0, x, tgt, dloss, train=train)
                     if not train and a.j == self.n - 1:
                         st.drop(a.mb)
-                    self._tick("forward", t0)
+                    self._tick("forward", t0, str(a))
                     if st.spec.last:
                         loss += float(out.sum())
                     else:
                         outputs[(a.mb, a.j)] = out
                 elif a.kind == "SEND_F" or a.kind == "SEND_B":
                     p2p.send(a.kind, a.mb, a.j, outputs.pop((a.mb, a.j)))
+                    if tr is not None:
+                        tr.instant(str(a), "send")
                 elif a.kind == "B":
-                    dout = None if st.spec.last else p2p.wait_recv("RECV_B", a.mb, a.j)
+                    dout = None if st.spec.last else self._receive("RECV_B", a)
                     t0 = time.perf_counter()
                     hook = self.reducer.start_layer if a == self.final_b else None
                     dx = st.backward(a.mb, a.j * k, dout, layer_done=hook)
-                    self._tick("backward", t0)
+                    self._tick("backward", t0, str(a))
                     if dx is not None:
                         outputs[(a.mb, a.j)] = dx
                 elif a.kind == "REDUCE":
                     self.reducer.start_rest()
+                    t0 = time.perf_counter()
                     self.reducer.wait()
+                    self._tick("allreduce", t0, "allreduce wait")
             except Exception:
                 print(f"[rank {self.grid.rank}] failed at action {i} ({a}) of:\n"
                       + " ".join(str(x) for x in program), file=sys.stderr, flush=True)
                 raise
+        t0 = time.perf_counter()
         p2p.finish()
+        self._tick("p2p_wait", t0, "send completion")
         return loss
+
+    def _receive(self, kind, a):
+        """Wait (polling) for the message a compute action needs; the wait is timed."""
+        t0 = time.perf_counter()
+        buf = self.p2p.wait_recv(kind, a.mb, a.j)
+        self._tick("p2p_wait", t0, f"wait {kind}{a.mb}.{a.j}")
+        return buf
 
     def take_times(self):
         t, self.times = self.times, {}

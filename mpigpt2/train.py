@@ -16,15 +16,20 @@ import numpy as np
 from mpigpt2.errors import UserError
 
 
+DEFAULT_VAL = "data/tinyshakespeare/tiny_shakespeare_val.bin"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m mpigpt2.train", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--model", default="gpt2-tiny", help="preset name (random init) or llm.c .bin to start from")
+    a("--model", default="gpt2-tiny", help="preset name (random init), llm.c .bin, or Hugging "
+      "Face GPT-2 directory / .safetensors to start from")
     a("--train-data", default="data/tinyshakespeare/tiny_shakespeare_train.bin",
       help="glob of llm.c token shards for training")
-    a("--val-data", default="data/tinyshakespeare/tiny_shakespeare_val.bin",
-      help="glob of llm.c token shards for validation ('' to skip)")
+    a("--val-data", default=None,
+      help="glob of llm.c token shards for validation ('' to skip; default: the prepared "
+           "tinyshakespeare val shard when it exists)")
     a("--batch-size", type=int, default=8, help="B: sequences per optimizer step (global)")
     a("--seq-len", type=int, default=64, help="T: tokens per sequence")
     a("--steps", type=int, default=300, help="optimizer steps")
@@ -54,9 +59,21 @@ def parse_args(argv=None):
     a("--schedule", choices=("gpipe", "1f1b"), default=None, help="pipeline schedule")
     a("--print-schedule", action="store_true", help="print the step × rank table and exit")
     a("--threads", type=int, default=None, help="BLAS threads per rank (default cores / ranks)")
+    a("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0 = only "
+      "at the end and on preemption)")
+    a("--keep-checkpoints", type=int, default=3, help="keep the newest K checkpoints (0 = all)")
+    a("--resume", default=None, help="'auto' (newest complete checkpoint in --out-dir, if any) "
+      "or a checkpoint directory")
+    a("--no-final-checkpoint", action="store_true", help="no checkpoint at the end of the run")
+    a("--trace", action="store_true", help="write OUT/trace.json (Chrome trace, all ranks)")
+    a("--peak-gflops", type=float, default=None, help="per-core float32 peak for MFU "
+      "(default: a one-off matmul probe, cached)")
+    a("--warmup-report", type=int, default=2, help="steps left out of the end-of-run summary")
     a("--stall-seconds", type=float, default=60.0, help="report waits longer than this")
+    a("--stall-abort", action="store_true", help="abort the job when a wait stalls")
     a("--debug", action="store_true", help="show tracebacks for input errors")
     a("--inject-error", default=None, help=argparse.SUPPRESS)  # "RANK:STEP", for failure tests
+    a("--inject-delay", default=None, help=argparse.SUPPRESS)  # "RANK:STEP:SECONDS" (stalls)
     return p.parse_args(argv)
 
 
@@ -64,20 +81,30 @@ def check_args(args):
     for flag in ("batch_size", "seq_len", "val_steps"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be ≥ 1, got {getattr(args, flag)}")
-    for flag in ("steps", "val_every", "sample_every", "sample_tokens", "warmup_steps"):
+    for flag in ("steps", "val_every", "sample_every", "sample_tokens", "warmup_steps",
+                 "checkpoint_every", "keep_checkpoints", "warmup_report"):
         if getattr(args, flag) < 0:
             raise UserError(f"--{flag.replace('_', '-')} must be ≥ 0, got {getattr(args, flag)}")
     if args.lr < 0 or not (0 <= args.beta1 < 1) or not (0 <= args.beta2 < 1) or args.eps <= 0:
         raise UserError("optimizer flags out of range: need --lr ≥ 0, 0 ≤ --beta1/--beta2 < 1, "
                         "--eps > 0")
+    if args.stall_seconds <= 0 or (args.peak_gflops is not None and args.peak_gflops <= 0):
+        raise UserError("--stall-seconds and --peak-gflops must be > 0")
+    for flag, spec, n in (("--inject-error", args.inject_error, 2),
+                          ("--inject-delay", args.inject_delay, 3)):
+        if spec is not None and len(spec.split(":")) != n:
+            raise UserError(f"{flag} takes {n} colon-separated numbers")
 
 
 def load_config(model):
-    """Model shape from a preset name or an llm.c file header."""
+    """Model shape from a preset name, an llm.c file header or a Hugging Face GPT-2 model."""
     from mpigpt2.config import preset, PRESETS
+    from mpigpt2.convert import is_hf_source, model_config
     from mpigpt2.llmc import read_header
     if model in PRESETS:
         return preset(model)
+    if is_hf_source(model):  # a directory or .safetensors (config.json beside it)
+        return model_config(model)
     if os.path.exists(model) or model.endswith(".bin"):
         return read_header(model)[0]
     return preset(model)  # raises: unknown preset
@@ -105,14 +132,30 @@ def setup(args, world, ranks_per_node=1):
                          node_memory_bytes(), ranks_per_node)
     train = DataLoader(args.train_data, B, T, vocab_size=cfg.vocab_size, flag="--train-data",
                        shuffle=args.shuffle, seed=args.seed)
+    if args.val_data is None:  # the default is optional: skip validation when not prepared
+        args.val_data = DEFAULT_VAL if os.path.exists(DEFAULT_VAL) else ""
     val = (DataLoader(args.val_data, B, T, vocab_size=cfg.vocab_size, flag="--val-data")
            if args.val_data else None)
+    resume = None
+    if args.resume:
+        from mpigpt2 import checkpoint as ck
+        path = ck.find(args.out_dir, args.resume)
+        if path is not None:
+            state = ck.read_state(path)
+            ck.verify_hashes(path, state)
+            ck.check_compatible(state, cfg, args.dtype, B, T, ck.data_identity(train.paths),
+                                path)
+            if state["step"] > args.steps:
+                raise UserError(f"--resume {path}: the checkpoint is at step {state['step']}, "
+                                f"beyond --steps {args.steps}")
+            train.set_state(state["data"]["loader"])
+            resume = (path, state)
     check_writable(args.out_dir, "--out-dir")
     if args.save:
         if os.path.isdir(args.save):
             raise UserError(f"--save {args.save} is a directory; give a file name like model.bin")
         check_writable(os.path.dirname(os.path.abspath(args.save)), "--save")
-    return cfg, layout, train, val
+    return cfg, layout, train, val, resume
 
 
 def check_writable(path, flag):
@@ -141,7 +184,7 @@ def main(argv=None):
     local = world.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks sharing this node
 
     # -- set-up: checked on every rank, agreed, before any compute --------------------------
-    cfg, layout, train_loader, val_loader = agree(
+    cfg, layout, train_loader, val_loader, resume = agree(
         world, lambda: setup(args, size, local.Get_size()), args.debug)
     from mpigpt2 import schedule
     B, T = args.batch_size, args.seq_len
@@ -153,48 +196,72 @@ def main(argv=None):
         return 0
 
     from threadpoolctl import threadpool_limits
-    from mpigpt2 import waiting
+    from mpigpt2 import waiting, signals, metrics as mx, checkpoint as ck
     from mpigpt2.collectives import sum_to_root, allreduce_sum, gather_model, barrier
     from mpigpt2.grid import make_grid
-    from mpigpt2.llmc import load_params, write_model
+    from mpigpt2.llmc import write_model
     from mpigpt2.optim import AdamW, lr_at, clip_scale
     from mpigpt2.params import init_params, PARAM_NAMES
     from mpigpt2.runtime import Runner
     from mpigpt2.stage import Stage
     from mpigpt2.config import PRESETS
     from mpigpt2.fileio import atomic_write_text
+    from mpigpt2.trace import Tracer, merge, trace_path
 
     threads = args.threads or max(1, (os.cpu_count() or 1) // local.Get_size())
     threadpool_limits(threads, user_api="blas")
-    waiting.STALL["seconds"] = args.stall_seconds
+    waiting.STALL.update(seconds=args.stall_seconds, abort=args.stall_abort)
+    signals.install()
 
     # -- grid, this rank's stage, optimizer ----------------------------------------------------
     grid = make_grid(world, layout.pp, layout.dp)
     spec = layout.spec(grid.stage)
     dtype = np.dtype(args.dtype)
     stage = Stage(cfg, spec, dtype)
-    if args.model in PRESETS:
+    opt = AdamW(stage.layout.size, dtype, args.beta1, args.beta2, args.eps, args.weight_decay)
+    start_step = 0
+    if resume is not None:
+        ckpt_path, ckpt_state = resume
+        ck.load_into(ckpt_path, ckpt_state, spec, stage.p, stage.layout.views(opt.m),
+                     stage.layout.views(opt.v), dtype == np.float64)
+        start_step = ckpt_state["step"]
+    elif args.model in PRESETS:
         init_params(cfg, spec, stage.p, args.seed)
     else:
-        load_params(args.model, spec, stage.p)
-    opt = AdamW(stage.layout.size, dtype, args.beta1, args.beta2, args.eps, args.weight_decay)
+        from mpigpt2.convert import load_stage_params  # llm.c .bin or Hugging Face model
+        load_stage_params(args.model, spec, stage.p)
     M = layout.microbatches
     rows = B // layout.dp            # sequences per replica
     b = rows // M                    # sequences per micro-batch
     my_rows = slice(grid.replica * rows, (grid.replica + 1) * rows)
-    runner = Runner(grid, stage, layout, T, b)
+    tracer = Tracer(rank, grid.stage, grid.replica) if args.trace else None
+    runner = Runner(grid, stage, layout, T, b, tracer)
     dloss = 1.0 / (B * T)
+    peak_core, peak_src = mx.peak_gflops_per_core(args.peak_gflops) if rank == 0 else (0, "")
+    cores_used = min(os.cpu_count() or 1, local.Get_size() * threads) * (size // local.Get_size())
+    flops_tok = mx.flops_per_token(cfg, T)
 
+    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
     if rank == 0:
         os.makedirs(args.out_dir, exist_ok=True)
         config = {"model": cfg.as_dict(), "layout": layout.as_dict(), "world": size,
                   "threads_per_rank": threads, "args": vars(args)}
         atomic_write_text(os.path.join(args.out_dir, "config.json"), json.dumps(config, indent=2))
-        metrics = open(os.path.join(args.out_dir, "metrics.jsonl"), "w")
+        kept = ""
+        if start_step and os.path.exists(metrics_path):  # drop what the resumed steps redo
+            with open(metrics_path) as f:
+                kept = "".join(x for x in f if not json.loads(x).get("summary")
+                               and json.loads(x).get("step", 0) < start_step)
+        atomic_write_text(metrics_path, kept)
+        metrics = open(metrics_path, "a")
     print0(f"model L={cfg.num_layers} C={cfg.channels} NH={cfg.num_heads} V={cfg.vocab_size} "
            f"maxT={cfg.max_seq_len} | ranks {size} = pp {layout.pp} × dp {layout.dp} | stages "
            f"{list(layout.stage_layers)} | M={M} k={layout.slice_tokens} "
            f"{layout.schedule} | B={B} T={T} | {threads} BLAS thread(s)/rank")
+    print0(f"peak {peak_core:.1f} GFLOP/s per core ({peak_src}) × {cores_used} cores; "
+           f"{flops_tok / 1e6:.1f} MFLOP per token")
+    if resume is not None:
+        print0(f"resumed from {resume[0]} at step {start_step}")
 
     def batch(loader):
         """This replica's rows of the next global batch, as (M, b, T) micro-batches."""
@@ -230,16 +297,47 @@ def main(argv=None):
         barrier(world)
         return tensors
 
+    def save_checkpoint(step):
+        """Gather params and Adam moments on rank 0, which writes; all ranks agree on errors."""
+        params = gather_model(grid, stage, layout)
+        m = gather_model(grid, stage, layout, flat=opt.m)
+        v = gather_model(grid, stage, layout, flat=opt.v)
+
+        def write():
+            if rank != 0:
+                return None
+            state = {"model": cfg.as_dict(), "dtype": args.dtype, "batch_size": B,
+                     "seq_len": T, "seed": args.seed, "layout": layout.as_dict(),
+                     "args": vars(args), "data": {
+                         "train": ck.data_identity(train_loader.paths),
+                         "loader": train_loader.state()}}
+            path = ck.write(os.path.join(args.out_dir, ck.SUBDIR), step, cfg, params, m, v,
+                            state, args.keep_checkpoints, dtype == np.float64)
+            print0(f"checkpoint {path}")
+            return path
+        return agree(world, write, args.debug)
+
     # -- training loop --------------------------------------------------------------------------
     inject = tuple(int(v) for v in args.inject_error.split(":")) if args.inject_error else None
-    for step in range(args.steps):
+    delay = tuple(float(v) for v in args.inject_delay.split(":")) if args.inject_delay else None
+    history = []
+    barrier(world)
+    if tracer is not None:
+        tracer.align()
+    for step in range(start_step, args.steps):
         t0 = time.perf_counter()
+        waiting.STALL["step"] = step
+        if tracer is not None:
+            tracer.step = step
         lr = lr_at(step, args.lr, args.steps, args.warmup_steps, args.lr_schedule,
                    args.min_lr_frac)
         x, y = batch(train_loader)
         if inject and inject == (rank, step):
             raise RuntimeError(f"injected failure on rank {rank} at step {step}")
+        if delay and (delay[0], delay[1]) == (rank, step):
+            time.sleep(delay[2])
         stage.zero_grad()
+        waiting.STATS.take()
         loss_sum = runner.run(x, y, dloss)
         scale = 1.0
         if args.grad_clip > 0:
@@ -248,27 +346,56 @@ def main(argv=None):
                 np.concatenate([stage.g[n].ravel() for n in stage.g if n != "wte"])
             norm = float(np.sqrt(allreduce_sum(grid.pipe, [float(g @ g)])[0]))
             scale = clip_scale(norm, args.grad_clip)
+        t_up = time.perf_counter()
         opt.step(stage.flat, stage.grad_flat, step + 1, lr, scale)
+        t_done = time.perf_counter()
+        if tracer is not None:
+            tracer.span("update", "update", t_up, t_done)
+        times = runner.take_times()
+        mine = dict({k: times.get(k, 0.0) for k in mx.PHASES}, update=t_done - t_up,
+                    rank=rank, stage=grid.stage)
+        per_rank = world.gather(mine, root=0)  # small metadata: the pickle path is fine
         loss = sum_to_root(world, [loss_sum])[0] / (B * T)
         dt = time.perf_counter() - t0
-        print0(f"step {step + 1:5d}/{args.steps} | loss {loss:.6f} | lr {lr:.2e} | "
-               f"{dt * 1000:7.1f} ms | {B * T / dt:8.0f} tok/s")
-        log({"step": step, "loss": loss, "lr": lr, "step_ms": dt * 1000,
-             "tokens_per_s": B * T / dt})
+        rec = {"step": step, "loss": loss, "lr": lr, "step_ms": dt * 1000,
+               "tokens_per_s": B * T / dt}
+        if rank == 0:
+            mfu = flops_tok * B * T / dt / (peak_core * 1e9 * cores_used)
+            rec.update(tokens_per_s_per_core=B * T / dt / cores_used, mfu=mfu,
+                       **mx.step_record(per_rank, dt, layout, T))
+            history.append(rec)
+            print0(f"step {step + 1:5d}/{args.steps} | loss {loss:.6f} | lr {lr:.2e} | "
+                   f"{dt * 1000:7.1f} ms | {B * T / dt:8.0f} tok/s | MFU {mfu * 100:5.1f}%")
+        log(rec)
         if not np.isfinite(loss) and rank == 0:
             raise FloatingPointError(f"loss is {loss} at step {step}; lower --lr or clip")
-        if args.val_every and (step + 1) % args.val_every == 0 and step + 1 < args.steps:
+        done = step + 1
+        stop = signals.agree(world)
+        if stop:
+            print0(f"signal {stop} received: checkpointing at step {done} and exiting "
+                   f"(status {signals.EXIT_PREEMPTED}: requeue me)")
+            save_checkpoint(done)
+            return signals.EXIT_PREEMPTED
+        if args.checkpoint_every and done % args.checkpoint_every == 0 and done < args.steps:
+            save_checkpoint(done)
+        if args.val_every and done % args.val_every == 0 and done < args.steps:
             evaluate(step)
-        if args.sample_every and (step + 1) % args.sample_every == 0 and step + 1 < args.steps:
+        if args.sample_every and done % args.sample_every == 0 and done < args.steps:
             sample(step)
 
-    # -- the end: validation, a sample, the final model -----------------------------------------
+    # -- the end: validation, a sample, the final model and checkpoint ---------------------------
     evaluate(args.steps)
     tensors = sample(args.steps)
     if args.save and rank == 0:
         os.makedirs(os.path.dirname(os.path.abspath(args.save)), exist_ok=True)
         write_model(args.save, cfg, {n: tensors[n] for n in PARAM_NAMES})
         print0(f"saved {args.save}")
+    if not args.no_final_checkpoint and start_step < args.steps:
+        save_checkpoint(args.steps)
+    if tracer is not None:
+        evs = world.gather(((rank, grid.stage, grid.replica), tracer.chrome_events()), root=0)
+        if rank == 0:
+            print0(f"trace {merge(evs, trace_path(args.out_dir), {'layout': layout.as_dict()})}")
     # per-rank memory: what the parameters, gradients and Adam moments take, and peak RSS
     import resource
     mem = world.gather({"rank": rank, "stage": grid.stage, "replica": grid.replica,
@@ -276,8 +403,14 @@ def main(argv=None):
                         "state_bytes": int(stage.flat.nbytes * 4),  # params, grads, m, v
                         "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
                        root=0)
-    log({"summary": True, "ranks": mem})
     if rank == 0:
+        summ = mx.summary(history, args.warmup_report)
+        if summ:
+            print0(f"summary (after {summ['warmup_excluded']} warm-up steps): "
+                   f"{summ['step_ms_mean']:.1f} ms mean, {summ['step_ms_median']:.1f} ms "
+                   f"median, {summ['tokens_per_s_mean']:.0f} tok/s, "
+                   f"MFU {summ.get('mfu_mean', 0) * 100:.1f}%")
+        log({"summary": True, "run": summ, "ranks": mem})
         metrics.close()
     return 0
 

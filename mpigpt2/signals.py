@@ -1,0 +1,44 @@
+"""Preemption: SIGTERM, SIGUSR1 and SIGINT set a flag that all ranks agree on at step ends.
+
+The first signal asks for a checkpoint and a clean exit with EXIT_PREEMPTED ("requeue me", used
+by the Slurm scripts); a second signal exits at once.
+"""
+
+import os
+import signal
+import sys
+
+import numpy as np
+from mpi4py import MPI
+
+from mpigpt2.waiting import wait_all
+
+EXIT_PREEMPTED = 3
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+_state = {"signal": 0}
+
+
+def _handler(signum, frame):
+    if _state["signal"]:
+        sys.stderr.write(f"[rank {MPI.COMM_WORLD.Get_rank()}] second signal "
+                         f"{signal.Signals(signum).name}: exiting now\n")
+        sys.stderr.flush()
+        os._exit(128 + signum)
+    _state["signal"] = signum
+
+
+def install():
+    for s in SIGNALS:
+        signal.signal(s, _handler)
+
+
+def received():
+    return _state["signal"]
+
+
+def agree(comm):
+    """The largest signal number any rank received (0 if none): one tiny polled allreduce."""
+    buf = np.array([_state["signal"]], dtype=np.int64)
+    wait_all([comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.MAX)], "allreduce",
+             lambda: "preemption-flag agreement")
+    return int(buf[0])
