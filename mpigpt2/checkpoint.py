@@ -65,6 +65,8 @@ def write(root, step, cfg, params, m, v, state, keep, fp64):
             files["params64.bin"] = (params, True)
         for name, (tensors, as64) in files.items():
             write_model(os.path.join(tmp, name), cfg, tensors, fp64=as64)
+            if os.environ.get("MPIGPT2_TEST_CRASH_IN_CHECKPOINT") == str(step):
+                os._exit(9)  # tests: a crash half-way through a checkpoint write
         state = dict(state, format=FORMAT, version=VERSION, step=step, files={
             name: {"bytes": os.path.getsize(os.path.join(tmp, name)),
                    "sha256": sha256(os.path.join(tmp, name))} for name in files})

@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 
+from mpigpt2.autotune import parse_slice_tokens
 from mpigpt2.errors import UserError
 
 
@@ -55,7 +56,8 @@ def parse_args(argv=None):
     a("--dp", type=int, default=None, help="data-parallel replicas (default: world / pp)")
     a("--stage-layers", default=None, help="layers per stage, e.g. 4,3,3,2 (default: balanced)")
     a("--microbatches", type=int, default=None, help="M micro-batches per replica per step")
-    a("--slice-tokens", type=int, default=None, help="k tokens per slice (k divides T; k=T: none)")
+    a("--slice-tokens", type=parse_slice_tokens, default=None, help="k tokens per slice (k "
+      "divides T; k=T: none), or 'auto': time candidate k on this CPU and take the fastest")
     a("--schedule", choices=("gpipe", "1f1b"), default=None, help="pipeline schedule")
     a("--print-schedule", action="store_true", help="print the step × rank table and exit")
     a("--threads", type=int, default=None, help="BLAS threads per rank (default cores / ranks)")
@@ -71,6 +73,8 @@ def parse_args(argv=None):
     a("--warmup-report", type=int, default=2, help="steps left out of the end-of-run summary")
     a("--stall-seconds", type=float, default=60.0, help="report waits longer than this")
     a("--stall-abort", action="store_true", help="abort the job when a wait stalls")
+    a("--wait-timeout", type=float, default=1800.0, help="abort the job when any single wait "
+      "for a message or collective exceeds this (a peer died unnoticed)")
     a("--debug", action="store_true", help="show tracebacks for input errors")
     a("--inject-error", default=None, help=argparse.SUPPRESS)  # "RANK:STEP", for failure tests
     a("--inject-delay", default=None, help=argparse.SUPPRESS)  # "RANK:STEP:SECONDS" (stalls)
@@ -88,8 +92,9 @@ def check_args(args):
     if args.lr < 0 or not (0 <= args.beta1 < 1) or not (0 <= args.beta2 < 1) or args.eps <= 0:
         raise UserError("optimizer flags out of range: need --lr ≥ 0, 0 ≤ --beta1/--beta2 < 1, "
                         "--eps > 0")
-    if args.stall_seconds <= 0 or (args.peak_gflops is not None and args.peak_gflops <= 0):
-        raise UserError("--stall-seconds and --peak-gflops must be > 0")
+    if args.stall_seconds <= 0 or args.wait_timeout <= 0 or \
+            (args.peak_gflops is not None and args.peak_gflops <= 0):
+        raise UserError("--stall-seconds, --wait-timeout and --peak-gflops must be > 0")
     for flag, spec, n in (("--inject-error", args.inject_error, 2),
                           ("--inject-delay", args.inject_delay, 3)):
         if spec is not None and len(spec.split(":")) != n:
@@ -128,7 +133,8 @@ def setup(args, world, ranks_per_node=1):
         raise UserError(f"--seq-len {T} exceeds the model's maximum sequence length "
                         f"{cfg.max_seq_len} (maxT)")
     layout = lay.resolve(world, cfg, B, T, args.pp, args.dp, args.stage_layers,
-                         args.microbatches, args.slice_tokens, args.schedule,
+                         args.microbatches,
+                         None if args.slice_tokens == "auto" else args.slice_tokens, args.schedule,
                          node_memory_bytes(), ranks_per_node)
     train = DataLoader(args.train_data, B, T, vocab_size=cfg.vocab_size, flag="--train-data",
                        shuffle=args.shuffle, seed=args.seed)
@@ -188,6 +194,12 @@ def main(argv=None):
         world, lambda: setup(args, size, local.Get_size()), args.debug)
     from mpigpt2 import schedule
     B, T = args.batch_size, args.seq_len
+    tuned = None
+    if args.slice_tokens == "auto":  # rank 0 measures, all ranks agree before the Runner
+        from mpigpt2 import autotune
+        layout, tuned = autotune.agree(world, cfg, layout, B, T, args.dtype, args.threads or
+                                       max(1, (os.cpu_count() or 1) // local.Get_size()))
+        print0(autotune.describe(tuned))
     n_slices = T // layout.slice_tokens
     if args.print_schedule:
         progs = schedule.build(layout.schedule, layout.pp, layout.microbatches, n_slices)
@@ -210,7 +222,8 @@ def main(argv=None):
 
     threads = args.threads or max(1, (os.cpu_count() or 1) // local.Get_size())
     threadpool_limits(threads, user_api="blas")
-    waiting.STALL.update(seconds=args.stall_seconds, abort=args.stall_abort)
+    waiting.STALL.update(seconds=args.stall_seconds, abort=args.stall_abort,
+                         timeout=args.wait_timeout)
     signals.install()
 
     # -- grid, this rank's stage, optimizer ----------------------------------------------------
@@ -246,6 +259,8 @@ def main(argv=None):
         os.makedirs(args.out_dir, exist_ok=True)
         config = {"model": cfg.as_dict(), "layout": layout.as_dict(), "world": size,
                   "threads_per_rank": threads, "args": vars(args)}
+        if tuned is not None:
+            config["autotune"] = tuned
         atomic_write_text(os.path.join(args.out_dir, "config.json"), json.dumps(config, indent=2))
         kept = ""
         if start_step and os.path.exists(metrics_path):  # drop what the resumed steps redo

@@ -28,7 +28,7 @@ class WaitStats:
 
 
 STATS = WaitStats()
-STALL = {"seconds": 60.0, "abort": False}
+STALL = {"seconds": 60.0, "abort": False, "timeout": 1800.0, "step": None}
 
 
 def wait_all(reqs, kind="p2p", what=None):
@@ -46,12 +46,21 @@ def wait_all(reqs, kind="p2p", what=None):
     while not MPI.Request.Testall(reqs):
         time.sleep(nap)
         nap = min(2 * nap, SLEEP_MAX)
-        if not warned and time.perf_counter() - t0 > STALL["seconds"]:
+        waited = time.perf_counter() - t0
+        if not warned and waited > STALL["seconds"]:
             warned = True
-            desc = what() if what else kind
-            rank = MPI.COMM_WORLD.Get_rank()
-            print(f"[rank {rank}] stalled {time.perf_counter() - t0:.0f}s waiting for {desc}",
-                  file=sys.stderr, flush=True)
+            _report(waited, kind, what, "stalled")
             if STALL["abort"]:
-                MPI.COMM_WORLD.Abort(3)
+                MPI.COMM_WORLD.Abort(4)
+        if waited > STALL["timeout"]:  # a peer died without MPI noticing: never hang
+            _report(waited, kind, what, "gave up (--wait-timeout)")
+            MPI.COMM_WORLD.Abort(4)
     STATS.add(kind, time.perf_counter() - t0)
+
+
+def _report(waited, kind, what, verdict):
+    desc = what() if what else kind
+    step = STALL["step"]
+    rank = MPI.COMM_WORLD.Get_rank()
+    print(f"[rank {rank}] {verdict} after {waited:.0f}s waiting for {desc}"
+          + (f" at step {step}" if step is not None else ""), file=sys.stderr, flush=True)
