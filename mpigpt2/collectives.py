@@ -25,6 +25,7 @@ class GradReducer:
         self.grid, self.g = grid, stage.g
         self.reqs = []
         self.nl = stage.nl
+        self.started = set()
         self.data_active = grid.dp > 1
         self.embed_active = grid.embed != MPI.COMM_NULL and grid.embed.Get_size() > 1
 
@@ -34,11 +35,15 @@ class GradReducer:
 
     def start_layer(self, i):
         """Layer i (local index) has its final gradient: start its bucket."""
-        if self.data_active:
+        if self.data_active and i not in self.started:
+            self.started.add(i)
             self._start(self.grid.data, [self.g[n][i] for n in LAYER_NAMES])
 
     def start_rest(self):
-        """The embeddings and final LayerNorm are final once the whole backward ran."""
+        """The embeddings and final LayerNorm are final once the whole backward ran; layers
+        not started yet (--no-overlap) start now."""
+        for i in reversed(range(self.nl)):
+            self.start_layer(i)
         if self.data_active:
             self._start(self.grid.data, [self.g[n] for n in ("wpe", "lnfw", "lnfb")
                                          if n in self.g])
@@ -47,7 +52,7 @@ class GradReducer:
 
     def wait(self):
         wait_all(self.reqs, "allreduce", lambda: f"{len(self.reqs)} gradient allreduces")
-        self.reqs = []
+        self.reqs, self.started = [], set()
 
 
 def sum_to_root(comm, values):

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-PHASES = ("forward", "backward", "p2p_wait", "allreduce", "update")
+PHASES = ("forward", "backward", "p2p_wait", "allreduce", "allgather", "update")
 CACHE = os.path.join(os.path.expanduser(os.environ.get("XDG_CACHE_HOME", "~/.cache")),
                      "mpigpt2", "peak.json")
 

@@ -13,7 +13,8 @@ from mpigpt2.p2p import PipeP2P
 class Runner:
     """Executes this stage's program each step, on preallocated message buffers."""
 
-    def __init__(self, grid, stage, layout, T, rows_per_mb, tracer=None):
+    def __init__(self, grid, stage, layout, T, rows_per_mb, tracer=None, reducer=None,
+                 overlap=True):
         self.grid, self.stage, self.layout = grid, stage, layout
         self.T, self.b = T, rows_per_mb
         self.k = layout.slice_tokens
@@ -24,7 +25,8 @@ class Runner:
         self.final_b = [a for a in self.program if a.kind == "B"][-1]
         self.p2p = PipeP2P(grid.pipe, grid.stage, grid.pp, self.M, self.n,
                            rows_per_mb * self.k, stage.cfg.channels, stage.dtype)
-        self.reducer = GradReducer(grid, stage)
+        self.reducer = reducer if reducer is not None else GradReducer(grid, stage)
+        self.overlap = overlap  # start a layer's gradient reduction inside the last backward
         self.times = {}
         self.tracer = tracer
 
@@ -77,7 +79,8 @@ class Runner:
                 elif a.kind == "B":
                     dout = None if st.spec.last else self._receive("RECV_B", a)
                     t0 = time.perf_counter()
-                    hook = self.reducer.start_layer if a == self.final_b else None
+                    last = a == self.final_b and self.overlap
+                    hook = self.reducer.start_layer if last else None
                     dx = st.backward(a.mb, a.j * k, dout, layer_done=hook)
                     self._tick("backward", t0, str(a))
                     if dx is not None:

@@ -54,6 +54,7 @@ class Stage:
         self.nl = spec.l1 - spec.l0
         self.mbs = {}
         self.pool = _Pool(self.dtype)
+        self.before_use = None  # ZeRO: before_use(layer or tensor name) waits for its params
 
     # -----------------------------------------------------------------------------------------
     def zero_grad(self):
@@ -78,14 +79,18 @@ class Stage:
         cfg, p, st = self.cfg, self.p, self.mbs[mb]
         NH = cfg.num_heads
         saved = {}
+        wait = self.before_use or (lambda key: None)
         if self.spec.first:
             b, S = x_in.shape
             saved["tokens"] = x_in
+            wait("wte")
+            wait("wpe")
             x = ops.encoder_forward(p["wte"], p["wpe"], x_in, pos0)  # (b*S, C)
         else:
             b = st.k.shape[1]
             x = x_in  # (b*S, C)
         for i in range(self.nl):
+            wait(i)
             ln1, norm1, rstd1 = ops.layernorm_forward(x, p["ln1w"][i], p["ln1b"][i])  # (b*S, C)
             qkv = ops.matmul_forward(ln1, p["qkvw"][i], p["qkvb"][i])  # (b*S, 3C)
             atty, q, att = ops.attention_forward(qkv, st.k[i], st.v[i], b, NH, pos0)  # (b*S, C)
@@ -99,6 +104,8 @@ class Stage:
             if train:
                 saved[i] = (ln1, norm1, rstd1, q, att, atty, ln2, norm2, rstd2, fch, fch_tanh)
         if self.spec.last:
+            for key in ("lnfw", "lnfb", "wte"):
+                wait(key)
             lnf, normf, rstdf = ops.layernorm_forward(x, p["lnfw"], p["lnfb"])  # (b*S, C)
             logits = ops.matmul_forward(lnf, p["wte"], None)  # (b*S, Vp)
             if targets is None:

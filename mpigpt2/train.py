@@ -60,6 +60,10 @@ def parse_args(argv=None):
       "divides T; k=T: none), or 'auto': time candidate k on this CPU and take the fastest")
     a("--schedule", choices=("gpipe", "1f1b"), default=None, help="pipeline schedule")
     a("--print-schedule", action="store_true", help="print the step × rank table and exit")
+    a("--zero", type=int, choices=(0, 1), default=0, help="1: ZeRO-1, shard Adam state and the "
+      "update over the data-parallel group (reduce-scatter + allgather)")
+    a("--no-overlap", action="store_true", help="start gradient reduction only after the whole "
+      "backward, and finish parameter allgathers right after the update (for comparison)")
     a("--threads", type=int, default=None, help="BLAS threads per rank (default cores / ranks)")
     a("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0 = only "
       "at the end and on preemption)")
@@ -219,6 +223,7 @@ def main(argv=None):
     from mpigpt2.config import PRESETS
     from mpigpt2.fileio import atomic_write_text
     from mpigpt2.trace import Tracer, merge, trace_path
+    from mpigpt2.zero import ShardedAdam
 
     threads = args.threads or max(1, (os.cpu_count() or 1) // local.Get_size())
     threadpool_limits(threads, user_api="blas")
@@ -231,12 +236,21 @@ def main(argv=None):
     spec = layout.spec(grid.stage)
     dtype = np.dtype(args.dtype)
     stage = Stage(cfg, spec, dtype)
-    opt = AdamW(stage.layout.size, dtype, args.beta1, args.beta2, args.eps, args.weight_decay)
+    hyper = (args.beta1, args.beta2, args.eps, args.weight_decay)
+    if args.zero:  # ZeRO-1: this rank keeps Adam state for 1/dp of the stage
+        opt = ShardedAdam(grid, stage, *hyper)
+        stage.before_use = opt.wait_param
+    else:
+        opt = AdamW(stage.layout.size, dtype, *hyper)
     start_step = 0
     if resume is not None:
         ckpt_path, ckpt_state = resume
-        ck.load_into(ckpt_path, ckpt_state, spec, stage.p, stage.layout.views(opt.m),
-                     stage.layout.views(opt.v), dtype == np.float64)
+        m_full = opt.m if not args.zero else np.empty_like(stage.flat)
+        v_full = opt.v if not args.zero else np.empty_like(stage.flat)
+        ck.load_into(ckpt_path, ckpt_state, spec, stage.p, stage.layout.views(m_full),
+                     stage.layout.views(v_full), dtype == np.float64)
+        if args.zero:
+            opt.set_moments(m_full, v_full)
         start_step = ckpt_state["step"]
     elif args.model in PRESETS:
         init_params(cfg, spec, stage.p, args.seed)
@@ -248,7 +262,8 @@ def main(argv=None):
     b = rows // M                    # sequences per micro-batch
     my_rows = slice(grid.replica * rows, (grid.replica + 1) * rows)
     tracer = Tracer(rank, grid.stage, grid.replica) if args.trace else None
-    runner = Runner(grid, stage, layout, T, b, tracer)
+    runner = Runner(grid, stage, layout, T, b, tracer, reducer=opt if args.zero else None,
+                    overlap=not args.no_overlap)
     dloss = 1.0 / (B * T)
     peak_core, peak_src = mx.peak_gflops_per_core(args.peak_gflops) if rank == 0 else (0, "")
     cores_used = min(os.cpu_count() or 1, local.Get_size() * threads) * (size // local.Get_size())
@@ -301,7 +316,13 @@ def main(argv=None):
         log({"step": step, "val_loss": val})
         return val
 
+    def sync():
+        """ZeRO: finish the parameter allgathers still in flight."""
+        if args.zero:
+            opt.sync()
+
     def sample(step):
+        sync()
         tensors = gather_model(grid, stage, layout)
         if rank == 0 and args.sample_tokens > 0:
             from mpigpt2.sample import generate, model_from_tensors, decode
@@ -314,9 +335,11 @@ def main(argv=None):
 
     def save_checkpoint(step):
         """Gather params and Adam moments on rank 0, which writes; all ranks agree on errors."""
+        sync()
         params = gather_model(grid, stage, layout)
-        m = gather_model(grid, stage, layout, flat=opt.m)
-        v = gather_model(grid, stage, layout, flat=opt.v)
+        m_full, v_full = opt.full_moments() if args.zero else (opt.m, opt.v)
+        m = gather_model(grid, stage, layout, flat=m_full)
+        v = gather_model(grid, stage, layout, flat=v_full)
 
         def write():
             if rank != 0:
@@ -356,19 +379,26 @@ def main(argv=None):
         loss_sum = runner.run(x, y, dloss)
         scale = 1.0
         if args.grad_clip > 0:
-            # wte is on two stages when pp > 1: count it once (on the first stage)
-            g = stage.grad_flat if not (spec.last and not spec.first) else \
-                np.concatenate([stage.g[n].ravel() for n in stage.g if n != "wte"])
-            norm = float(np.sqrt(allreduce_sum(grid.pipe, [float(g @ g)])[0]))
+            if args.zero:  # shards partition every stage: sum over the whole world
+                norm = float(np.sqrt(allreduce_sum(world, [opt.grad_sumsq()])[0]))
+            else:  # wte is on two stages when pp > 1: count it once (on the first stage)
+                g = stage.grad_flat if not (spec.last and not spec.first) else \
+                    np.concatenate([stage.g[n].ravel() for n in stage.g if n != "wte"])
+                norm = float(np.sqrt(allreduce_sum(grid.pipe, [float(g @ g)])[0]))
             scale = clip_scale(norm, args.grad_clip)
         t_up = time.perf_counter()
-        opt.step(stage.flat, stage.grad_flat, step + 1, lr, scale)
+        if args.zero:
+            opt.step(step + 1, lr, scale, overlap=not args.no_overlap)
+        else:
+            opt.step(stage.flat, stage.grad_flat, step + 1, lr, scale)
         t_done = time.perf_counter()
         if tracer is not None:
             tracer.span("update", "update", t_up, t_done)
         times = runner.take_times()
+        gathered = waiting.STATS.take().get("allgather", 0.0)  # ZeRO waits inside forward
+        times["forward"] = times.get("forward", 0.0) - gathered
         mine = dict({k: times.get(k, 0.0) for k in mx.PHASES}, update=t_done - t_up,
-                    rank=rank, stage=grid.stage)
+                    allgather=gathered, rank=rank, stage=grid.stage)
         per_rank = world.gather(mine, root=0)  # small metadata: the pickle path is fine
         loss = sum_to_root(world, [loss_sum])[0] / (B * T)
         dt = time.perf_counter() - t0
@@ -400,7 +430,7 @@ def main(argv=None):
 
     # -- the end: validation, a sample, the final model and checkpoint ---------------------------
     evaluate(args.steps)
-    tensors = sample(args.steps)
+    tensors = sample(args.steps)  # (syncs ZeRO's parameter allgathers first)
     if args.save and rank == 0:
         os.makedirs(os.path.dirname(os.path.abspath(args.save)), exist_ok=True)
         write_model(args.save, cfg, {n: tensors[n] for n in PARAM_NAMES})
@@ -415,7 +445,9 @@ def main(argv=None):
     import resource
     mem = world.gather({"rank": rank, "stage": grid.stage, "replica": grid.replica,
                         "param_bytes": int(stage.flat.nbytes),
-                        "state_bytes": int(stage.flat.nbytes * 4),  # params, grads, m, v
+                        "optim_bytes": int(opt.nbytes if args.zero else opt.m.nbytes * 2),
+                        "state_bytes": int(stage.flat.nbytes * 2 + (opt.nbytes if args.zero
+                                                                     else opt.m.nbytes * 2)),
                         "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
                        root=0)
     if rank == 0:

@@ -22,11 +22,12 @@ from mpigpt2.optim import AdamW
 from mpigpt2.params import init_params
 from mpigpt2.runtime import Runner
 from mpigpt2.stage import Stage
+from mpigpt2.zero import ShardedAdam
 from tolerances import PARITY_F32, PARITY_F64
 
 CFG = GPTConfig(max_seq_len=16, vocab_size=61, padded_vocab_size=64, num_layers=4,
                 num_heads=2, channels=16)
-B, T, STEPS, LR, SEED = 8, 16, 3, 1e-3, 7
+B, T, STEPS, LR, SEED = 24, 16, 3, 1e-3, 7  # B divisible by every dp·M below
 
 
 def batch(step):
@@ -51,15 +52,20 @@ def reference(dtype):
     return losses, m.params, grads
 
 
-def train_layout(comm, lay, dtype):
+def train_layout(comm, lay, dtype, zero=0, overlap=True):
     """The training loop of mpigpt2.train on a sub-communicator, with in-memory data."""
     grid = make_grid(comm, lay.pp, lay.dp)
     stage = Stage(CFG, lay.spec(grid.stage), dtype)
     init_params(CFG, stage.spec, stage.p, SEED)
-    opt = AdamW(stage.layout.size, dtype)
+    if zero:
+        opt = ShardedAdam(grid, stage)
+        stage.before_use = opt.wait_param
+    else:
+        opt = AdamW(stage.layout.size, dtype)
     M = lay.microbatches
     rows = B // lay.dp
-    runner = Runner(grid, stage, lay, T, rows // M)
+    runner = Runner(grid, stage, lay, T, rows // M, reducer=opt if zero else None,
+                    overlap=overlap)
     losses, grads = [], None
     for step in range(STEPS):
         x, y = batch(step)
@@ -69,14 +75,27 @@ def train_layout(comm, lay, dtype):
         loss = runner.run(x, y, 1.0 / (B * T))
         if step == 0:
             grads = gather_model(grid, stage, lay, grads=True)
-        opt.step(stage.flat, stage.grad_flat, step + 1, LR)
+            if zero:  # the reduced gradient lives in the shards: assemble it for the check
+                full = np.empty_like(stage.flat)
+                comm_data = grid.data
+                counts = [hi - lo for lo, hi in opt.bounds]
+                comm_data.Allgatherv(opt.gshard, [full, counts, [lo for lo, _ in opt.bounds],
+                                                  MPI.DOUBLE if dtype == np.float64 else MPI.FLOAT])
+                grads = gather_model(grid, stage, lay, flat=full)
+        if zero:
+            opt.step(step + 1, LR, overlap=overlap)
+        else:
+            opt.step(stage.flat, stage.grad_flat, step + 1, LR)
         losses.append(comm.allreduce(loss) / (B * T))
+    if zero:
+        opt.sync()
     wtes = comm.allgather(stage.p["wte"].copy() if "wte" in stage.p else None)
     tied_equal = all(np.array_equal(w, wtes[0]) for w in wtes if w is not None)
     return losses, gather_model(grid, stage, lay), grads, tied_equal
 
 
-# (pp, dp, k, M, schedule, stage_layers): every value of the issue's matrix appears
+# (pp, dp, k, M, schedule, stage_layers[, zero, overlap]): every value of the issue's
+# matrix appears; the last rows run ZeRO-1 with and without overlap
 CASES = [
     (1, 1, 16, 1, "gpipe", None),
     (1, 2, 1, 4, "1f1b", None),
@@ -90,6 +109,11 @@ CASES = [
     (4, 1, 1, 4, "1f1b", None),
     (4, 2, 4, 4, "1f1b", None),
     (4, 2, 1, 1, "gpipe", None),
+    (1, 2, 16, 1, "gpipe", None, 1, True),
+    (1, 4, 4, 2, "1f1b", None, 1, False),
+    (2, 2, 4, 2, "1f1b", "3,1", 1, True),
+    (2, 4, 1, 1, "gpipe", None, 1, False),
+    (1, 3, 16, 1, "gpipe", None, 1, True),  # shards of unequal size
 ]
 
 _REF = {}
@@ -98,17 +122,20 @@ _REF = {}
 @pytest.mark.mpi(min_size=8)
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("pp,dp,k,M,sched,split", CASES,
+@pytest.mark.parametrize("pp,dp,k,M,sched,split,zero,overlap",
+                         [c if len(c) == 8 else c + (0, True) for c in CASES],
                          ids=[f"pp{c[0]}-dp{c[1]}-k{c[2]}-M{c[3]}-{c[4]}"
-                              + (f"-{c[5]}" if c[5] else "") for c in CASES])
-def test_parity(pp, dp, k, M, sched, split, dtype):
+                              + (f"-{c[5]}" if c[5] else "")
+                              + (f"-zero1{'' if c[7] else '-no-overlap'}" if c[6:] else "")
+                              for c in CASES])
+def test_parity(pp, dp, k, M, sched, split, dtype, zero, overlap):
     world = MPI.COMM_WORLD
     lay = resolve(pp * dp, CFG, B, T, pp, dp, split, M, k, sched)
     inside = world.Get_rank() < pp * dp
     comm = world.Split(0 if inside else MPI.UNDEFINED, world.Get_rank())
     verdict = None
     if inside:
-        losses, params, grads, tied_equal = train_layout(comm, lay, dtype)
+        losses, params, grads, tied_equal = train_layout(comm, lay, dtype, zero, overlap)
         comm.Free()
         if world.Get_rank() == 0:
             if dtype not in _REF:
