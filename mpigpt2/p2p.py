@@ -29,6 +29,12 @@ class PipeP2P:
         }
         self.recvs = {}
         self.sends = []
+        # world ranks of the neighbours, for the stall report
+        near = [s for s in (stage - 1, stage + 1) if 0 <= s < pp]
+        groups = pipe.Get_group(), MPI.COMM_WORLD.Get_group()
+        self.world_rank = dict(zip(near, MPI.Group.Translate_ranks(groups[0], near, groups[1])))
+        for g in groups:
+            g.Free()
 
     def _peer_tag(self, kind, mb, j):
         direction = FORWARD if kind.endswith("F") else BACKWARD
@@ -46,7 +52,9 @@ class PipeP2P:
         """Poll until the (mb, j) message of kind arrived; return its buffer (b*k, C)."""
         req = self.recvs.pop((kind, mb, j))
         peer, _ = self._peer_tag(kind, mb, j)
-        wait_all([req], "p2p", lambda: f"{kind} mb={mb} slice={j} from pipe stage {peer}")
+        what = "activations" if kind == "RECV_F" else "gradients"
+        wait_all([req], "p2p", lambda: f"{kind} mb={mb} slice={j} ({what} from stage {peer}, "
+                                       f"rank {self.world_rank[peer]})")
         return self.buf[kind][mb, j]
 
     def send(self, kind, mb, j, data):

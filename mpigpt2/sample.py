@@ -55,7 +55,8 @@ def decode(tokens):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m mpigpt2.sample", description=__doc__)
-    p.add_argument("--model", required=True, help="llm.c .bin model file")
+    p.add_argument("--model", required=True,
+                   help="llm.c .bin model file, or Hugging Face GPT-2 directory / .safetensors")
     p.add_argument("--prompt", default="", help="text to continue (default: <|endoftext|>)")
     p.add_argument("--tokens", type=int, default=64, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
@@ -65,16 +66,16 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.tokens < 0 or args.top_k < 0:
         raise UserError("--tokens and --top-k must be ≥ 0")
-    from mpigpt2.llmc import read_header, load_params
+    from mpigpt2.convert import model_config, load_stage_params
     from mpigpt2.model import GPT
     from mpigpt2.params import full_spec
     from mpigpt2.tokenizer import gpt2_encoding, EOT
-    cfg, _ = read_header(args.model)
+    cfg = model_config(args.model)  # llm.c .bin or Hugging Face model
     prompt = gpt2_encoding().encode_ordinary(args.prompt) if args.prompt else [EOT]
     if max(prompt) >= cfg.vocab_size:
         raise UserError(f"the prompt has token ids ≥ the model's vocabulary {cfg.vocab_size}")
     model = GPT(cfg)
-    load_params(args.model, full_spec(cfg), model.params)
+    load_stage_params(args.model, full_spec(cfg), model.params)
     toks = generate(model, prompt, args.tokens, args.temperature, args.top_k or None, args.seed)
     print(args.prompt + decode(toks[len(prompt):]))
     return 0

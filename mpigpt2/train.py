@@ -304,8 +304,11 @@ def main(argv=None):
             metrics.flush()
 
     def evaluate(step):
+        """Mean validation loss after `step` optimizer steps (traced as step -1)."""
         if val_loader is None:
             return None
+        if tracer is not None:
+            tracer.step = -1
         val_loader.reset()
         total = 0.0
         for _ in range(args.val_steps):
@@ -424,9 +427,9 @@ def main(argv=None):
         if args.checkpoint_every and done % args.checkpoint_every == 0 and done < args.steps:
             save_checkpoint(done)
         if args.val_every and done % args.val_every == 0 and done < args.steps:
-            evaluate(step)
+            evaluate(done)
         if args.sample_every and done % args.sample_every == 0 and done < args.steps:
-            sample(step)
+            sample(done)
 
     # -- the end: validation, a sample, the final model and checkpoint ---------------------------
     evaluate(args.steps)

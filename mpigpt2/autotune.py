@@ -1,0 +1,230 @@
+"""`--slice-tokens auto`: time a pipeline stage's slices on this CPU and pick the fastest k.
+
+For each candidate k (a divisor of T, from T down to slices of MIN_SLICE tokens) one micro-batch
+of b sequences runs through the bottleneck stage — the dearest by the layout's cost model, built
+for the real model shape with random weights — split into n = T/k slices; each slice's forward
+and backward are timed (best of a few repetitions, on the run's BLAS threads). The predicted step
+time is TeraPipe's form
+
+    M·Σ_j t_j + (pp−1)·max_j t_j        (t_j: forward + backward of slice j on that stage)
+
+the bottleneck stage computes M·n slices, and the pipeline fills and drains over pp−1 of its
+slowest slices. Small k shortens the fill/drain but loses matmul efficiency and adds per-slice
+overhead; attention makes late slices dearer. Profiles are cached in ~/.cache/mpigpt2/slices.json
+keyed by model shape, stage, b, T, M, pp, dtype, threads and CPU, so a rerun does not measure.
+"""
+
+import json
+import os
+import time
+
+import numpy as np
+
+MIN_SLICE = 8         # tokens: below this a slice is mostly Python and message overhead
+MAX_SLICES = 64       # slices per micro-batch (the parity matrix tests up to T/16)
+REPS = 2              # timed repetitions per candidate (best of); one warm-up pass before
+MIN_SECONDS = 0.3     # ...and more (up to MAX_REPS) while they took less than this each
+MAX_REPS = 8
+PATIENCE = 2          # stop after this many consecutive candidates slower than the best
+
+_clock = time.perf_counter  # the timer; tests replace it to prove a cached profile is reused
+
+
+def parse_slice_tokens(text):
+    """argparse type of --slice-tokens: a token count or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        import argparse
+        raise argparse.ArgumentTypeError(f"expected a number of tokens or 'auto', got {text!r}")
+
+
+def cache_path():
+    root = os.path.expanduser(os.environ.get("XDG_CACHE_HOME", "~/.cache"))
+    return os.path.join(root, "mpigpt2", "slices.json")
+
+
+def candidates(T, min_tokens=MIN_SLICE, max_slices=MAX_SLICES):
+    """Divisors k of T, largest first, with k ≥ min_tokens (or k = T) and T/k ≤ max_slices."""
+    return [k for k in range(T, 0, -1) if T % k == 0 and T // k <= max_slices
+            and (k >= min_tokens or k == T)]
+
+
+def predict_step_seconds(slice_seconds, M, pp):
+    """TeraPipe step time: M micro-batches of Σ slice times on the bottleneck stage, plus
+    pp−1 slowest slices of pipeline fill and drain."""
+    t = list(slice_seconds)
+    return M * sum(t) + (pp - 1) * max(t)
+
+
+def bottleneck_stage(cfg, T, stage_layers):
+    """The stage with the largest estimated cost (layers, plus embedding / logits + loss)."""
+    from mpigpt2.layout import layer_cost, embed_cost, head_cost
+    pp = len(stage_layers)
+    cost = [n * layer_cost(cfg, T) for n in stage_layers]
+    cost[0] += embed_cost(cfg)
+    cost[-1] += head_cost(cfg)
+    return max(range(pp), key=lambda s: (cost[s], s))
+
+
+def measure(cfg, spec, b, T, ks, dtype=np.float32, threads=1, reps=REPS, done=None):
+    """Per-slice forward+backward seconds {k: [t_0 .. t_{n-1}]} of one micro-batch of b rows
+    on a stage of spec, for each k in ks (in order). done(k, times) -> True stops early."""
+    from threadpoolctl import threadpool_limits
+    from mpigpt2.params import init_params
+    from mpigpt2.stage import Stage
+    dtype = np.dtype(dtype)
+    st = Stage(cfg, spec, dtype)
+    init_params(cfg, spec, st.p, seed=0)
+    rng = np.random.default_rng(0)
+    C = cfg.channels
+    tokens = rng.integers(0, cfg.vocab_size, (b, T))  # (b, T)
+    acts = rng.standard_normal((b, T, C)).astype(dtype)  # (b, T, C)
+    grads = (rng.standard_normal((b, T, C)) * 1e-3).astype(dtype)  # (b, T, C)
+
+    def one_pass(k):
+        n = T // k
+        f, bw = [0.0] * n, [0.0] * n
+        st.begin(0, b, T)
+        for j in range(n):
+            x = (tokens[:, j * k:(j + 1) * k] if spec.first else
+                 np.ascontiguousarray(acts[:, j * k:(j + 1) * k].reshape(b * k, C)))
+            tgt = tokens[:, j * k:(j + 1) * k] if spec.last else None
+            t0 = _clock()
+            st.forward(0, j * k, x, tgt, 1.0 / (b * T))
+            f[j] = _clock() - t0
+        for j in reversed(range(n)):
+            dout = None if spec.last else \
+                np.ascontiguousarray(grads[:, j * k:(j + 1) * k].reshape(b * k, C))
+            t0 = _clock()
+            st.backward(0, j * k, dout)
+            bw[j] = _clock() - t0
+        return [x + y for x, y in zip(f, bw)]
+
+    out = {}
+    with threadpool_limits(threads, user_api="blas"):
+        one_pass(ks[0])  # warm-up: buffers, caches, BLAS threads
+        for k in ks:  # the first round decides how small k goes
+            out[k] = one_pass(k)
+            if done is not None and done(k, out[k]):
+                break
+        # further rounds interleave the candidates, so a burst of load elsewhere on the
+        # machine hits all of them alike; each slice keeps its best time
+        rounds, t0 = 1, _clock()
+        while rounds < reps or (rounds < MAX_REPS and _clock() - t0 < MIN_SECONDS * len(out)):
+            for k in out:
+                out[k] = [min(a, b) for a, b in zip(out[k], one_pass(k))]
+            rounds += 1
+    return out
+
+
+def _cpu():
+    from mpigpt2.metrics import _cpu_name
+    return _cpu_name()
+
+
+def profile_key(cfg, spec, b, T, M, pp, dtype, threads):
+    shape = cfg.as_dict()
+    return (f"L{shape['num_layers']} NH{shape['num_heads']} C{shape['channels']} "
+            f"V{shape['vocab_size']} Vp{shape['padded_vocab_size']} maxT{shape['max_seq_len']}"
+            f" | stage layers {spec.l1 - spec.l0} first={spec.first} last={spec.last}"
+            f" | b{b} T{T} M{M} pp{pp} | {np.dtype(dtype).name} {threads} thread(s)"
+            f" | {_cpu()} | numpy {np.__version__}")
+
+
+def _read_cache(path):
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def profile(cfg, spec, b, T, M, pp, dtype=np.float32, threads=1, ks=None, cache=True):
+    """({k: per-slice seconds}, 'cache' | 'measured'): the cached profile of this key, or a
+    new measurement (candidates largest k first, stopping once PATIENCE candidates in a row
+    predict slower than the best), which is then cached."""
+    ks = list(ks or candidates(T))
+    key = profile_key(cfg, spec, b, T, M, pp, dtype, threads)
+    path = cache_path()
+    if cache:
+        hit = {int(k): v for k, v in (_read_cache(path).get(key) or {}).items()}
+        if ks[0] in hit and set(hit) <= set(ks):
+            return hit, "cache"
+    best, worse = [float("inf")], [0]
+
+    def done(k, t):
+        pred = predict_step_seconds(t, M, pp)
+        worse[0] = worse[0] + 1 if pred >= best[0] else 0
+        best[0] = min(best[0], pred)
+        return worse[0] >= PATIENCE
+
+    prof = measure(cfg, spec, b, T, ks, dtype, threads, done=done)
+    if cache:
+        try:
+            from mpigpt2.fileio import atomic_write_text
+            data = _read_cache(path)
+            data[key] = {str(k): v for k, v in prof.items()}
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            atomic_write_text(path, json.dumps(data, indent=1))
+        except OSError:
+            pass  # a read-only home: measure again next time
+    return prof, "measured"
+
+
+def choose(cfg, layout, B, T, dtype=np.float32, threads=1, cache=True):
+    """(k, info) for layout (its slice_tokens is ignored): the candidate with the smallest
+    predicted step time. At pp = 1 slicing only adds overhead: k = T, nothing measured."""
+    pp, M = layout.pp, layout.microbatches
+    b = B // (layout.dp * M)
+    if pp == 1:
+        return T, {"slice_tokens": T, "source": "pp=1: no slicing", "candidates": []}
+    s = bottleneck_stage(cfg, T, layout.stage_layers)
+    prof, source = profile(cfg, layout.spec(s), b, T, M, pp, dtype, threads, cache=cache)
+    rows = []
+    for k in sorted(prof, reverse=True):
+        t = prof[k]
+        rows.append({"k": k, "n": T // k,
+                     "predicted_step_ms": round(predict_step_seconds(t, M, pp) * 1e3, 3),
+                     "slice_ms_sum": round(sum(t) * 1e3, 3),
+                     "slice_ms_max": round(max(t) * 1e3, 3)})
+    best = min(rows, key=lambda r: (r["predicted_step_ms"], -r["k"]))
+    info = {"slice_tokens": best["k"], "predicted_step_ms": best["predicted_step_ms"],
+            "source": source, "stage": s, "stage_layers": layout.stage_layers[s],
+            "rows_per_microbatch": b, "threads": threads, "candidates": rows}
+    return best["k"], info
+
+
+def describe(info):
+    """One line for the log: the choice, its prediction and the other candidates."""
+    if not info["candidates"]:
+        return f"autotune: k={info['slice_tokens']} ({info['source']})"
+    others = ", ".join(f"k={r['k']}: {r['predicted_step_ms']:.1f}" for r in info["candidates"])
+    n = next(r["n"] for r in info["candidates"] if r["k"] == info["slice_tokens"])
+    return (f"autotune: k={info['slice_tokens']} ({n} slices), predicted "
+            f"{info['predicted_step_ms']:.1f} ms/step of compute on stage {info['stage']} "
+            f"[{info['source']}]; candidates (ms) {others}")
+
+
+def agree(comm, cfg, layout, B, T, dtype=np.float32, threads=1, cache=True):
+    """Resolve `--slice-tokens auto` on every rank: rank 0 measures (the others poll-wait,
+    leaving it the cores), then broadcasts. Returns (layout with slice_tokens set, info)."""
+    from dataclasses import replace
+    if layout.pp == 1:
+        k, info = choose(cfg, layout, B, T, dtype, threads, cache)
+        return replace(layout, slice_tokens=k), info
+    info = None
+    if comm.Get_rank() == 0:
+        _, info = choose(cfg, layout, B, T, dtype, threads, cache)
+    from mpigpt2 import waiting
+    saved = waiting.STALL["seconds"]
+    waiting.STALL["seconds"] = float("inf")  # a long measurement is not a stall
+    try:  # poll: a blocking bcast would spin on the cores rank 0 is measuring with
+        waiting.wait_all([comm.Ibarrier()], "setup")
+    finally:
+        waiting.STALL["seconds"] = saved
+    info = comm.bcast(info, root=0)  # set-up metadata: the pickle path is fine
+    return replace(layout, slice_tokens=info["slice_tokens"]), info

@@ -1,0 +1,185 @@
+"""Seeing what the pipeline does: the Chrome trace, the step metrics, report's pictures and the
+stall report, on small runs under mpiexec."""
+
+import json
+import re
+import sys
+import time
+
+import pytest
+
+from conftest import run, mpiexec
+from test_cli import train_cmd
+from mpigpt2 import schedule
+
+PY = sys.executable
+PNG = b"\x89PNG\r\n\x1a\n"
+PP, M, N, STEPS = 2, 2, 2, 2          # layout of the traced run: k = T/N = 16
+TRACED = ["--pp", str(PP), "--microbatches", str(M), "--slice-tokens", "16", "--schedule",
+          "1f1b", "--steps", str(STEPS), "--trace", "--sample-tokens", "0", "--val-steps", "1",
+          "--no-final-checkpoint", "--peak-gflops", "100"]
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory, shards):
+    """A pp=2 dp=1 run with M=2 micro-batches of n=2 slices, 2 steps, traced."""
+    out = tmp_path_factory.mktemp("traced")
+    r = run(mpiexec(PP) + train_cmd(shards, out, *TRACED), timeout=180)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def records(out):
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def steps_of(events, rank, step):
+    """A rank's events of one step, in time order, up to its optimizer update."""
+    evs = sorted((e for e in events if e["tid"] == rank and e["args"]["step"] == step),
+                 key=lambda e: e["ts"])
+    end = next(i for i, e in enumerate(evs) if e["cat"] == "update")
+    return evs[:end + 1]
+
+
+@pytest.mark.timeout(240)
+def test_trace_has_a_track_per_rank_and_the_schedule_s_events(traced):
+    doc = json.loads((traced / "trace.json").read_text())
+    meta = [e for e in doc["traceEvents"] if e["ph"] == "M" and e["name"] == "thread_name"]
+    assert sorted(e["tid"] for e in meta) == list(range(PP))
+    events = [e for e in doc["traceEvents"] if e["ph"] in ("X", "i")]
+    assert {e["tid"] for e in events} == set(range(PP))
+    progs = schedule.build("1f1b", PP, M, N)
+    for rank in range(PP):
+        mine = [e for e in events if e["tid"] == rank]
+        assert all(e["ts"] >= 0 for e in mine)
+        spans = sorted((e for e in mine if e["ph"] == "X"), key=lambda e: e["ts"])
+        for a, b in zip(spans, spans[1:]):  # one thread of work per rank: no overlaps
+            assert a["ts"] + a["dur"] <= b["ts"] + 1.0, (a, b)  # µs rounding
+        compute = [str(a) for a in progs[rank] if a.kind in ("F", "B")]
+        assert len(compute) == 2 * M * N
+        sends = [str(a) for a in progs[rank] if a.kind.startswith("SEND")]
+        for step in range(STEPS):
+            evs = steps_of(events, rank, step)
+            # every F and B of the schedule, in the schedule's order
+            assert [e["name"] for e in evs if e["cat"] in ("forward", "backward")] == compute
+            assert all(e["name"][0] == ("F" if e["cat"] == "forward" else "B")
+                       for e in evs if e["cat"] in ("forward", "backward"))
+            assert [e["name"] for e in evs if e["cat"] == "send"] == sends
+            assert [e["cat"] for e in evs].count("update") == 1
+            assert [e["cat"] for e in evs].count("allreduce") <= 1
+            assert all(e["args"]["step"] == step for e in evs)
+        assert [e["ts"] for e in steps_of(events, rank, 0)][-1] < \
+            [e["ts"] for e in steps_of(events, rank, 1)][0]
+
+
+@pytest.mark.timeout(240)
+def test_metrics_fields_are_consistent(traced):
+    recs = records(traced)
+    steps = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(STEPS))
+    for r in steps:
+        for key in ("step", "loss", "lr", "step_ms", "tokens_per_s", "tokens_per_s_per_core",
+                    "mfu", "phases_ms", "bubble", "bubble_predicted"):
+            assert key in r, key
+        assert sorted(p["rank"] for p in r["phases_ms"]) == list(range(PP))
+        for p in r["phases_ms"]:
+            assert p["stage"] == p["rank"] % PP
+            phases = [p[k] for k in ("forward", "backward", "p2p_wait", "allreduce", "update")]
+            assert min(phases) >= 0
+            # another rank's clock starts its step a little before rank 0's (it leaves the
+            # previous step's gather first): allow a small slack
+            assert sum(phases) <= r["step_ms"] * 1.1 + 20, (p, r["step_ms"])
+        assert 0.0 <= r["bubble"] <= 1.0
+        assert r["bubble_predicted"] == pytest.approx((PP - 1) / (M * N + PP - 1))
+        assert 0 < r["mfu"] < 1 and r["tokens_per_s"] > 0
+    assert any("val_loss" in r for r in recs)
+    assert recs[-1].get("summary") is True and len(recs[-1]["ranks"]) == PP
+
+
+def check_png(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG, path
+    assert len(data) > 5000, (path, len(data))
+
+
+@pytest.mark.timeout(240)
+def test_report_draws_one_run(traced, tmp_path):
+    r = run([PY, "-m", "mpigpt2.report", str(traced), "--out", str(tmp_path)])
+    assert r.returncode == 0, r.stderr
+    for name in ("loss.png", "throughput.png", "timeline.png"):
+        check_png(tmp_path / name)
+    assert f"timeline of step {STEPS - 1}" in r.stdout  # the last fully traced step
+    r = run([PY, "-m", "mpigpt2.report", str(traced), "--out", str(tmp_path / "s0"),
+             "--step", "0"])
+    assert r.returncode == 0, r.stderr
+    check_png(tmp_path / "s0" / "timeline.png")
+
+
+@pytest.mark.timeout(240)
+def test_report_overlays_two_runs(traced, tmp_path, shards):
+    other = tmp_path / "one_process"
+    r = run(train_cmd(shards, other, "--steps", "2", "--sample-tokens", "0", "--val-steps",
+                      "1", "--no-final-checkpoint", "--peak-gflops", "100"))
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "pics"
+    r = run([PY, "-m", "mpigpt2.report", str(traced), str(other), "--out", str(out)])
+    assert r.returncode == 0, r.stderr
+    for name in ("loss.png", "throughput.png", "timeline.png"):
+        check_png(out / name)
+    # the second run has no trace: only the first run's timeline is drawn
+    r = run([PY, "-m", "mpigpt2.report", str(other)])
+    assert r.returncode == 0, r.stderr
+    check_png(other / "loss.png")
+    assert not (other / "timeline.png").exists() and "--trace" in r.stdout
+
+
+def one_error_line(r, message):
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.timeout(240)
+def test_report_fails_cleanly(traced, tmp_path):
+    one_error_line(run([PY, "-m", "mpigpt2.report", str(tmp_path)]), "no metrics.jsonl")
+    one_error_line(run([PY, "-m", "mpigpt2.report", str(tmp_path / "missing")]),
+                   "no metrics.jsonl")
+    one_error_line(run([PY, "-m", "mpigpt2.report", str(traced), "--out", str(tmp_path),
+                        "--step", "99"]), "--step 99")
+    assert not (tmp_path / "loss.png").exists()
+    blocked = ("import sys; sys.modules['matplotlib'] = None; "  # as if not installed
+               "from mpigpt2.errors import run_cli; from mpigpt2.report import main; "
+               f"sys.exit(run_cli(main, [{str(traced)!r}, '--out', {str(tmp_path)!r}]))")
+    one_error_line(run([PY, "-c", blocked]), "pip install 'mpigpt2[plot]'")
+
+
+# ---------------------------------------------------------------------------------------------
+# the stall report: rank 1 (stage 1) sleeps 3 s at step 1, so rank 0 waits for its gradients
+
+STALL = ["--pp", "2", "--microbatches", "2", "--slice-tokens", "8", "--schedule", "1f1b",
+         "--steps", "3", "--sample-tokens", "0", "--val-data", "", "--no-final-checkpoint",
+         "--peak-gflops", "100", "--inject-delay", "1:1:3", "--stall-seconds", "1"]
+
+
+@pytest.mark.timeout(240)
+def test_stall_report_names_the_missing_message(tmp_path, shards):
+    r = run(mpiexec(2) + train_cmd(shards, tmp_path / "o", *STALL), timeout=180)
+    assert r.returncode == 0, r.stderr
+    # 1F1B on stage 0 (T=32, k=8: n=4): forwards F0.0-F0.3 and F1.0, then B0.3 needs the
+    # gradient of micro-batch 0's last slice from stage 1
+    want = (r"\[rank 0\] stalled after \d+s waiting for RECV_B mb=0 slice=3 "
+            r"\(gradients from stage 1, rank 1\) at step 1")
+    assert re.search(want, r.stderr), r.stderr
+    assert "step     3/3" in r.stdout  # and the run went on
+
+
+@pytest.mark.timeout(240)
+def test_stall_abort_ends_the_job(tmp_path, shards):
+    t0 = time.time()
+    r = run(mpiexec(2) + train_cmd(shards, tmp_path / "o", *STALL, "--stall-abort"),
+            timeout=120)
+    assert r.returncode != 0
+    assert "[rank 0] stalled" in r.stderr, r.stderr
+    assert "step     3/3" not in r.stdout
+    assert time.time() - t0 < 90
