@@ -8,7 +8,6 @@ outcome so that rank 0 prints one clear line and every rank exits with status 2.
 import sys
 import traceback
 
-from mpi4py import MPI
 
 from mpigpt2.errors import UserError, EXIT_USAGE
 

@@ -115,7 +115,7 @@ def test_measures_once_then_reuses_the_cached_profile(monkeypatch):
 
 
 def test_flag_parses_numbers_and_auto():
-    from mpigpt2.train import parse_args
+    from mpigpt2.options import parse_args
     assert parse_args(["--slice-tokens", "auto"]).slice_tokens == "auto"
     assert parse_args(["--slice-tokens", "16"]).slice_tokens == 16
     with pytest.raises(argparse.ArgumentTypeError):

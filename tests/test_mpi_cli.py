@@ -1,7 +1,6 @@
 """The training command under mpiexec: default layout, parity with one process, failures."""
 
 import json
-import sys
 import time
 
 import pytest

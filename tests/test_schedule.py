@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from mpigpt2 import schedule as S
-from mpigpt2.config import PRESETS, GPTConfig
+from mpigpt2.config import PRESETS
 from mpigpt2.errors import UserError
 from mpigpt2.layout import resolve, balanced_partition, default_pp
 from mpigpt2.schedule import Action, ScheduleError

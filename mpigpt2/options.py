@@ -1,0 +1,173 @@
+"""Command-line options of `python -m mpigpt2.train` and the set-up checks that run before any
+compute (every rank runs them; train.py makes the ranks agree on the outcome)."""
+
+import argparse
+import os
+import tempfile
+
+from mpigpt2.autotune import parse_slice_tokens
+from mpigpt2.errors import UserError
+
+DEFAULT_VAL = "data/tinyshakespeare/tiny_shakespeare_val.bin"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m mpigpt2.train", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--model", default="gpt2-tiny", help="preset name (random init), llm.c .bin, or Hugging "
+      "Face GPT-2 directory / .safetensors to start from")
+    a("--train-data", default="data/tinyshakespeare/tiny_shakespeare_train.bin",
+      help="glob of llm.c token shards for training")
+    a("--val-data", default=None,
+      help="glob of llm.c token shards for validation ('' to skip; default: the prepared "
+           "tinyshakespeare val shard when it exists)")
+    a("--batch-size", type=int, default=8, help="B: sequences per optimizer step (global)")
+    a("--seq-len", type=int, default=64, help="T: tokens per sequence")
+    a("--steps", type=int, default=300, help="optimizer steps")
+    a("--lr", type=float, default=1e-4, help="peak learning rate")
+    a("--beta1", type=float, default=0.9, help="AdamW beta1")
+    a("--beta2", type=float, default=0.999, help="AdamW beta2")
+    a("--eps", type=float, default=1e-8, help="AdamW epsilon (added after the sqrt)")
+    a("--weight-decay", type=float, default=0.0, help="decoupled weight decay (all parameters)")
+    a("--warmup-steps", type=int, default=0, help="linear lr warm-up steps")
+    a("--lr-schedule", choices=("constant", "cosine"), default="constant", help="lr after warm-up")
+    a("--min-lr-frac", type=float, default=0.0, help="cosine floor as a fraction of --lr")
+    a("--grad-clip", type=float, default=0.0, help="clip the global gradient norm (0 = off)")
+    a("--seed", type=int, default=1337, help="seed of the random init and data shuffling")
+    a("--shuffle", action="store_true", help="shuffle windows and shards each epoch (seeded)")
+    a("--out-dir", default="out", help="where metrics.jsonl and config.json go")
+    a("--val-every", type=int, default=0, help="validate every N steps (0 = only at the end)")
+    a("--val-steps", type=int, default=5, help="validation batches per evaluation")
+    a("--sample-every", type=int, default=0, help="sample every N steps (0 = only at the end)")
+    a("--sample-tokens", type=int, default=64, help="tokens per sample (0 = no sampling)")
+    a("--save", default=None, help="write the final model here (llm.c fp32 .bin)")
+    a("--dtype", choices=("float32", "float64"), default="float32", help="compute precision")
+    a("--pp", type=int, default=None, help="pipeline stages (default: see README)")
+    a("--dp", type=int, default=None, help="data-parallel replicas (default: world / pp)")
+    a("--stage-layers", default=None, help="layers per stage, e.g. 4,3,3,2 (default: balanced)")
+    a("--microbatches", type=int, default=None, help="M micro-batches per replica per step")
+    a("--slice-tokens", type=parse_slice_tokens, default=None, help="k tokens per slice (k "
+      "divides T; k=T: none), or 'auto': time candidate k on this CPU and take the fastest")
+    a("--schedule", choices=("gpipe", "1f1b"), default=None, help="pipeline schedule")
+    a("--print-schedule", action="store_true", help="print the step × rank table and exit")
+    a("--zero", type=int, choices=(0, 1), default=0, help="1: ZeRO-1, shard Adam state and the "
+      "update over the data-parallel group (reduce-scatter + allgather)")
+    a("--no-overlap", action="store_true", help="start gradient reduction only after the whole "
+      "backward, and finish parameter allgathers right after the update (for comparison)")
+    a("--threads", type=int, default=None, help="BLAS threads per rank (default cores / ranks)")
+    a("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0 = only "
+      "at the end and on preemption)")
+    a("--keep-checkpoints", type=int, default=3, help="keep the newest K checkpoints (0 = all)")
+    a("--resume", default=None, help="'auto' (newest complete checkpoint in --out-dir, if any) "
+      "or a checkpoint directory")
+    a("--no-final-checkpoint", action="store_true", help="no checkpoint at the end of the run")
+    a("--trace", action="store_true", help="write OUT/trace.json (Chrome trace, all ranks)")
+    a("--peak-gflops", type=float, default=None, help="per-core float32 peak for MFU "
+      "(default: a one-off matmul probe, cached)")
+    a("--warmup-report", type=int, default=2, help="steps left out of the end-of-run summary")
+    a("--stall-seconds", type=float, default=60.0, help="report waits longer than this")
+    a("--stall-abort", action="store_true", help="abort the job when a wait stalls")
+    a("--wait-timeout", type=float, default=1800.0, help="abort the job when any single wait "
+      "for a message or collective exceeds this (a peer died unnoticed)")
+    a("--debug", action="store_true", help="show tracebacks for input errors")
+    a("--inject-error", default=None, help=argparse.SUPPRESS)  # "RANK:STEP", for failure tests
+    a("--inject-delay", default=None, help=argparse.SUPPRESS)  # "RANK:STEP:SECONDS" (stalls)
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    for flag in ("batch_size", "seq_len", "val_steps"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be ≥ 1, got {getattr(args, flag)}")
+    for flag in ("steps", "val_every", "sample_every", "sample_tokens", "warmup_steps",
+                 "checkpoint_every", "keep_checkpoints", "warmup_report"):
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be ≥ 0, got {getattr(args, flag)}")
+    if args.lr < 0 or not (0 <= args.beta1 < 1) or not (0 <= args.beta2 < 1) or args.eps <= 0:
+        raise UserError("optimizer flags out of range: need --lr ≥ 0, 0 ≤ --beta1/--beta2 < 1, "
+                        "--eps > 0")
+    if args.stall_seconds <= 0 or args.wait_timeout <= 0 or \
+            (args.peak_gflops is not None and args.peak_gflops <= 0):
+        raise UserError("--stall-seconds, --wait-timeout and --peak-gflops must be > 0")
+    for flag, spec, n in (("--inject-error", args.inject_error, 2),
+                          ("--inject-delay", args.inject_delay, 3)):
+        if spec is not None and len(spec.split(":")) != n:
+            raise UserError(f"{flag} takes {n} colon-separated numbers")
+
+
+def load_config(model):
+    """Model shape from a preset name, an llm.c file header or a Hugging Face GPT-2 model."""
+    from mpigpt2.config import preset, PRESETS
+    from mpigpt2.convert import is_hf_source, model_config
+    from mpigpt2.llmc import read_header
+    if model in PRESETS:
+        return preset(model)
+    if is_hf_source(model):  # a directory or .safetensors (config.json beside it)
+        return model_config(model)
+    if os.path.exists(model) or model.endswith(".bin"):
+        return read_header(model)[0]
+    return preset(model)  # raises: unknown preset
+
+
+def node_memory_bytes():
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
+def setup(args, world, ranks_per_node=1):
+    """Everything that can fail because of user input, before any compute."""
+    from mpigpt2 import layout as lay
+    from mpigpt2.data import DataLoader
+    check_args(args)
+    cfg = load_config(args.model)
+    B, T = args.batch_size, args.seq_len
+    if T > cfg.max_seq_len:
+        raise UserError(f"--seq-len {T} exceeds the model's maximum sequence length "
+                        f"{cfg.max_seq_len} (maxT)")
+    layout = lay.resolve(world, cfg, B, T, args.pp, args.dp, args.stage_layers,
+                         args.microbatches,
+                         None if args.slice_tokens == "auto" else args.slice_tokens, args.schedule,
+                         node_memory_bytes(), ranks_per_node)
+    train = DataLoader(args.train_data, B, T, vocab_size=cfg.vocab_size, flag="--train-data",
+                       shuffle=args.shuffle, seed=args.seed)
+    if args.val_data is None:  # the default is optional: skip validation when not prepared
+        args.val_data = DEFAULT_VAL if os.path.exists(DEFAULT_VAL) else ""
+    val = (DataLoader(args.val_data, B, T, vocab_size=cfg.vocab_size, flag="--val-data")
+           if args.val_data else None)
+    resume = None
+    if args.resume:
+        from mpigpt2 import checkpoint as ck
+        path = ck.find(args.out_dir, args.resume)
+        if path is not None:
+            state = ck.read_state(path)
+            ck.verify_hashes(path, state)
+            ck.check_compatible(state, cfg, args.dtype, B, T, ck.data_identity(train.paths),
+                                path)
+            if state["step"] > args.steps:
+                raise UserError(f"--resume {path}: the checkpoint is at step {state['step']}, "
+                                f"beyond --steps {args.steps}")
+            train.set_state(state["data"]["loader"])
+            resume = (path, state)
+    check_writable(args.out_dir, "--out-dir")
+    if args.save:
+        if os.path.isdir(args.save):
+            raise UserError(f"--save {args.save} is a directory; give a file name like model.bin")
+        check_writable(os.path.dirname(os.path.abspath(args.save)), "--save")
+    return cfg, layout, train, val, resume
+
+
+def check_writable(path, flag):
+    """path (a directory, maybe not yet created) can be created and written; nothing made."""
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    try:
+        if not os.path.isdir(p):
+            raise OSError
+        with tempfile.TemporaryFile(dir=p):  # access() says yes to root even on /proc
+            pass
+    except OSError:
+        raise UserError(f"{flag} {path}: {p} is not a writable directory")
