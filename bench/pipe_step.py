@@ -5,9 +5,9 @@
     mpiexec -n 2 python bench/pipe_step.py --pp 2 --M 8 --schedule gpipe --track-activations
 
 A model shape given by flags (no preset needed), random tokens (seeded), one BLAS thread per
-rank. For each k of --ks a Runner is built over the same stage and optimizer, and warm-up +
-timed steps run (zero_grad, runner.run, AdamW, loss reduction), each step timed between two
-polled barriers. Rank 0 prints one BENCH_JSON line per k with the step times and, per rank,
+rank. For each k of --ks a Runner is built over the same stage and optimizer; rounds of one
+step per k follow (warm-up rounds untimed), each step (zero_grad, runner.run, AdamW, loss
+reduction) timed between two polled barriers. Rank 0 prints one BENCH_JSON line per k with the step times and, per rank,
 the compute seconds, the polled waiting seconds, peak activation bytes and peak RSS.
 """
 
@@ -39,8 +39,8 @@ def parse_args():
     a("--schedule", choices=("gpipe", "1f1b"), default=None, help="default: the layout's rule")
     a("--stage-layers", default=None, help="layers per stage, e.g. 5,3 (default: balanced)")
     a("--ks", default=None, help="comma-separated slice lengths k (default: T)")
-    a("--warmup", type=int, default=1, help="untimed steps per k")
-    a("--steps", type=int, default=3, help="timed steps per k")
+    a("--warmup", type=int, default=1, help="untimed rounds (one step per k each)")
+    a("--steps", type=int, default=3, help="timed rounds (one step per k each)")
     a("--track-activations", action="store_true",
       help="measure the bytes of activations and KV caches held after every forward")
     a("--label", default="", help="copied into the output lines")
@@ -86,6 +86,8 @@ def track_activations(stage, peak):
 
 def main():
     args = parse_args()
+    from mpigpt2.malloc import tune
+    tune()  # as mpigpt2.train does
     from mpi4py import MPI
     from threadpoolctl import threadpool_limits
     from mpigpt2 import layout as lay, waiting
@@ -125,41 +127,55 @@ def main():
     if args.track_activations:
         track_activations(stage, peak)
 
+    runners = [Runner(grid, stage, layout, T, b) for layout in layouts]
+    acc = [{"times": [], "losses": [], "forward": 0.0, "backward": 0.0, "waits": {},
+            "peak": 0, "cpu": 0.0, "wall": 0.0} for _ in layouts]
     t = 0
-    for layout in layouts:
-        runner = Runner(grid, stage, layout, T, b)
-        times, losses = [], []
-        for s in range(args.warmup + args.steps):
-            if s == args.warmup:  # reset the per-rank counters after the warm-up
-                runner.take_times()
-                waiting.STATS.take()
-                peak["bytes"] = 0
+    # round-robin over the k values, one step each, so that a burst of other load on a shared
+    # machine hits every k alike; round 0..warmup-1 is untimed
+    for rnd in range(args.warmup + args.steps):
+        for runner, a in zip(runners, acc):
+            runner.take_times()
+            waiting.STATS.take()
+            peak["bytes"] = 0
             t += 1
             barrier(world)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             stage.zero_grad()
             loss_sum = runner.run(x, y, dloss)
             opt.step(stage.flat, stage.grad_flat, t, 1e-4)
             loss = sum_to_root(world, [loss_sum])[0] / (B * T)
             barrier(world)
-            dt = time.perf_counter() - t0
-            losses.append(float(loss))
-            if s >= args.warmup:
-                times.append(dt)
-        comp = runner.take_times()
-        waits = waiting.STATS.take()
-        p2p_bytes = sum(a.nbytes for a in runner.p2p.buf.values() if a is not None)
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            comp, waits = runner.take_times(), waiting.STATS.take()
+            a["losses"].append(float(loss))
+            if rnd < args.warmup:
+                continue
+            a["times"].append(dt)
+            a["cpu"] += dc
+            a["wall"] += dt
+            a["forward"] += comp.get("forward", 0.0)
+            a["backward"] += comp.get("backward", 0.0)
+            for kind, sec in waits.items():
+                a["waits"][kind] = a["waits"].get(kind, 0.0) + sec
+            a["peak"] = max(a["peak"], peak["bytes"])
+    for layout, runner, a in zip(layouts, runners, acc):
+        times = a["times"]
+        p2p_bytes = sum(v.nbytes for v in runner.p2p.buf.values() if v is not None)
         per_rank = world.gather({
             "rank": rank, "stage": grid.stage, "replica": grid.replica,
             "layers": spec.l1 - spec.l0,
-            "forward_s_per_step": comp.get("forward", 0.0) / args.steps,
-            "backward_s_per_step": comp.get("backward", 0.0) / args.steps,
-            "wait_s_per_step": {k: v / args.steps for k, v in waits.items()},
+            "forward_s_per_step": a["forward"] / args.steps,
+            "backward_s_per_step": a["backward"] / args.steps,
+            "wait_s_per_step": {k: v / args.steps for k, v in a["waits"].items()},
+            # CPU seconds this rank got per wall second of its steps: < 1 when it waited for
+            # messages (sleeping) or was descheduled by other load
+            "cpu_per_wall": a["cpu"] / a["wall"] if a["wall"] else None,
             "param_bytes": int(stage.flat.nbytes),
             "state_bytes": int(stage.flat.nbytes + stage.grad_flat.nbytes + opt.m.nbytes
                                + opt.v.nbytes),
             "p2p_buffer_bytes": int(p2p_bytes),
-            "peak_activation_bytes": int(peak["bytes"]) if args.track_activations else None,
+            "peak_activation_bytes": int(a["peak"]) if args.track_activations else None,
             "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }, root=0)
         if rank == 0:
@@ -170,7 +186,7 @@ def main():
                   "n_slices": T // layout.slice_tokens, "warmup": args.warmup,
                   **summary(times), "tokens_per_s_best": B * T / min(times),
                   "tokens_per_s_median": B * T / float(np.median(times)),
-                  "losses": losses, "ranks": per_rank, "loadavg_end": os.getloadavg()})
+                  "losses": a["losses"], "ranks": per_rank, "loadavg_end": os.getloadavg()})
     barrier(world)
 
 

@@ -51,6 +51,7 @@ class SubprocessFailed(RuntimeError):
     pass
 
 
+EXTRA_ENV = {}  # --env KEY=VALUE, passed to every sub-benchmark
 QUIET = {"budget_s": 0.0, "waited_s": 0.0, "threshold": 0.10}
 
 
@@ -74,24 +75,33 @@ def wait_quiet():
     return frac
 
 
-def sub(cmd, timeout, what):
-    """Run one sub-benchmark; return (result lines, info) or raise SubprocessFailed."""
-    before = wait_quiet()
-    busy0, own0 = _busy_seconds(), _children_cpu()
-    rc, out, err, wall = run_cmd(cmd, timeout, log=log)
-    busy1, own1 = _busy_seconds(), _children_cpu()
-    info = {"wall_s": wall, "cmd": " ".join(cmd), "others_cpu_frac_before": before}
-    if busy0 is not None:
-        # CPU time used by processes other than this suite, as a fraction of the machine
-        others = max(0.0, (busy1 - busy0) - (own1 - own0))
-        info["others_cpu_frac"] = others / (wall * (os.cpu_count() or 1))
-    lines = parse_lines(out)
-    if rc != 0 or not lines:
+def sub(cmd, timeout, what, attempts=2):
+    """Run one sub-benchmark; return (result lines, info) or raise SubprocessFailed.
+
+    A run that fails other than by timing out is retried once (on this shared machine a rank
+    has been seen to receive a SIGTERM from someone else's clean-up); info["attempts"] says so.
+    """
+    for attempt in range(1, attempts + 1):
+        before = wait_quiet()
+        busy0, own0 = _busy_seconds(), _children_cpu()
+        rc, out, err, wall = run_cmd(cmd, timeout, env_extra=EXTRA_ENV, log=log)
+        busy1, own1 = _busy_seconds(), _children_cpu()
+        info = {"wall_s": wall, "cmd": " ".join(cmd), "others_cpu_frac_before": before,
+                "attempts": attempt}
+        if busy0 is not None:
+            # CPU time used by processes other than this suite, as a fraction of the machine
+            others = max(0.0, (busy1 - busy0) - (own1 - own0))
+            info["others_cpu_frac"] = others / (wall * (os.cpu_count() or 1))
+        lines = parse_lines(out)
+        if rc == 0 and lines:
+            log(f"  done in {wall:.1f} s (others used {100 * info.get('others_cpu_frac', 0):.0f}"
+                f" % of the CPUs meanwhile)")
+            return lines, info
         tail = "\n".join((err or out).strip().splitlines()[-12:])
-        raise SubprocessFailed(f"{what}: exit {rc}, {len(lines)} result lines\n{tail}")
-    log(f"  done in {wall:.1f} s (others used {100 * info.get('others_cpu_frac', 0):.0f} % "
-        f"of the CPUs meanwhile)")
-    return lines, info
+        msg = f"{what}: exit {rc}, {len(lines)} result lines (attempt {attempt})\n{tail}"
+        if rc is None or attempt == attempts:
+            raise SubprocessFailed(msg)
+        log(f"  failed ({msg.splitlines()[0]}); retrying once")
 
 
 def row(rid, name, config, metric, value, target=None, met=None, notes="", details=None):
@@ -129,16 +139,23 @@ def flops_per_token(L, C, Vp, T):
     return 6 * (12 * L * C * C + Vp * C) + 12 * L * T * C
 
 
-def _pool(results, B, T):
-    """Merge the timed steps of several rounds of one implementation."""
+def pool(results):
+    """Merge the timed steps of several rounds (separate processes) of one measurement."""
     steps = [t for r in results for t in r["steps_s"]]
+    tokens = results[-1]["B"] * results[-1]["T"]
     out = dict(results[-1])
     out.update(summary(steps), rounds=len(results),
                others_cpu_frac=max(r.get("others_cpu_frac", 0.0) for r in results),
-               tokens_per_s_best=B * T / min(steps),
-               tokens_per_s_median=B * T / statistics.median(steps),
-               phases_median_s={k: statistics.median(r["phases_median_s"][k] for r in results)
-                                for k in results[-1]["phases_median_s"]})
+               tokens_per_s_best=tokens / min(steps),
+               tokens_per_s_median=tokens / statistics.median(steps))
+    if "phases_median_s" in out:
+        out["phases_median_s"] = {k: statistics.median(r["phases_median_s"][k] for r in results)
+                                  for k in out["phases_median_s"]}
+    if "ranks" in out:  # memory peaks over all rounds
+        for i, rk in enumerate(out["ranks"]):
+            for key in ("max_rss_mb", "peak_activation_bytes"):
+                vals = [r["ranks"][i][key] for r in results if r["ranks"][i][key] is not None]
+                rk[key] = max(vals) if vals else None
     return out
 
 
@@ -151,7 +168,7 @@ def bench_single(ctx):
     for B, T, warmup, steps, rounds in configs:
         cfgname = (f"gpt2-124m B={B} T={T}, 1 thread, fp32, {rounds} round(s) of warm-up "
                    f"{warmup} + {steps} timed steps")
-        timeout = 120 + (warmup + steps) * (15 if T <= 64 else 60)
+        timeout = 120 + (warmup + steps) * (30 if T <= 64 else 120)
         impls = [("mpigpt2", []), ("torch", ["--torch-head", "sliced"])]
         if not quick and T == 64:
             impls.append(("torch-padded", ["--torch-head", "padded"]))
@@ -164,15 +181,16 @@ def bench_single(ctx):
                     (res,), info = sub(cmd + extra, timeout, f"{impl} B{B}T{T}")
                     raw[impl].append({**res, **info})
                 except SubprocessFailed as e:
-                    rows.append(error_row(f"1.{impl}", f"single/{impl}", cfgname, e))
-        got = {impl: _pool(rs, B, T) for impl, rs in raw.items() if rs}
+                    rows.append(error_row(f"1.B{B}T{T}.{impl}", f"single/{impl}", cfgname, e))
+        got = {impl: pool(rs) for impl, rs in raw.items() if rs}
         results[(B, T)] = got
         for impl, r in got.items():
             note = (f"median {r['tokens_per_s_median']:.1f} tok/s; phases (median s) "
                     + ", ".join(f"{k} {v:.2f}" for k, v in r["phases_median_s"].items()))
             if "optimizer" in r:
                 note += f"; AdamW {r['optimizer']}, lm_head {r['head']}"
-            rows.append(row(f"1.{impl}", f"single/{impl} tokens/s", cfgname,
+            note += f"; CPU/wall {r['cpu_per_wall']:.2f}"
+            rows.append(row(f"1.B{B}T{T}.{impl}", f"single/{impl} tokens/s", cfgname,
                             "tokens/s (best step)", r["tokens_per_s_best"], notes=note, details=r))
         torch_rs = [r for k, r in got.items() if k.startswith("torch")]
         if "mpigpt2" in got and torch_rs:
@@ -180,7 +198,7 @@ def bench_single(ctx):
             fastest = max(torch_rs, key=lambda r: r["tokens_per_s_best"])
             ratio = ours["tokens_per_s_best"] / fastest["tokens_per_s_best"]
             med = ours["tokens_per_s_median"] / max(r["tokens_per_s_median"] for r in torch_rs)
-            rows.append(row("1", "single/ratio mpigpt2 ÷ torch", cfgname,
+            rows.append(row(f"1.B{B}T{T}", "single/ratio mpigpt2 ÷ torch", cfgname,
                             "tokens/s ratio (best ÷ fastest torch best)", ratio, "≥ 1.1",
                             ratio >= 1.1, f"median ÷ median {med:.2f}; torch lm_head "
                             f"{fastest['head']}, AdamW {fastest['optimizer']}",
@@ -209,13 +227,15 @@ def bench_mfu(ctx):
         for impl, r in got.items():
             mfu = fpt * r["tokens_per_s_best"] / P
             is_target = impl == "mpigpt2" and (B, T) == (8, 256)
-            rows.append(row(f"2.{impl}", f"mfu/{impl}", f"gpt2-124m B={B} T={T}, 1 thread",
+            rows.append(row(f"2.B{B}T{T}.{impl}", f"mfu/{impl}", f"gpt2-124m B={B} T={T}, 1 thread",
                             "MFU (best step) vs measured peak", mfu,
                             "≥ 0.80" if is_target else None, (mfu >= 0.8) if is_target else None,
                             f"{fpt / 1e6:.0f} MFLOP/token (Vp={cfg.padded_vocab_size}) × "
                             f"{r['tokens_per_s_best']:.1f} tok/s = {fpt * r['tokens_per_s_best'] / 1e9:.1f}"
                             f" GFLOP/s; median-step MFU {fpt * r['tokens_per_s_median'] / P:.2f}",
-                            {"flops_per_token": fpt, "peak_gflops": peak["peak_gflops"]}))
+                            {"flops_per_token": fpt, "peak_gflops": peak["peak_gflops"],
+                             "others_cpu_frac": max(r.get("others_cpu_frac", 0.0),
+                                                    info.get("others_cpu_frac", 0.0))}))
     return rows
 
 
@@ -266,32 +286,37 @@ def bench_slicing(ctx):
                         (speed >= 1.6) if is_target else None,
                         f"step {r['best_s']:.2f} s (median {r['median_s']:.2f}); busiest rank "
                         f"computes {busy:.2f} s/step; utilisation {util:.2f} (ideal "
-                        f"{n / (n + p - 1):.2f}); stages {r['layout']['stage_layers']}",
+                        f"{n / (n + p - 1):.2f}); stages {r['layout']['stage_layers']}; CPU/wall "
+                        "per rank " + ", ".join(f"{x['cpu_per_wall']:.2f}" for x in r["ranks"]),
                         {**r, **info, "ideal_speedup": ideal}))
     return rows
 
 
 def bench_dp(ctx):
     m, b, T = ctx["pipe_model"], ctx["pipe_B"], ctx["pipe_T"]
-    warm, steps = (1, 2) if ctx["quick"] else (1, 3)
+    warm, steps, rounds = (1, 2, 1) if ctx["quick"] else (1, 2, 2)
     cfg = (f"{model_name(m)}, T={T}, {b} sequences per rank, pp=1 M=1, 1 thread/rank, "
-           f"warm-up {warm} + {steps} steps")
-    got, rows = {}, []
-    for dp in (1, 2):
-        flags = model_flags(m) + ["--B", str(b * dp), "--T", str(T), "--pp", "1", "--dp",
-                                  str(dp), "--M", "1", "--warmup", str(warm), "--steps",
-                                  str(steps), "--label", f"dp{dp}"]
-        try:
-            (r,), info = pipe_run(dp, flags, 600 if not ctx["quick"] else 180, f"dp={dp}")
-            got[dp] = {**r, **info}
-        except SubprocessFailed as e:
-            rows.append(error_row(f"4.dp{dp}", f"dp-scaling dp={dp}", cfg, e))
+           f"{rounds} alternating round(s) of warm-up {warm} + {steps} steps")
+    raw, rows = {1: [], 2: []}, []
+    for _ in range(rounds):
+        for dp in (1, 2):
+            flags = model_flags(m) + ["--B", str(b * dp), "--T", str(T), "--pp", "1", "--dp",
+                                      str(dp), "--M", "1", "--warmup", str(warm), "--steps",
+                                      str(steps), "--label", f"dp{dp}"]
+            try:
+                (r,), info = pipe_run(dp, flags, 600 if not ctx["quick"] else 180, f"dp={dp}")
+                raw[dp].append({**r, **info})
+            except SubprocessFailed as e:
+                rows.append(error_row(f"4.dp{dp}", f"dp-scaling dp={dp}", cfg, e))
+    got = {dp: pool(rs) for dp, rs in raw.items() if rs}
     for dp, r in got.items():
         waits = max(sum(x["wait_s_per_step"].values()) for x in r["ranks"])
         rows.append(row(f"4.dp{dp}", f"dp-scaling dp={dp} tokens/s", cfg + f"; B={b * dp}",
                         "tokens/s (best step)", r["tokens_per_s_best"], notes=(
                             f"step {r['best_s']:.2f} s (median {r['median_s']:.2f}); waiting "
-                            f"{waits:.2f} s/step on the slowest rank"), details=r))
+                            f"{waits:.2f} s/step on the slowest rank; CPU/wall per rank "
+                            + ", ".join(f"{x['cpu_per_wall']:.2f}" for x in r["ranks"])),
+                        details=r))
     if len(got) == 2:
         ratio = got[2]["tokens_per_s_best"] / got[1]["tokens_per_s_best"]
         med = got[2]["tokens_per_s_median"] / got[1]["tokens_per_s_median"]
@@ -307,20 +332,23 @@ def bench_schedules(ctx):
     M = 4 if ctx["quick"] else 8
     B = 2 * M  # two sequences per micro-batch
     k = T // 4
-    warm, steps = (1, 1) if ctx["quick"] else (1, 2)
+    warm, steps, rounds = (1, 1, 1) if ctx["quick"] else (1, 2, 2)
     cfg = (f"{model_name(m)}, B={B} T={T}, pp=2 dp=1 M={M} (b=2), k=T/4={k}, 1 thread/rank, "
-           f"warm-up {warm} + {steps} steps, one process pair per schedule")
-    got, rows = {}, []
-    for sched in ("gpipe", "1f1b"):
-        flags = model_flags(m) + ["--B", str(B), "--T", str(T), "--pp", "2", "--dp", "1",
-                                  "--M", str(M), "--ks", str(k), "--schedule", sched,
-                                  "--warmup", str(warm), "--steps", str(steps),
-                                  "--track-activations", "--label", sched]
-        try:
-            (r,), info = pipe_run(2, flags, 600 if not ctx["quick"] else 180, sched)
-            got[sched] = {**r, **info}
-        except SubprocessFailed as e:
-            rows.append(error_row(f"5.{sched}", f"schedule {sched}", cfg, e))
+           f"{rounds} alternating round(s) of warm-up {warm} + {steps} steps, own processes "
+           "per schedule")
+    raw, rows = {"gpipe": [], "1f1b": []}, []
+    for _ in range(rounds):
+        for sched in ("gpipe", "1f1b"):
+            flags = model_flags(m) + ["--B", str(B), "--T", str(T), "--pp", "2", "--dp", "1",
+                                      "--M", str(M), "--ks", str(k), "--schedule", sched,
+                                      "--warmup", str(warm), "--steps", str(steps),
+                                      "--track-activations", "--label", sched]
+            try:
+                (r,), info = pipe_run(2, flags, 600 if not ctx["quick"] else 180, sched)
+                raw[sched].append({**r, **info})
+            except SubprocessFailed as e:
+                rows.append(error_row(f"5.{sched}", f"schedule {sched}", cfg, e))
+    got = {s: pool(rs) for s, rs in raw.items() if rs}
     for sched, r in got.items():
         act = [x["peak_activation_bytes"] / 2**20 for x in r["ranks"]]
         rss = [x["max_rss_mb"] for x in r["ranks"]]
@@ -346,7 +374,7 @@ def bench_schedules(ctx):
         r_ = max(x["max_rss_mb"] for x in f["ranks"]) / max(x["max_rss_mb"] for x in g["ranks"])
         n = T // k
         # units of (micro-batch, slice) activations stage 0 holds at most
-        pred = min(M * n, n + 1) / (M * n)
+        pred = min(M * n, n + 2 - 1) / (M * n)  # p = 2 stages
         rows.append(row("5.time", "1F1B ÷ GPipe step time", cfg, "ratio (best steps)", t,
                         "≤ 1.05 (same bubble)", t <= 1.05, details=oc))
         rows.append(row("5.act", "1F1B ÷ GPipe activations held", cfg,
@@ -408,7 +436,9 @@ def write_markdown(path, rows, machine, mline, meta):
         f"# mpigpt2 benchmarks ({'quick' if meta['quick'] else 'full'} mode)",
         "",
         f"Run {meta['date']}, {meta['wall_s']:.0f} s wall. `python bench/run.py"
-        f"{' --quick' if meta['quick'] else ''}`. All values are measured side by side in this "
+        f"{' --quick' if meta['quick'] else ''}"
+        + "".join(f" --env {k}={v}" for k, v in meta["extra_env"].items())
+        + "`. All values are measured side by side in this "
         "one run; ratios, not absolute numbers, are what the targets judge.",
         "",
         f"**Machine:** {m['cpu']['model_name']} (family/model {m['cpu']['family_model']}, "
@@ -450,7 +480,10 @@ def main():
                     help="results JSON (results.md is written next to it)")
     ap.add_argument("--quiet-budget", type=float, default=None,
                     help="seconds the run may spend in total waiting for other load to drop "
-                         "before measurements (default 240, 0 with --quick)")
+                         "before measurements (default 150, 0 with --quick)")
+    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra environment for every sub-benchmark (repeatable), e.g. "
+                         "MALLOC_MMAP_THRESHOLD_=33554432; recorded in results.md")
     ap.add_argument("--only", default=None, help="comma-separated row groups, e.g. 0,3,6")
     args = ap.parse_args()
     machine = machine_info()
@@ -459,8 +492,9 @@ def main():
                    f"[{machine['blas']['architecture']}]")
     log(machine_line(machine))
     ctx = {"quick": args.quick}
+    EXTRA_ENV.update(kv.split("=", 1) for kv in args.env)
     QUIET["budget_s"] = args.quiet_budget if args.quiet_budget is not None else (
-        0.0 if args.quick else 240.0)
+        0.0 if args.quick else 150.0)
     if args.quick:
         ctx.update(pipe_model={"L": 4, "NH": 8, "C": 512, "V": 8192}, pipe_B=4, pipe_T=128)
     else:
@@ -480,7 +514,7 @@ def main():
     full_line = machine_line(machine)
     fracs = [r["details"].get("others_cpu_frac") for r in rows
              if r["details"].get("others_cpu_frac") is not None]
-    meta = {"quick": args.quick, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    meta = {"quick": args.quick, "extra_env": EXTRA_ENV, "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "wall_s": time.perf_counter() - T0,
             "others_cpu_frac_mean": sum(fracs) / len(fracs) if fracs else 0.0,
             "others_cpu_frac_max": max(fracs) if fracs else 0.0}

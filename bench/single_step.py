@@ -35,6 +35,8 @@ def run_mpigpt2(cfg, B, T, warmup, steps):
     opt = AdamW(model.flat.size, np.float32)
     times, phases, losses = [], {"forward": [], "backward": [], "update": []}, []
     for t in range(1, warmup + steps + 1):
+        if t == warmup + 1:
+            c0 = time.process_time()
         t0 = time.perf_counter()
         loss = model.forward(x, y)
         t1 = time.perf_counter()
@@ -48,7 +50,7 @@ def run_mpigpt2(cfg, B, T, warmup, steps):
             times.append(t3 - t0)
             for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
                 phases[k].append(dt)
-    return times, phases, losses, {}
+    return times, phases, losses, {"cpu_per_wall": (time.process_time() - c0) / sum(times)}
 
 
 def run_torch(cfg, B, T, warmup, steps, head, interop=True):
@@ -62,6 +64,8 @@ def run_torch(cfg, B, T, warmup, steps, head, interop=True):
     opt, kind = make_optimizer(model)
     times, phases, losses = [], {"forward": [], "backward": [], "update": []}, []
     for t in range(1, warmup + steps + 1):
+        if t == warmup + 1:
+            c0 = time.process_time()
         t0 = time.perf_counter()
         loss = model(x, y)
         t1 = time.perf_counter()
@@ -75,7 +79,8 @@ def run_torch(cfg, B, T, warmup, steps, head, interop=True):
             times.append(t3 - t0)
             for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
                 phases[k].append(dt)
-    extra = {"optimizer": kind, "threads": torch.get_num_threads(), "head": head}
+    extra = {"optimizer": kind, "threads": torch.get_num_threads(), "head": head,
+             "cpu_per_wall": (time.process_time() - c0) / sum(times)}
     return times, phases, losses, extra
 
 
@@ -122,6 +127,8 @@ def main():
                     help="torch lm_head form (see torch_gpt2.TorchGPT2)")
     ap.add_argument("--check", action="store_true", help="only check torch == mpigpt2 numerically")
     args = ap.parse_args()
+    from mpigpt2.malloc import tune
+    tune()  # what mpigpt2.train does at start; applied to both implementations alike
     if args.check:
         emit({"kind": "check", **check_equivalence()})
         return

@@ -101,3 +101,20 @@ def summary(steps, warmup):
     if "mfu" in kept[0]:
         out["mfu_mean"] = float(np.mean([s["mfu"] for s in kept]))
     return out
+
+
+def gather_rows(comm, phase_seconds, loss_sum, stage):
+    """Polled gather of every rank's phase times and loss sum to rank 0.
+
+    Returns (per-rank dicts, total loss sum) on rank 0 and (None, None) elsewhere; a blocking
+    gather would busy-spin on ranks that finished their step early.
+    """
+    from mpigpt2.waiting import wait_all
+    row = np.array(list(phase_seconds) + [loss_sum, stage], dtype=np.float64)
+    out = np.empty((comm.Get_size(), row.size)) if comm.Get_rank() == 0 else None
+    wait_all([comm.Igather(row, out, root=0)], "reduce", lambda: "per-step metrics gather")
+    if out is None:
+        return None, None
+    per_rank = [dict(zip(PHASES, r[:len(PHASES)]), rank=i, stage=int(r[-1]))
+                for i, r in enumerate(out)]
+    return per_rank, float(out[:, len(PHASES)].sum())

@@ -21,6 +21,8 @@ def main(argv=None):
     world = MPI.COMM_WORLD
     rank, size = world.Get_rank(), world.Get_size()
     install_excepthook(world)
+    from mpigpt2.malloc import tune
+    tune()  # keep big freed temporaries mapped: no page faults every step
     print0 = (lambda *a, **k: print(*a, **k, flush=True)) if rank == 0 else (lambda *a, **k: None)
 
     local = world.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks sharing this node
@@ -46,6 +48,7 @@ def main(argv=None):
     from threadpoolctl import threadpool_limits
     from mpigpt2 import waiting, signals, metrics as mx, checkpoint as ck
     from mpigpt2.collectives import sum_to_root, allreduce_sum, gather_model, barrier
+    from mpigpt2.metrics import gather_rows
     from mpigpt2.grid import make_grid
     from mpigpt2.llmc import write_model
     from mpigpt2.optim import AdamW, lr_at, clip_scale
@@ -232,10 +235,10 @@ def main(argv=None):
         times = runner.take_times()
         gathered = waiting.STATS.take().get("allgather", 0.0)  # ZeRO waits inside forward
         times["forward"] = times.get("forward", 0.0) - gathered
-        mine = dict({k: times.get(k, 0.0) for k in mx.PHASES}, update=t_done - t_up,
-                    allgather=gathered, rank=rank, stage=grid.stage)
-        per_rank = world.gather(mine, root=0)  # small metadata: the pickle path is fine
-        loss = sum_to_root(world, [loss_sum])[0] / (B * T)
+        times.update(update=t_done - t_up, allgather=gathered)
+        per_rank, loss_sums = gather_rows(world, [times.get(k, 0.0) for k in mx.PHASES],
+                                          loss_sum, grid.stage)
+        loss = loss_sums / (B * T) if rank == 0 else 0.0
         dt = time.perf_counter() - t0
         rec = {"step": step, "loss": loss, "lr": lr, "step_ms": dt * 1000,
                "tokens_per_s": B * T / dt}
