@@ -412,8 +412,89 @@ def bench_param_memory(ctx):
     return rows
 
 
+# ------------------------------------------------------------------------------------------------
+# row 7: ZeRO-1 — optimizer memory per rank and exposed communication with / without overlap
+
+def train_run(n, flags, label, timeout=900):
+    cmd = [python(), "bench/train_run.py", "-n", str(n), "--label", label, "--"] + flags
+    lines, info = sub(cmd, timeout, label)
+    return dict(lines[0], **info)
+
+
+def bench_zero(ctx):
+    steps = "5" if ctx["quick"] else "8"
+    B, T = ("4", "32") if ctx["quick"] else ("8", "64")
+    model = "gpt2-tiny" if ctx["quick"] else "gpt2-124m"
+    base = ["--model", model, "--batch-size", B, "--seq-len", T, "--steps", steps,
+            "--train-data", "data/tinyshakespeare/tiny_shakespeare_train.bin"]
+    cfg = f"{model} B={B} T={T}, pp=1, 1 thread/rank, {steps} steps (2 warm-up excluded)"
+    rows, got = [], {}
+    for dp in (2, 4):
+        for zero in ("0", "1"):
+            for overlap in (True, False):
+                if dp == 4 and not overlap:
+                    continue
+                label = f"zero{zero} dp{dp}" + ("" if overlap else " no-overlap")
+                flags = base + ["--dp", str(dp), "--zero", zero] + \
+                    ([] if overlap else ["--no-overlap"])
+                try:
+                    got[(dp, zero, overlap)] = r = train_run(dp, flags, label)
+                except SubprocessFailed as e:
+                    rows.append(error_row(f"7.{label}", label, cfg, e))
+                    continue
+                rows.append(row(f"7.{label}", f"zero/{label} exposed comm", cfg,
+                                "ms per step (median; slowest rank's allreduce + allgather waits)",
+                                r["exposed_comm_ms_median"], None, None,
+                                f"step {r['median_step_ms']:.0f} ms median; optimizer "
+                                f"{max(r['optim_bytes']) / 2**20:.1f} MiB per rank", r))
+    for dp in (2, 4):
+        if (dp, "0", True) in got and (dp, "1", True) in got:
+            z0, z1 = got[(dp, "0", True)], got[(dp, "1", True)]
+            ratio = max(z1["optim_bytes"]) / max(z0["optim_bytes"])
+            rows.append(row(f"7.mem.dp{dp}", f"zero/optimizer memory per rank dp={dp}", cfg,
+                            "ZeRO-1 ÷ ZeRO-0 Adam bytes per rank (max rank)", ratio,
+                            f"≈ 1/dp = {1 / dp:.3f}", abs(ratio - 1 / dp) < 0.01,
+                            f"{max(z1['optim_bytes']) / 2**20:.1f} vs "
+                            f"{max(z0['optim_bytes']) / 2**20:.1f} MiB"))
+    for zero in ("0", "1"):
+        a, b = got.get((2, zero, True)), got.get((2, zero, False))
+        if a and b and b["exposed_comm_ms_median"] > 0:
+            ratio = a["exposed_comm_ms_median"] / b["exposed_comm_ms_median"]
+            rows.append(row(f"7.overlap.zero{zero}", f"zero/overlap gain zero={zero} dp=2", cfg,
+                            "exposed comm with overlap ÷ without", ratio, "< 1", ratio < 1,
+                            f"{a['exposed_comm_ms_median']:.1f} vs "
+                            f"{b['exposed_comm_ms_median']:.1f} ms; steps "
+                            f"{a['median_step_ms']:.0f} vs {b['median_step_ms']:.0f} ms"))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# row 8: --slice-tokens auto — its predicted step time against the measured one
+
+def bench_autotune(ctx):
+    m, B, T = ctx["pipe_model"], ctx["pipe_B"], ctx["pipe_T"]
+    steps = "5" if ctx["quick"] else "8"
+    cfg = f"gpt2-tiny, B=8 T=64, pp=2 dp=1 M=2, --slice-tokens auto, {steps} steps"
+    flags = ["--model", "gpt2-tiny", "--batch-size", "8", "--seq-len", "64", "--steps", steps,
+             "--pp", "2", "--microbatches", "2", "--slice-tokens", "auto",
+             "--train-data", "data/tinyshakespeare/tiny_shakespeare_train.bin"]
+    try:
+        r = train_run(2, flags, "autotune")
+    except SubprocessFailed as e:
+        return [error_row("8", "autotune", cfg, e)]
+    tuned = r["autotune"] or {}
+    pred = tuned.get("predicted_step_ms")
+    ratio = r["median_step_ms"] / pred if pred else None
+    return [row("8", "autotune prediction vs measurement", cfg + f"; chose k={tuned.get('slice_tokens')}",
+                "measured ÷ predicted step time", ratio, "≈ 1 (compute-only prediction)", None,
+                f"predicted {pred} ms, measured {r['median_step_ms']:.1f} ms median; candidates "
+                + ", ".join(f"k={c['k']}: {c['predicted_step_ms']:.0f}"
+                            for c in tuned.get("candidates", [])), r)]
+
+
 BENCHES = [("0", bench_check), ("1", bench_single), ("2", bench_mfu), ("3", bench_slicing),
-           ("4", bench_dp), ("5", bench_schedules), ("6", bench_param_memory)]
+           ("4", bench_dp), ("5", bench_schedules), ("6", bench_param_memory),
+           ("7", bench_zero), ("8", bench_autotune)]
 
 
 # ------------------------------------------------------------------------------------------------

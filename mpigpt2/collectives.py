@@ -38,6 +38,9 @@ class GradReducer:
         if self.data_active and i not in self.started:
             self.started.add(i)
             self._start(self.grid.data, [self.g[n][i] for n in LAYER_NAMES])
+            # MPI progresses nonblocking collectives only inside MPI calls: poke the
+            # buckets in flight so they advance while the next layers compute
+            MPI.Request.Testall(self.reqs)
 
     def start_rest(self):
         """The embeddings and final LayerNorm are final once the whole backward ran; layers

@@ -80,6 +80,7 @@ class ShardedAdam:
 
     def start_layer(self, i):
         self._start(i)
+        MPI.Request.Testall(self.red_reqs)  # progress the buckets in flight (no MPI thread)
 
     def start_rest(self):
         for key in self.segments:
@@ -126,6 +127,8 @@ class ShardedAdam:
         reqs = self.gather_reqs.pop(key, None)
         if reqs:
             wait_all(reqs, "allgather", lambda: f"parameter allgather of {key}")
+        for later in self.gather_reqs.values():  # progress the gathers of later layers
+            MPI.Request.Testall(later)
 
     def sync(self):
         for key in list(self.gather_reqs):
