@@ -1,12 +1,14 @@
 """Preemption: SIGTERM, SIGUSR1 and SIGINT set a flag that all ranks agree on at step ends.
 
 The first signal asks for a checkpoint and a clean exit with EXIT_PREEMPTED ("requeue me", used
-by the Slurm scripts); a second signal exits at once.
+by the Slurm scripts); a second signal exits at once. The same signal arriving twice within a
+second counts once (srun delivers `scancel --full` signals to each task twice).
 """
 
 import os
 import signal
 import sys
+import time
 
 import numpy as np
 from mpi4py import MPI
@@ -15,16 +17,20 @@ from mpigpt2.waiting import wait_all
 
 EXIT_PREEMPTED = 3
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-_state = {"signal": 0}
+_state = {"signal": 0, "at": 0.0}
+DUPLICATE_SECONDS = 1.0
 
 
 def _handler(signum, frame):
+    now = time.monotonic()
+    if _state["signal"] == signum and now - _state["at"] < DUPLICATE_SECONDS:
+        return  # the same signal delivered twice at once (e.g. `scancel --full` via srun)
     if _state["signal"]:
         sys.stderr.write(f"[rank {MPI.COMM_WORLD.Get_rank()}] second signal "
                          f"{signal.Signals(signum).name}: exiting now\n")
         sys.stderr.flush()
         os._exit(128 + signum)
-    _state["signal"] = signum
+    _state["signal"], _state["at"] = signum, now
 
 
 def install():
