@@ -141,7 +141,7 @@ def preempt(slurm, shards, tmp_path, uninterrupted, launcher, warnings=1):
     job.wait_for_step(4, timeout=120)
     for i in range(warnings):
         if i:
-            time.sleep(0.5)
+            time.sleep(1.5)  # past the 1 s window in which a repeated signal counts once
         slurm.run("scancel", "--signal=USR1", "--batch", job.id)
     info = job.finish(timeout=150)
     report = job.report()
@@ -172,8 +172,9 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm, shards, tmp_path, 
 
 @pytest.mark.timeout(600)
 def test_second_warning_exits_at_once_and_still_resumes(slurm, shards, tmp_path, uninterrupted):
-    # a second USR1 makes the ranks exit at once, without a checkpoint (as `scancel --full`
-    # does: srun gets it from Slurm and from the batch shell). The job still requeues, removes
+    # a second, separate USR1 (1.5 s after the first) makes the ranks exit at once, without a
+    # checkpoint (a repeat within 1 s, as srun delivers `scancel --full`, counts once). The job
+    # still requeues, removes
     # the shared memory MPICH left (a requeued job reuses its job and step ids: MPI_Init would
     # hang on it) and resumes from the last periodic checkpoint, at step 4.
     job, attempts, report = preempt(slurm, shards, tmp_path, uninterrupted, "srun", warnings=2)
