@@ -1,5 +1,7 @@
 """ZeRO-1 over each data-parallel group: reduce-scatter gradients, update only the own shard
 of the stage's flat parameter buffer with the own Adam moments, allgather the updated shards.
+(Per tensor segment the reduce-scatter is a rooted reduce per owner piece, and the allgather a
+broadcast per owner piece: a segment usually lies in one shard.)
 
 Shard r of a stage's N parameters is [r·N//dp, (r+1)·N//dp) (sizes differ by at most one; no
 divisibility needed). Communication goes per contiguous tensor segment, bucketed by layer like
@@ -60,14 +62,22 @@ class ShardedAdam:
         self.gather_reqs = {}
 
     # -- gradients ------------------------------------------------------------------------------
+    def _pieces(self, a, b):
+        """(owner rank, start, end) of the parts of segment [a, b) in each rank's shard."""
+        counts, displs = segment_split(a, b, self.bounds)
+        return [(r, a + d, a + d + c) for r, (c, d) in enumerate(zip(counts, displs)) if c]
+
     def _reduce_segment(self, name, a, b):
-        counts, _ = segment_split(a, b, self.bounds)
-        mine = self.gshard[max(a, self.lo) - self.lo:][:counts[self.r]]
-        if self.dp == 1:
-            mine[...] = self.stage.grad_flat[a:b]
-            return
-        self.red_reqs.append(self.comm.Ireduce_scatter(
-            self.stage.grad_flat[a:b], [mine, self.mpitype], counts, op=MPI.SUM))
+        # one rooted reduce per owner's piece: MPICH's reduce-scatter/allgatherv are
+        # pathologically slow for the very uneven counts a segment's split usually has
+        # (all of it on one rank), while reduce and bcast are not
+        g = self.stage.grad_flat
+        for owner, x, y in self._pieces(a, b):
+            mine = self.gshard[x - self.lo:y - self.lo] if owner == self.r else None
+            if self.dp == 1:
+                mine[...] = g[x:y]
+                continue
+            self.red_reqs.append(self.comm.Ireduce(g[x:y], mine, op=MPI.SUM, root=owner))
 
     def _start(self, key):
         if key in self.started:
@@ -112,13 +122,10 @@ class ShardedAdam:
         self.adam.step(self.stage.flat[self.lo:self.hi], self.gshard, t, lr, grad_scale)
         if self.dp == 1:
             return
+        flat = self.stage.flat
         for key, segs in self.segments.items():
-            reqs = []
-            for _, a, b in segs:
-                counts, displs = segment_split(a, b, self.bounds)
-                reqs.append(self.comm.Iallgatherv(
-                    MPI.IN_PLACE, [self.stage.flat[a:b], counts, displs, self.mpitype]))
-            self.gather_reqs[key] = reqs
+            self.gather_reqs[key] = [self.comm.Ibcast(flat[x:y], root=owner)
+                                     for _, a, b in segs for owner, x, y in self._pieces(a, b)]
         if not overlap:
             self.sync()
 
