@@ -124,9 +124,13 @@ def parse_stage_layers(text, pp, L):
     if len(counts) != pp:
         raise UserError(f"--stage-layers {text!r} has {len(counts)} entries but --pp is {pp}; "
                         f"give one layer count per stage")
-    if sum(counts) != L or min(counts) < 1:
-        raise UserError(f"--stage-layers {text!r} must be ≥ 1 per stage and sum to the model's "
-                        f"{L} layers (sums to {sum(counts)})")
+    if min(counts) < 1:
+        empty = [s for s, n in enumerate(counts) if n < 1]
+        raise UserError(f"--stage-layers {text!r}: stage {empty[0]} has {counts[empty[0]]} "
+                        f"layers; every stage needs ≥ 1 layer")
+    if sum(counts) != L:
+        raise UserError(f"--stage-layers {text!r} sums to {sum(counts)} but the model has {L} "
+                        f"layers; the counts must add up to L (no layer dropped or duplicated)")
     return counts
 
 

@@ -62,7 +62,7 @@ def test_exception_on_one_rank_ends_the_job(tmp_path, shards):
     (4, ["--pp", "2", "--slice-tokens", "5"], "does not divide --seq-len"),
     (4, ["--dp", "4", "--microbatches", "2"], "not divisible by dp × microbatches"),
     (2, ["--pp", "2", "--microbatches", "1", "--schedule", "1f1b"], "needs --microbatches ≥ pp"),
-    (2, ["--pp", "2", "--stage-layers", "3,2"], "sum to the model's 4 layers"),
+    (2, ["--pp", "2", "--stage-layers", "3,2"], "sums to 5 but the model has 4 layers"),
     (4, ["--pp", "8"], "does not divide"),
     (2, ["--model", "nope"], "unknown model preset"),
 ])
