@@ -3,7 +3,8 @@
 Rank r is stage r % pp of replica r // pp, so a replica's stages are neighbouring ranks (on one
 node when ranks fill nodes in order). pipe: the pp ranks of one replica, ordered by stage.
 data: the dp ranks holding the same stage. embed: the ranks holding wte (first and last stages
-of every replica), over which the tied embedding's gradient is summed.
+of every replica), over which the tied embedding's gradient is summed (and, with --zero 1 and
+pp > 1, its optimizer state sharded).
 """
 
 from dataclasses import dataclass

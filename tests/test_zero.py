@@ -1,5 +1,5 @@
-"""ZeRO-1 from the command line: resume across zero modes, optimizer memory per rank, and the
-pure shard arithmetic."""
+"""ZeRO-1 from the command line: resume across zero modes, optimizer memory per rank (the tied
+wte sharded over its two stages), and the pure shard arithmetic."""
 
 import json
 import shutil
@@ -10,6 +10,9 @@ import pytest
 from conftest import run, mpiexec
 from test_cli import train_cmd
 from tolerances import PARITY_F32
+from mpigpt2.config import GPTConfig
+from mpigpt2.layout import Layout
+from mpigpt2.params import ParamLayout, num_parameters
 from mpigpt2.zero import shard_bounds, segment_split
 
 
@@ -27,15 +30,21 @@ def cmd(shards, out, n, *extra):
                                   *extra)
 
 
+def flags(pp, dp, zero):
+    return ["--pp", str(pp), "--dp", str(dp), "--zero", str(zero)]
+
+
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("first,then", [("0", "1"), ("1", "0")])
+@pytest.mark.parametrize("first,then", [((1, 2, 0), (1, 4, 1)), ((1, 2, 1), (1, 4, 0)),
+                                        ((2, 2, 1), (2, 1, 1))],  # wte's moments over 4, 2
+                         ids=["zero0-to-1", "zero1-to-0", "pp2-dp2-to-dp1"])
 def test_resume_across_zero_modes(tmp_path, shards, first, then):
     a = tmp_path / "a"
-    r = run(cmd(shards, a, 2, "--dp", "2", "--zero", first))
+    r = run(cmd(shards, a, first[0] * first[1], *flags(*first)))
     assert r.returncode == 0, r.stderr
     b = tmp_path / "b"
     shutil.copytree(a / "checkpoints" / "step_00000004", b / "checkpoints" / "step_00000004")
-    r = run(cmd(shards, b, 4, "--dp", "4", "--zero", then, "--resume", "auto"))
+    r = run(cmd(shards, b, then[0] * then[1], *flags(*then), "--resume", "auto"))
     assert r.returncode == 0, r.stderr
     want, got = losses(a), losses(b)
     assert sorted(got) == [4, 5, 6, 7]
@@ -43,19 +52,26 @@ def test_resume_across_zero_modes(tmp_path, shards, first, then):
 
 
 @pytest.mark.timeout(300)
-def test_optimizer_memory_per_rank_is_one_over_dp(tmp_path, shards):
-    per_rank = {}
-    for zero in ("0", "1"):
-        out = tmp_path / f"z{zero}"
-        r = run(cmd(shards, out, 4, "--dp", "4", "--zero", zero, "--steps", "2",
-                    "--checkpoint-every", "0", "--no-final-checkpoint"))
-        assert r.returncode == 0, r.stderr
-        ranks = metrics(out)[-1]["ranks"]
-        per_rank[zero] = [x["optim_bytes"] for x in ranks]
-    full = per_rank["0"][0]
-    assert all(x == full for x in per_rank["0"])
-    assert sum(per_rank["1"]) == full  # the shards partition the state exactly
-    assert all(abs(x / full - 0.25) < 1e-3 for x in per_rank["1"])
+@pytest.mark.parametrize("pp,dp", [(1, 4), (2, 2), (2, 1)])
+def test_optimizer_memory_per_rank_is_its_share(tmp_path, shards, pp, dp):
+    """Each rank keeps Adam state for its stage's parameters ÷ dp, the tied wte (on the first
+    and the last stage when pp > 1) counted half on each: the whole world holds it once."""
+    out = tmp_path / "out"
+    r = run(cmd(shards, out, pp * dp, *flags(pp, dp, 1), "--steps", "2",
+                "--checkpoint-every", "0", "--no-final-checkpoint"))
+    assert r.returncode == 0, r.stderr
+    config = json.loads((out / "config.json").read_text())
+    cfg, lay = GPTConfig(**config["model"]), Layout(**config["layout"])
+    state = 2 * np.dtype(config["args"]["dtype"]).itemsize  # Adam m and v per parameter
+    W = cfg.padded_vocab_size * cfg.channels
+    ranks = metrics(out)[-1]["ranks"]
+    assert len(ranks) == pp * dp
+    for x in ranks:
+        spec = lay.spec(x["stage"])
+        tied = W if pp > 1 and (spec.first or spec.last) else 0
+        share = (ParamLayout(cfg, spec).size - tied) / dp + tied / (2 * dp)
+        assert abs(x["optim_bytes"] / state - share) <= 2, (x, share)  # uneven shards: ±1 each
+    assert sum(x["optim_bytes"] for x in ranks) == state * num_parameters(cfg)
 
 
 def test_shards_partition_unevenly():
