@@ -5,7 +5,10 @@ import os
 import numpy as np
 
 from mpigpt2.errors import UserError
+from mpigpt2.mt19937 import MT19937, random_permutation
 from mpigpt2.shards import read_shard, shard_paths
+
+LLMC_SEED = 42  # llm.c seeds its shuffle RNG with 42 + process_rank; rank 0's is reproduced
 
 
 class DataLoader:
@@ -20,10 +23,21 @@ class DataLoader:
     the next window would run past the shard's end, move to position 0 of the next shard,
     wrapping from the last shard to shard 0 (which starts a new epoch).
 
-    Order with shuffle: epoch e visits the shards in the order
+    Order with shuffle="seeded" (or True; `--shuffle`): epoch e visits the shards in the order
     np.random.default_rng([seed, e]).permutation(num_shards), and inside shard s the windows in
     the order np.random.default_rng([seed, e, s]).permutation(windows in s). Every window is
     seen exactly once per epoch, and the order depends only on (seed, epoch), never on history.
+
+    Order with shuffle="llmc" (`--shuffle llmc`): the order of llm.c's shuffled training loader
+    (llmc/dataloader.h, should_shuffle=1) for a single process. One MT19937 stream seeded with
+    42 (`seed` is ignored) and never reseeded; at the start of every epoch it draws a
+    random_permutation of the shard indices (none with one shard), then each shard, in that
+    order, draws a random_permutation of its windows when it is entered. The global batch order
+    equals llm.c's with one process; llm.c with N processes seeds 42 + rank per process and
+    gives each process its own windows, which is not reproduced here — our data-parallel
+    replicas read their rows of the same global window, as in the other orders. The stream
+    position at the start of (epoch, shard) follows from the window counts alone, so resuming
+    replays the stream from the seed (cheap: refills without tempering).
     """
 
     def __init__(self, paths_or_glob, B, T, *, vocab_size, flag="--train-data", shuffle=False,
@@ -39,7 +53,16 @@ class DataLoader:
         if seed < 0:
             raise UserError(f"the data seed must be ≥ 0, got {seed}")
         self.paths, self.B, self.T = paths, int(B), int(T)
-        self.shuffle, self.seed, self.flag = bool(shuffle), int(seed), flag
+        if shuffle in (False, None, "", "sequential"):
+            self.order = "sequential"
+        elif shuffle is True or shuffle == "seeded":
+            self.order = "seeded"
+        elif shuffle == "llmc":
+            self.order = "llmc"
+        else:
+            raise UserError(f"--shuffle must be one of seeded, llmc (or absent), got {shuffle!r}")
+        self.shuffle = False if self.order == "sequential" else self.order  # truthy iff shuffled
+        self.seed, self.flag = int(seed), flag
         BT = self.B * self.T
         self.ntok = []
         for p in paths:  # validate every shard now, not hours into training
@@ -55,6 +78,9 @@ class DataLoader:
         self.nwin = [(n - 1) // BT for n in self.ntok]
         self._mapped = (None, None)  # (shard, memmap): only the current shard stays mapped
         self._perm = {}  # small cache of the permutations of the current epoch
+        self._rng = None  # llmc: the MT19937 stream, and its last two draws:
+        self._llmc_shards = None  # (epoch, shard order)
+        self._llmc_wins = None  # (epoch, i, window order of the i-th shard visited)
         self.reset()
 
     @property
@@ -69,8 +95,10 @@ class DataLoader:
     # -- order ------------------------------------------------------------------------------
 
     def _shard_order(self, epoch):
-        if not self.shuffle:
+        if self.order == "sequential":
             return None
+        if self.order == "llmc":
+            return self._llmc_shard_order(epoch)
         key = ("shards", epoch)
         if key not in self._perm:
             self._perm = {k: v for k, v in self._perm.items() if k[1] == epoch}
@@ -78,9 +106,12 @@ class DataLoader:
                 len(self.paths))
         return self._perm[key]
 
-    def _window_order(self, epoch, shard):
-        if not self.shuffle:
+    def _window_order(self, epoch, shard, i):
+        """Window order of `shard`, the i-th shard visited in `epoch`."""
+        if self.order == "sequential":
             return None
+        if self.order == "llmc":
+            return self._llmc_window_order(epoch, i)
         key = ("windows", epoch, shard)
         if key not in self._perm:
             # keep one shard's windows at a time: a 100M-token shard has ~10^5 of them
@@ -90,11 +121,40 @@ class DataLoader:
                 self.nwin[shard])
         return self._perm[key]
 
+    # llm.c's stream: per epoch len(paths)-1 draws for the shard order, then nwin[s]-1 for each
+    # shard s in that order (random_permutation of n draws n-1 words).
+
+    def _llmc_seek(self, pos):
+        """Put the stream at word `pos` (skipping forward, or replaying from the seed)."""
+        if self._rng is None or self._rng.position > pos:
+            self._rng = MT19937(LLMC_SEED)
+        self._rng.skip(pos - self._rng.position)
+
+    def _llmc_epoch_start(self, epoch):
+        return epoch * (len(self.paths) - 1 + sum(n - 1 for n in self.nwin))
+
+    def _llmc_shard_order(self, epoch):
+        if self._llmc_shards is None or self._llmc_shards[0] != epoch:
+            self._llmc_seek(self._llmc_epoch_start(epoch))
+            self._llmc_shards = (epoch, random_permutation(len(self.paths), self._rng))
+        return self._llmc_shards[1]
+
+    def _llmc_window_order(self, epoch, i):
+        c = self._llmc_wins
+        if c is None or c[:2] != (epoch, i):
+            order = self._llmc_shard_order(epoch)
+            pos = self._llmc_epoch_start(epoch) + len(self.paths) - 1 + sum(
+                self.nwin[int(s)] - 1 for s in order[:i])
+            self._llmc_seek(pos)
+            self._llmc_wins = c = (epoch, i, random_permutation(self.nwin[int(order[i])],
+                                                                self._rng))
+        return c[2]
+
     def _where(self):
         """(shard, token position) of the next batch."""
         order = self._shard_order(self.epoch)
         shard = self._i if order is None else int(order[self._i])
-        wins = self._window_order(self.epoch, shard)
+        wins = self._window_order(self.epoch, shard, self._i)
         win = self._j if wins is None else int(wins[self._j])
         return shard, win * self.B * self.T
 
@@ -140,10 +200,11 @@ class DataLoader:
     # -- checkpointing ----------------------------------------------------------------------
 
     def state(self):
-        """JSON-able position of the next batch, for checkpoints."""
+        """JSON-able position of the next batch, for checkpoints (the llmc order's RNG position
+        follows from it, so nothing of the RNG is stored)."""
         shard, pos = self._where()
         return {"epoch": self.epoch, "shard": shard, "position": pos,
-                "num_shards": len(self.paths)}
+                "num_shards": len(self.paths), "order": self.order}
 
     def set_state(self, state):
         """Resume from state(): the next batch is the one that followed when it was saved."""
@@ -157,8 +218,15 @@ class DataLoader:
         if epoch < 0 or not 0 <= shard < n or pos % BT or not 0 <= pos // BT < self.nwin[shard]:
             raise UserError(f"{where} does not fit these shards with B×T = {BT}; resume with "
                             "the same data, --batch-size and --seq-len")
+        saved = state.get("order", self.order)  # checkpoints before --shuffle llmc had none
+        if saved != self.order:
+            flag = {"sequential": "no --shuffle", "seeded": "--shuffle",
+                    "llmc": "--shuffle llmc"}
+            said = flag.get(saved) if isinstance(saved, str) else None
+            raise UserError(f"{where} was saved with {said or repr(saved)} but this run has "
+                            f"{flag[self.order]}; resume with the same --shuffle")
         order = self._shard_order(epoch)
-        wins = self._window_order(epoch, shard)
-        self.epoch = epoch
-        self._i = shard if order is None else int(np.flatnonzero(order == shard)[0])
+        i = shard if order is None else int(np.flatnonzero(order == shard)[0])
+        wins = self._window_order(epoch, shard, i)
+        self.epoch, self._i = epoch, i
         self._j = pos // BT if wins is None else int(np.flatnonzero(wins == pos // BT)[0])

@@ -14,6 +14,8 @@ import pytest
 from mpigpt2 import prepare
 from mpigpt2.data import DataLoader
 from mpigpt2.errors import UserError
+from mpigpt2.mt19937 import MT19937, random_permutation
+from mpigpt2.options import parse_args
 from mpigpt2.shards import HEADER_BYTES, MAGIC, read_shard, shard_paths, write_shard
 from mpigpt2.tokenizer import EOT, GPT2_VOCAB, gpt2_encoding
 
@@ -226,7 +228,7 @@ def test_sequential_order_and_wraparound(tmp_path):
     np.testing.assert_array_equal(dl.next_batch()[0], llmc_order(paths, 2, 4, 1)[0][0])
 
 
-@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("shuffle", [False, True, "llmc"])
 def test_row_shares_match_full_batch(tmp_path, shuffle):
     paths = make_shards(tmp_path, [50, 41])
     full = batches(DataLoader(paths, 4, 3, vocab_size=GPT2_VOCAB, shuffle=shuffle), 9)
@@ -237,7 +239,7 @@ def test_row_shares_match_full_batch(tmp_path, shuffle):
             np.testing.assert_array_equal(py, y[r])
 
 
-@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("shuffle", [False, True, "llmc"])
 def test_state_resume(tmp_path, shuffle):
     paths = make_shards(tmp_path, [40, 33, 60])
     dl = DataLoader(paths, 2, 3, vocab_size=GPT2_VOCAB, shuffle=shuffle, seed=5)
@@ -283,3 +285,197 @@ def test_short_shard_and_bad_vocab_rejected(tmp_path):
         DataLoader(paths, 2, 4, vocab_size=1000, flag="--val-data")
     with pytest.raises(UserError, match="--val-data .*matches no files"):
         DataLoader(str(tmp_path / "none*.bin"), 2, 4, vocab_size=GPT2_VOCAB, flag="--val-data")
+
+
+# -- llm.c's shuffled order (--shuffle llmc) ------------------------------------------------
+
+class PlainMT:
+    """Textbook MT19937, one word at a time (a second implementation for the tests)."""
+
+    def __init__(self, seed):
+        self.mt = [seed & 0xFFFFFFFF]
+        for j in range(1, 624):
+            p = self.mt[-1]
+            self.mt.append((1812433253 * (p ^ (p >> 30)) + j) & 0xFFFFFFFF)
+        self.k = 624
+
+    def __call__(self):
+        mt = self.mt
+        if self.k == 624:
+            for i in range(624):
+                y = (mt[i] & 0x80000000) | (mt[(i + 1) % 624] & 0x7FFFFFFF)
+                mt[i] = mt[(i + 397) % 624] ^ (y >> 1) ^ (0x9908B0DF if y & 1 else 0)
+            self.k = 0
+        y = mt[self.k]
+        self.k += 1
+        y ^= y >> 11
+        y ^= (y << 7) & 0x9D2C5680
+        y ^= (y << 15) & 0xEFC60000
+        return y ^ (y >> 18)
+
+
+def plain_permutation(n, rand):
+    data = list(range(n))
+    for i in range(n - 1, 0, -1):
+        j = rand() % (i + 1)
+        data[i], data[j] = data[j], data[i]
+    return data
+
+
+def llmc_shuffled_order(paths, B, T, steps):
+    """llm.c's shuffled DataLoader (one process) restated with plain loops: reset at init and
+    after the last shard, advance lazily when a shard's samples run out."""
+    toks = [np.asarray(read_shard(p), dtype=np.int32) for p in paths]
+    rand = PlainMT(42)
+    st = {}
+
+    def load(k):
+        st["shard"], st["sample"] = k, 0
+        n = (len(toks[st["order"][k]]) - 1) // (B * T)
+        st["n"], st["samples"] = n, plain_permutation(n, rand)
+
+    def reset():
+        st["order"] = plain_permutation(len(paths), rand)
+        load(0)
+
+    reset()
+    out = []
+    for _ in range(steps):
+        if st["sample"] >= st["n"]:
+            if st["shard"] == len(paths) - 1:
+                reset()
+            else:
+                load(st["shard"] + 1)
+        start = st["samples"][st["sample"]] * B * T
+        w = toks[st["order"][st["shard"]]][start:start + B * T + 1]
+        out.append((w[:-1].reshape(B, T), w[1:].reshape(B, T)))
+        st["sample"] += 1
+    return out
+
+
+def test_mt19937_known_values():
+    r = MT19937(5489)
+    first = r.draw(10000)
+    assert first[0] == 3499211612 and first[-1] == 4123659995  # std::mt19937's 10000th
+    ref = PlainMT(5489)
+    assert [ref() for _ in range(1300)] == first[:1300].tolist()
+    for seed in (0, 1, 42, 2 ** 32 - 1):
+        raw = np.random.RandomState(seed)._bit_generator.random_raw(5000)  # init_genrand too
+        r = MT19937(seed)
+        got = np.concatenate([r.draw(k) for k in (1, 622, 1, 1, 700, 0, 2675)])
+        np.testing.assert_array_equal(got, raw[:4000])
+        assert r.position == 4000
+        assert r.randint32() == raw[4000]
+        s = MT19937(seed)
+        for k in (3, 621, 0, 1, 1248, 5):  # skip lands on, before and after refills
+            s.skip(k)
+        assert s.position == 1878
+        np.testing.assert_array_equal(s.draw(100), raw[1878:1978])
+    with pytest.raises(ValueError):
+        MT19937(-1)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 700, 1500])
+def test_random_permutation_is_llmc_fisher_yates(n):
+    r, ref = MT19937(42), PlainMT(42)
+    for _ in range(2):  # consecutive permutations share one stream
+        got = random_permutation(n, r)
+        assert got.tolist() == plain_permutation(n, ref)
+    assert r.position == 2 * max(n - 1, 0)
+    assert r.randint32() == ref()
+
+
+@pytest.mark.parametrize("sizes, B, T", [([41, 29, 23], 2, 2), ([65, 40], 3, 2), ([50], 2, 3)])
+def test_llmc_order_matches_reference(tmp_path, sizes, B, T):
+    paths = make_shards(tmp_path, sizes)
+    dl = DataLoader(paths, B, T, vocab_size=GPT2_VOCAB, shuffle="llmc", seed=123)  # seed unused
+    n = dl.batches_per_epoch
+    steps = 3 * n + 2  # three epoch wraps, every shard entered three times
+    for k, ((x, y), (ex, ey)) in enumerate(zip(batches(dl, steps),
+                                               llmc_shuffled_order(paths, B, T, steps))):
+        np.testing.assert_array_equal(x, ex, err_msg=f"step {k}")
+        np.testing.assert_array_equal(y, ey, err_msg=f"step {k}")
+    assert dl.epoch == 3
+    plain = [tuple(x.ravel()) for x, _ in batches(DataLoader(paths, B, T,
+                                                             vocab_size=GPT2_VOCAB), n)]
+    dl = DataLoader(paths, B, T, vocab_size=GPT2_VOCAB, shuffle="llmc")
+    e0, e1 = ([tuple(x.ravel()) for x, _ in batches(dl, n)] for _ in range(2))
+    assert e0 != plain and e1 != e0 and sorted(e0) == sorted(e1) == sorted(plain)
+
+
+def test_llmc_step0_is_first_of_permutation(tmp_path):
+    """One shard: no shard draws, the first window is perm[0] of the 42-seeded stream."""
+    paths = make_shards(tmp_path, [200])
+    dl = DataLoader(paths, 4, 4, vocab_size=GPT2_VOCAB, shuffle="llmc")
+    perm = plain_permutation(199 // 16, PlainMT(42))
+    assert perm[0] != 0
+    assert dl.state() == {"epoch": 0, "shard": 0, "position": perm[0] * 16, "num_shards": 1,
+                          "order": "llmc"}
+    np.testing.assert_array_equal(dl.next_batch()[0].ravel(),
+                                  read_shard(paths[0])[perm[0] * 16:perm[0] * 16 + 16])
+
+
+def test_llmc_resume_everywhere(tmp_path):
+    """Resuming from the state at every step of three epochs, in a fresh loader and by
+    rewinding a loader whose stream is already further, continues the same batches."""
+    paths = make_shards(tmp_path, [41, 29, 23])
+    dl = DataLoader(paths, 2, 2, vocab_size=GPT2_VOCAB, shuffle="llmc")
+    n = dl.batches_per_epoch
+    states, xs = [], []
+    for _ in range(3 * n):
+        states.append(json.loads(json.dumps(dl.state())))
+        xs.append(dl.next_batch()[0])
+    rewound = DataLoader(paths, 2, 2, vocab_size=GPT2_VOCAB, shuffle="llmc")
+    batches(rewound, 3 * n)
+    for k in list(range(0, 3 * n, 3)) + [n - 1, n, 2 * n]:
+        fresh = DataLoader(paths, 2, 2, vocab_size=GPT2_VOCAB, shuffle="llmc")
+        for loader in (fresh, rewound):
+            loader.set_state(states[k])
+            for x in xs[k:k + n + 2]:  # past the next epoch start
+                np.testing.assert_array_equal(loader.next_batch()[0], x)
+
+
+def test_order_recorded_and_checked_on_resume(tmp_path):
+    paths = make_shards(tmp_path, [41, 29])
+    make = lambda shuffle: DataLoader(paths, 2, 2, vocab_size=GPT2_VOCAB, shuffle=shuffle)
+    for shuffle, order in [(False, "sequential"), (None, "sequential"), (True, "seeded"),
+                           ("seeded", "seeded"), ("llmc", "llmc")]:
+        dl = make(shuffle)
+        assert dl.order == order and bool(dl.shuffle) == (order != "sequential")
+        assert dl.state()["order"] == order
+    state = make("llmc").state()
+    with pytest.raises(UserError, match=r"saved with --shuffle llmc but this run has no "
+                                        r"--shuffle; resume with the same --shuffle"):
+        make(False).set_state(state)
+    legacy = {k: v for k, v in make(False).state().items() if k != "order"}
+    make("llmc").set_state(legacy)  # states from before the order was recorded still load
+    with pytest.raises(UserError, match="--shuffle must be one of"):
+        make("random")
+
+
+def test_sequential_default_and_seeded_unchanged(tmp_path):
+    paths = make_shards(tmp_path, [30, 25, 17])
+    dl = DataLoader(paths, 2, 4, vocab_size=GPT2_VOCAB)
+    assert dl.shuffle is False and dl.order == "sequential"
+    for (x, _), (ex, _) in zip(batches(dl, 12), llmc_order(paths, 2, 4, 12)):
+        np.testing.assert_array_equal(x, ex)
+    a = batches(DataLoader(paths, 2, 4, vocab_size=GPT2_VOCAB, shuffle=True, seed=3), 12)
+    b = batches(DataLoader(paths, 2, 4, vocab_size=GPT2_VOCAB, shuffle="seeded", seed=3), 12)
+    for (x, _), (x2, _) in zip(a, b):
+        np.testing.assert_array_equal(x, x2)
+    # the seeded order is still numpy's default_rng([seed, epoch]) / ([seed, epoch, shard])
+    order = np.random.default_rng([3, 0]).permutation(3)
+    wins = np.random.default_rng([3, 0, int(order[0])]).permutation(dl.nwin[int(order[0])])
+    start = int(wins[0]) * 8
+    np.testing.assert_array_equal(a[0][0].ravel(),
+                                  read_shard(paths[int(order[0])])[start:start + 8])
+
+
+def test_shuffle_flag():
+    assert parse_args([]).shuffle is None
+    assert parse_args(["--shuffle"]).shuffle == "seeded"
+    assert parse_args(["--shuffle", "--steps", "2"]).shuffle == "seeded"
+    assert parse_args(["--shuffle", "llmc"]).shuffle == "llmc"
+    assert parse_args(["--shuffle=seeded"]).shuffle == "seeded"
+    with pytest.raises(SystemExit):
+        parse_args(["--shuffle", "numpy"])
