@@ -72,10 +72,15 @@ def write(root, step, cfg, params, m, v, state, keep, fp64):
                    "sha256": sha256(os.path.join(tmp, name))} for name in files})
         atomic_write_text(os.path.join(tmp, "state.json"), json.dumps(state, indent=1))
         atomic_write_text(os.path.join(tmp, DONE), f"{step}\n")
-        if os.path.exists(final):  # an older incomplete or repeated one
-            shutil.rmtree(final)
+        old = None
+        if os.path.exists(final):  # a repeated step: keep the old one until the new is in place
+            old = os.path.join(root, f".old-step_{step:08d}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
         fsync_dir(root)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except (OSError, UserError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         what = getattr(e, "strerror", None) or str(e)
@@ -84,6 +89,19 @@ def write(root, step, cfg, params, m, v, state, keep, fp64):
     for _, old in complete(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def move_aside(root):
+    """A fresh run (no --resume) into a directory holding complete checkpoints of an earlier
+    run: move them to root.prev-N so that neither pruning nor a later --resume auto mixes
+    the two runs, and nothing is lost. Returns the new path, or None if there was nothing."""
+    if not complete(root):
+        return None
+    n = 1
+    while os.path.exists(f"{root}.prev-{n}"):
+        n += 1
+    os.replace(root, f"{root}.prev-{n}")
+    return f"{root}.prev-{n}"
 
 
 def find(out_dir, resume):
@@ -115,9 +133,7 @@ def read_state(path):
     if state.get("version") != VERSION:
         raise UserError(f"{sp} has checkpoint version {state.get('version')}; this mpigpt2 "
                         f"reads version {VERSION}")
-    for key in ("step", "model", "dtype", "batch_size", "seq_len", "data", "files"):
-        if key not in state:
-            raise UserError(f"{sp} lacks {key!r}; the checkpoint is damaged")
+    _check_schema(state, sp)
     for name, info in state["files"].items():
         fp = os.path.join(path, name)
         if not os.path.exists(fp) or os.path.getsize(fp) != info["bytes"]:
@@ -128,6 +144,75 @@ def read_state(path):
             raise UserError(f"checkpoint file {fp} holds a different model shape than its "
                             f"state.json; the checkpoint is damaged")
     return state
+
+
+FILE_NAMES = ("model.bin", "adam_m.bin", "adam_v.bin", "params64.bin")
+
+
+def _check_schema(state, sp):
+    """Every field resume relies on is present and of the right type (a hand-edited or
+    damaged state.json is refused here, not with a traceback later)."""
+    def bad(what):
+        raise UserError(f"{sp}: {what}; the checkpoint is damaged — resume from another one")
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    for key in ("step", "model", "dtype", "batch_size", "seq_len", "data", "files"):
+        if key not in state:
+            bad(f"lacks {key!r}")
+    if not is_int(state["step"]) or not is_int(state["batch_size"]) or \
+            not is_int(state["seq_len"]):
+        bad("step, batch_size and seq_len must be non-negative integers")
+    if not isinstance(state["model"], dict) or state["dtype"] not in ("float32", "float64"):
+        bad("model must be an object and dtype float32 or float64")
+    files = state["files"]
+    if not isinstance(files, dict) or not {"model.bin", "adam_m.bin", "adam_v.bin"} <= set(files) \
+            or not set(files) <= set(FILE_NAMES):
+        bad(f"files must list model.bin, adam_m.bin, adam_v.bin (and only {FILE_NAMES})")
+    for name, info in files.items():
+        if not isinstance(info, dict) or not is_int(info.get("bytes")) or \
+                not isinstance(info.get("sha256"), str):
+            bad(f"files[{name!r}] needs an integer 'bytes' and a 'sha256' string")
+    data = state["data"]
+    loader = data.get("loader") if isinstance(data, dict) else None
+    if not isinstance(loader, dict) or not isinstance(data.get("train"), list) or \
+            not all(is_int(loader.get(k)) for k in ("epoch", "shard", "position")):
+        bad("data must hold the train file list and the loader's epoch, shard and position")
+    if "args" in state and not isinstance(state["args"], dict):
+        bad("args must be an object")
+
+
+# flags whose change on resume alters the continued run (the model, data, B, T and dtype
+# are refused outright by check_compatible; the data order too, see changed_hyperparameters)
+HYPER_FLAGS = ("lr", "beta1", "beta2", "eps", "weight_decay", "warmup_steps", "lr_schedule",
+               "min_lr_frac", "grad_clip", "steps")
+
+
+def changed_hyperparameters(state, args, path):
+    """Refuse a changed data order; return a description of changed optimizer/schedule flags
+    ('' if none). --steps counts only when the lr schedule depends on it."""
+    saved = state.get("args") or {}
+
+    def order(v):  # no flag / bare --shuffle (True in older checkpoints) / --shuffle llmc
+        return "seeded" if v is True else (v or "sequential")
+    if "shuffle" in saved and order(saved["shuffle"]) != order(args.shuffle):
+        raise UserError(f"--resume {path}: saved with data order {order(saved['shuffle'])}, now "
+                        f"{order(args.shuffle)}; the data order would change — resume with the "
+                        f"same --shuffle")
+    if order(args.shuffle) == "seeded" and "seed" in saved and saved["seed"] != args.seed:
+        raise UserError(f"--resume {path}: saved with --seed {saved['seed']}, now {args.seed}; "
+                        f"with --shuffle the seed fixes the data order — resume with the same "
+                        f"--seed")
+    out = []
+    for flag in HYPER_FLAGS:
+        if flag not in saved or saved[flag] == getattr(args, flag):
+            continue
+        if flag == "steps" and args.lr_schedule == "constant" and \
+                saved.get("lr_schedule", "constant") == "constant":
+            continue  # more or fewer steps of a constant lr: the steps done are the same
+        out.append(f"--{flag.replace('_', '-')} {saved[flag]} -> {getattr(args, flag)}")
+    return ", ".join(out)
 
 
 def verify_hashes(path, state):

@@ -22,5 +22,19 @@ def run_cli(main, argv=None):
     except UserError as e:
         if debug:
             raise
+        comm = _mpi_world()
+        if comm is not None and comm.Get_size() > 1:
+            # raised on this rank alone (set-up errors are agreed and never get here): the
+            # other ranks may be waiting for it, so end the whole job instead of hanging
+            print(f"error (rank {comm.Get_rank()}): {e}", file=sys.stderr, flush=True)
+            comm.Abort(EXIT_USAGE)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+
+
+def _mpi_world():
+    """COMM_WORLD if this process has initialised MPI, else None (never initialises it)."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized():
+        return None
+    return mpi.COMM_WORLD

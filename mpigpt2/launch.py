@@ -88,7 +88,9 @@ def main(argv=None):
     print(" ".join(cmd), file=sys.stderr, flush=True)
     if args.dry_run:
         return 0
-    return subprocess.call(cmd, env=env)
+    # become mpiexec: Ctrl-C, SIGTERM and SIGUSR1 then reach it (and through it the ranks,
+    # which checkpoint and exit with status 3) instead of killing a Python parent first
+    os.execvpe(cmd[0], cmd, env)
 
 
 def _count_hosts(path):

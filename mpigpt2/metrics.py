@@ -89,6 +89,14 @@ def step_record(per_rank, step_s, layout, T):
     }
 
 
+def phase_line(p):
+    """One rank's phase times for the step line: forward, backward, waiting on pipeline
+    messages, exposed gradient/parameter communication, update (ms)."""
+    return (f"rank {p['rank']}: F {p['forward']:.0f} B {p['backward']:.0f} wait "
+            f"{p['p2p_wait']:.0f} comm {p['allreduce'] + p['allgather']:.0f} up "
+            f"{p['update']:.0f} ms")
+
+
 def summary(steps, warmup):
     """Mean/median of step time, tokens/s and MFU over the steps after the warm-up."""
     kept = steps[warmup:] if len(steps) > warmup else steps
@@ -101,6 +109,28 @@ def summary(steps, warmup):
     if "mfu" in kept[0]:
         out["mfu_mean"] = float(np.mean([s["mfu"] for s in kept]))
     return out
+
+
+def rows_before(path, step):
+    """The metrics rows a run resumed at `step` keeps: every step row before it and the
+    validation at `step` itself (it was logged after that step's checkpoint). Lines that do
+    not parse (a run killed while writing one) and the old summary are dropped."""
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except OSError:
+        return rows
+    for line in lines:
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(r, dict) or r.get("summary") or not isinstance(r.get("step"), int):
+            continue
+        if r["step"] < step or (r["step"] == step and "val_loss" in r and "loss" not in r):
+            rows.append(r)
+    return rows
 
 
 def gather_rows(comm, phase_seconds, loss_sum, stage):

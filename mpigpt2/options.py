@@ -11,9 +11,30 @@ from mpigpt2.errors import UserError
 DEFAULT_VAL = "data/tinyshakespeare/tiny_shakespeare_val.bin"
 
 
+RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK",
+                  "SLURM_PROCID")
+
+
+def launcher_rank():
+    """This process's rank as the MPI launcher tells it (before MPI is initialised), or 0."""
+    for var in RANK_VARIABLES:
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+class Parser(argparse.ArgumentParser):
+    """Under mpiexec every rank parses the flags: only rank 0 prints a usage error."""
+
+    def error(self, message):
+        if launcher_rank() != 0:
+            self.exit(2)
+        super().error(message)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m mpigpt2.train", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="python -m mpigpt2.train", description=__doc__,
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--model", default="gpt2-tiny", help="preset name (random init), llm.c .bin, or Hugging "
       "Face GPT-2 directory / .safetensors to start from")
@@ -35,7 +56,9 @@ def parse_args(argv=None):
     a("--min-lr-frac", type=float, default=0.0, help="cosine floor as a fraction of --lr")
     a("--grad-clip", type=float, default=0.0, help="clip the global gradient norm (0 = off)")
     a("--seed", type=int, default=1337, help="seed of the random init and data shuffling")
-    a("--shuffle", action="store_true", help="shuffle windows and shards each epoch (seeded)")
+    a("--shuffle", nargs="?", const="seeded", default=None, choices=("seeded", "llmc"),
+      help="shuffle windows and shards each epoch: bare --shuffle = seeded by --seed (numpy), "
+           "'llmc' = llm.c's single-process train order (MT19937 seed 42; --seed ignored)")
     a("--out-dir", default="out", help="where metrics.jsonl and config.json go")
     a("--val-every", type=int, default=0, help="validate every N steps (0 = only at the end)")
     a("--val-steps", type=int, default=5, help="validation batches per evaluation")
@@ -52,7 +75,8 @@ def parse_args(argv=None):
     a("--schedule", choices=("gpipe", "1f1b"), default=None, help="pipeline schedule")
     a("--print-schedule", action="store_true", help="print the step × rank table and exit")
     a("--zero", type=int, choices=(0, 1), default=0, help="1: ZeRO-1, shard Adam state and the "
-      "update over the data-parallel group (reduce-scatter + allgather)")
+      "update over the data-parallel group (the tied wte over the 2·dp ranks holding it); "
+      "gradients reduced onto their owners, updated shards broadcast back")
     a("--no-overlap", action="store_true", help="start gradient reduction only after the whole "
       "backward, and finish parameter allgathers right after the update (for comparison)")
     a("--threads", type=int, default=None, help="BLAS threads per rank (default cores / ranks)")
@@ -77,10 +101,12 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    for flag in ("batch_size", "seq_len", "val_steps"):
+    for flag in ("batch_size", "seq_len", "val_steps", "steps"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be ≥ 1, got {getattr(args, flag)}")
-    for flag in ("steps", "val_every", "sample_every", "sample_tokens", "warmup_steps",
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be ≥ 1, got {args.threads}")
+    for flag in ("val_every", "sample_every", "sample_tokens", "warmup_steps",
                  "checkpoint_every", "keep_checkpoints", "warmup_report"):
         if getattr(args, flag) < 0:
             raise UserError(f"--{flag.replace('_', '-')} must be ≥ 0, got {getattr(args, flag)}")
@@ -133,10 +159,18 @@ def setup(args, world, ranks_per_node=1):
                          node_memory_bytes(), ranks_per_node)
     train = DataLoader(args.train_data, B, T, vocab_size=cfg.vocab_size, flag="--train-data",
                        shuffle=args.shuffle, seed=args.seed)
-    if args.val_data is None:  # the default is optional: skip validation when not prepared
-        args.val_data = DEFAULT_VAL if os.path.exists(DEFAULT_VAL) else ""
-    val = (DataLoader(args.val_data, B, T, vocab_size=cfg.vocab_size, flag="--val-data")
-           if args.val_data else None)
+    args.notes = []  # printed by rank 0 once the run starts
+    val = None
+    if args.val_data is None:  # the default is optional: skip validation when it does not fit
+        args.val_data = ""
+        if os.path.exists(DEFAULT_VAL):
+            try:
+                val = DataLoader(DEFAULT_VAL, B, T, vocab_size=cfg.vocab_size, flag="--val-data")
+                args.val_data = DEFAULT_VAL
+            except UserError as e:
+                args.notes.append(f"note: no validation: the default {e}")
+    elif args.val_data:
+        val = DataLoader(args.val_data, B, T, vocab_size=cfg.vocab_size, flag="--val-data")
     resume = None
     if args.resume:
         from mpigpt2 import checkpoint as ck
@@ -149,6 +183,11 @@ def setup(args, world, ranks_per_node=1):
             if state["step"] > args.steps:
                 raise UserError(f"--resume {path}: the checkpoint is at step {state['step']}, "
                                 f"beyond --steps {args.steps}")
+            changed = ck.changed_hyperparameters(state, args, path)
+            if changed:
+                args.notes.append(f"note: resuming {path} with changed hyperparameters "
+                                  f"({changed}): the continued run will differ from an "
+                                  f"uninterrupted one")
             train.set_state(state["data"]["loader"])
             resume = (path, state)
     check_writable(args.out_dir, "--out-dir")

@@ -28,7 +28,7 @@ class PipeP2P:
             "SEND_B": np.empty(slab, dtype) if has_prev else None,
         }
         self.recvs = {}
-        self.sends = []
+        self.sends, self.send_names = [], []  # requests in flight this step, and their names
         # world ranks of the neighbours, for the stall report
         near = [s for s in (stage - 1, stage + 1) if 0 <= s < pp]
         groups = pipe.Get_group(), MPI.COMM_WORLD.Get_group()
@@ -63,9 +63,21 @@ class PipeP2P:
         block[...] = data
         peer, t = self._peer_tag(kind, mb, j)
         self.sends.append(self.comm.Isend(block, dest=peer, tag=t))
+        self.send_names.append(f"{kind}{mb}.{j}")
+
+    def sends_done(self):
+        """Names of the sends that completed since the last call (tracing only: a Testsome)."""
+        idx = MPI.Request.Testsome(self.sends) or []
+        done = [self.send_names[i] for i in idx if self.send_names[i] is not None]
+        for i in idx:
+            self.send_names[i] = None
+        return done
 
     def finish(self):
-        """Wait for every send of the step (receives were consumed by wait_recv)."""
+        """Wait for every send of the step (receives were consumed by wait_recv); returns
+        the names of the sends that were still in flight."""
         assert not self.recvs, f"unconsumed receives: {sorted(self.recvs)}"
         wait_all(self.sends, "p2p", lambda: f"{len(self.sends)} sends to finish")
-        self.sends = []
+        late = [n for n in self.send_names if n is not None]
+        self.sends, self.send_names = [], []
+        return late

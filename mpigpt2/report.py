@@ -17,10 +17,18 @@ COLOURS = {"forward": "#4c8bd6", "backward": "#5fb35f", "communication": "#f0b45
            "allreduce": "#a56cc1", "update": "#8c6d5a"}
 SEND_COLOUR = "#b35900"  # a darker shade of the communication colour
 LABELS = {"forward": "forward", "backward": "backward",
-          "communication": "waiting for a message", "allreduce": "gradient allreduce",
-          "update": "optimizer update"}
+          "communication": "waiting for a message",
+          "allreduce": "gradient allreduce / ZeRO allgather", "update": "optimizer update"}
 CATEGORY = {"forward": "forward", "backward": "backward", "wait": "communication",
-            "send": "communication", "allreduce": "allreduce", "update": "update"}
+            "send": "communication", "allreduce": "allreduce", "allgather": "allreduce",
+            "update": "update"}
+
+
+
+def save_png(fig, path):
+    """Write the figure atomically: a reader never sees a half-written PNG."""
+    from mpigpt2.fileio import atomic_write
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
 def parse_args(argv=None):
@@ -122,7 +130,7 @@ def plot_curves(plt, runs, labels, path_loss, path_tput):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path_loss)
+    save_png(fig, path_loss)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
@@ -135,7 +143,7 @@ def plot_curves(plt, runs, labels, path_loss, path_tput):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path_tput)
+    save_png(fig, path_tput)
     plt.close(fig)
 
 
@@ -239,7 +247,7 @@ def plot_timeline(plt, doc, path, step, metrics=None, config=None):
     handles.insert(3, Line2D([], [], color=SEND_COLOUR, lw=1.2, label="send (start)"))
     fig.legend(handles=handles, loc="outside lower center", ncol=6, fontsize=8,
                frameon=False)
-    fig.savefig(path)
+    save_png(fig, path)
     plt.close(fig)
 
 

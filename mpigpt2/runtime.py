@@ -54,6 +54,8 @@ class Runner:
             try:
                 if a.kind in ("RECV_F", "RECV_B"):
                     p2p.post_recv(a.kind, a.mb, a.j)
+                    if tr is not None:
+                        tr.instant(f"post {a}", "recv_post")
                 elif a.kind == "F":
                     pos0 = a.j * k
                     if st.spec.first:
@@ -94,9 +96,15 @@ class Runner:
                 print(f"[rank {self.grid.rank}] failed at action {i} ({a}) of:\n"
                       + " ".join(str(x) for x in program), file=sys.stderr, flush=True)
                 raise
+            if tr is not None and a.kind in ("F", "B"):
+                for name in p2p.sends_done():
+                    tr.instant(f"done {name}", "send_done")
         t0 = time.perf_counter()
-        p2p.finish()
+        late = p2p.finish()
         self._tick("p2p_wait", t0, "send completion")
+        if tr is not None:
+            for name in late:
+                tr.instant(f"done {name}", "send_done")
         return loss
 
     def _receive(self, kind, a):
@@ -104,6 +112,8 @@ class Runner:
         t0 = time.perf_counter()
         buf = self.p2p.wait_recv(kind, a.mb, a.j)
         self._tick("p2p_wait", t0, f"wait {kind}{a.mb}.{a.j}")
+        if self.tracer is not None:
+            self.tracer.instant(f"done {kind}{a.mb}.{a.j}", "recv_done")
         return buf
 
     def take_times(self):

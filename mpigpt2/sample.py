@@ -35,7 +35,7 @@ def generate(model, prompt, n_tokens, temperature=1.0, top_k=None, seed=0):
             nxt = int(np.argmax(logits[0, :cfg.vocab_size]))
         else:
             z = logits[:, :cfg.vocab_size].astype(np.float64) / temperature  # (1, V)
-            if top_k:
+            if top_k and top_k < cfg.vocab_size:
                 kth = np.partition(z[0], -top_k)[-top_k]
                 z[z < kth] = -np.inf
             from mpigpt2.ops import softmax_logits
@@ -46,6 +46,11 @@ def generate(model, prompt, n_tokens, temperature=1.0, top_k=None, seed=0):
             logits = stage.forward(-1, len(toks) - 1, np.array([[nxt]]), train=False)  # (1, Vp)
     stage.drop(-1)
     return toks
+
+
+def start_token(cfg):
+    """<|endoftext|> (50256) when the vocabulary has it, else token 0 (small test vocabularies)."""
+    return 50256 if cfg.vocab_size > 50256 else 0
 
 
 def decode(tokens):
@@ -69,11 +74,14 @@ def main(argv=None):
     from mpigpt2.convert import model_config, load_stage_params
     from mpigpt2.model import GPT
     from mpigpt2.params import full_spec
-    from mpigpt2.tokenizer import gpt2_encoding, EOT
+    from mpigpt2.tokenizer import gpt2_encoding
     cfg = model_config(args.model)  # llm.c .bin or Hugging Face model
-    prompt = gpt2_encoding().encode_ordinary(args.prompt) if args.prompt else [EOT]
+    prompt = gpt2_encoding().encode_ordinary(args.prompt) if args.prompt else [start_token(cfg)]
     if max(prompt) >= cfg.vocab_size:
         raise UserError(f"the prompt has token ids ≥ the model's vocabulary {cfg.vocab_size}")
+    if len(prompt) + args.tokens > cfg.max_seq_len:
+        raise UserError(f"the prompt ({len(prompt)} tokens) plus --tokens {args.tokens} exceed "
+                        f"the model's maximum sequence length {cfg.max_seq_len}; lower --tokens")
     model = GPT(cfg)
     load_stage_params(args.model, full_spec(cfg), model.params)
     toks = generate(model, prompt, args.tokens, args.temperature, args.top_k or None, args.seed)

@@ -33,7 +33,14 @@ def main(argv=None):
     from mpigpt2 import schedule
     B, T = args.batch_size, args.seq_len
     tuned = None
-    if args.slice_tokens == "auto":  # rank 0 measures, all ranks agree before the Runner
+    saved_layout = resume[1].get("layout") if resume is not None else None
+    if args.slice_tokens == "auto" and saved_layout and all(
+            saved_layout.get(key) == value for key, value in layout.as_dict().items()
+            if key != "slice_tokens"):  # same layout resumed: keep its k (bit-exact resume)
+        import dataclasses
+        layout = dataclasses.replace(layout, slice_tokens=int(saved_layout["slice_tokens"]))
+        print0(f"autotune: k={layout.slice_tokens} kept from the checkpoint's layout")
+    elif args.slice_tokens == "auto":  # rank 0 measures, all ranks agree before the Runner
         from mpigpt2 import autotune
         layout, tuned = autotune.agree(world, cfg, layout, B, T, args.dtype, args.threads or
                                        max(1, (os.cpu_count() or 1) // local.Get_size()))
@@ -97,6 +104,8 @@ def main(argv=None):
     b = rows // M                    # sequences per micro-batch
     my_rows = slice(grid.replica * rows, (grid.replica + 1) * rows)
     tracer = Tracer(rank, grid.stage, grid.replica) if args.trace else None
+    if tracer is not None:
+        waiting.TRACE = lambda kind, what, t0, t1: tracer.span(f"wait {what}", kind, t0, t1)
     runner = Runner(grid, stage, layout, T, b, tracer, reducer=opt if args.zero else None,
                     overlap=not args.no_overlap)
     dloss = 1.0 / (B * T)
@@ -112,13 +121,17 @@ def main(argv=None):
         if tuned is not None:
             config["autotune"] = tuned
         atomic_write_text(os.path.join(args.out_dir, "config.json"), json.dumps(config, indent=2))
-        kept = ""
-        if start_step and os.path.exists(metrics_path):  # drop what the resumed steps redo
-            with open(metrics_path) as f:
-                kept = "".join(x for x in f if not json.loads(x).get("summary")
-                               and json.loads(x).get("step", 0) < start_step)
-        atomic_write_text(metrics_path, kept)
+        kept = mx.rows_before(metrics_path, start_step) if start_step else []
+        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
         metrics = open(metrics_path, "a")
+        if resume is None:
+            moved = ck.move_aside(os.path.join(args.out_dir, ck.SUBDIR))
+            if moved:
+                print0(f"note: {args.out_dir} held checkpoints of an earlier run (not resumed): "
+                       f"moved them to {moved}")
+    # validation done at start_step before the interruption (it follows the checkpoint)
+    val_done_at_start = world.bcast(any("val_loss" in r and r["step"] == start_step
+                                        for r in kept) if rank == 0 else None, root=0)
     print0(f"model L={cfg.num_layers} C={cfg.channels} NH={cfg.num_heads} V={cfg.vocab_size} "
            f"maxT={cfg.max_seq_len} | ranks {size} = pp {layout.pp} × dp {layout.dp} | stages "
            f"{list(layout.stage_layers)} | M={M} k={layout.slice_tokens} "
@@ -127,6 +140,8 @@ def main(argv=None):
            f"{flops_tok / 1e6:.1f} MFLOP per token")
     if resume is not None:
         print0(f"resumed from {resume[0]} at step {start_step}")
+    for note in args.notes:
+        print0(note)
 
     def batch(loader):
         """This replica's rows of the next global batch, as (M, b, T) micro-batches."""
@@ -163,10 +178,10 @@ def main(argv=None):
         sync()
         tensors = gather_model(grid, stage, layout)
         if rank == 0 and args.sample_tokens > 0:
-            from mpigpt2.sample import generate, model_from_tensors, decode
+            from mpigpt2.sample import generate, model_from_tensors, decode, start_token
             model = model_from_tensors(cfg, tensors)
-            toks = generate(model, [50256], args.sample_tokens, temperature=1.0, top_k=40,
-                            seed=args.seed + step)
+            toks = generate(model, [start_token(cfg)], args.sample_tokens, temperature=1.0,
+                            top_k=40, seed=args.seed + step)
             print0(f"--- sample at step {step} ---\n{decode(toks[1:])}\n---")
         barrier(world)
         return tensors
@@ -200,6 +215,12 @@ def main(argv=None):
     barrier(world)
     if tracer is not None:
         tracer.align()
+    if resume is not None and val_loader is not None and 0 < start_step < args.steps and \
+            args.val_every and \
+            start_step % args.val_every == 0 and not val_done_at_start:
+        evaluate(start_step)  # the interrupted run stopped between its checkpoint and this
+        if args.sample_every and start_step % args.sample_every == 0:
+            sample(start_step)
     for step in range(start_step, args.steps):
         t0 = time.perf_counter()
         waiting.STALL["step"] = step
@@ -214,6 +235,7 @@ def main(argv=None):
             time.sleep(delay[2])
         stage.zero_grad()
         waiting.STATS.take()
+        runner.take_times()  # (validation between steps is not this step's time)
         loss_sum = runner.run(x, y, dloss)
         scale = 1.0
         if args.grad_clip > 0:
@@ -247,8 +269,12 @@ def main(argv=None):
             rec.update(tokens_per_s_per_core=B * T / dt / cores_used, mfu=mfu,
                        **mx.step_record(per_rank, dt, layout, T))
             history.append(rec)
+            busiest = max(rec["phases_ms"], key=lambda p: p["forward"] + p["backward"])
             print0(f"step {step + 1:5d}/{args.steps} | loss {loss:.6f} | lr {lr:.2e} | "
-                   f"{dt * 1000:7.1f} ms | {B * T / dt:8.0f} tok/s | MFU {mfu * 100:5.1f}%")
+                   f"{dt * 1000:7.1f} ms | {B * T / dt:8.0f} tok/s "
+                   f"({rec['tokens_per_s_per_core']:.0f}/core) | MFU {mfu * 100:5.1f}% | "
+                   + mx.phase_line(busiest) + (f" | bubble {rec['bubble']:.2f} (predicted "
+                   f"{rec['bubble_predicted']:.2f})" if layout.pp > 1 else ""))
         log(rec)
         if not np.isfinite(loss) and rank == 0:
             raise FloatingPointError(f"loss is {loss} at step {step}; lower --lr or clip")
@@ -267,12 +293,16 @@ def main(argv=None):
             sample(done)
 
     # -- the end: validation, a sample, the final model and checkpoint ---------------------------
-    evaluate(args.steps)
+    if not (start_step == args.steps and val_done_at_start):
+        evaluate(args.steps)
     tensors = sample(args.steps)  # (syncs ZeRO's parameter allgathers first)
-    if args.save and rank == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(args.save)), exist_ok=True)
-        write_model(args.save, cfg, {n: tensors[n] for n in PARAM_NAMES})
-        print0(f"saved {args.save}")
+
+    def save_model():
+        if args.save and rank == 0:
+            os.makedirs(os.path.dirname(os.path.abspath(args.save)), exist_ok=True)
+            write_model(args.save, cfg, {n: tensors[n] for n in PARAM_NAMES})
+            print0(f"saved {args.save}")
+    agree(world, save_model, args.debug)  # a full disk on rank 0 ends every rank with status 2
     if not args.no_final_checkpoint and start_step < args.steps:
         save_checkpoint(args.steps)
     if tracer is not None:

@@ -4,6 +4,7 @@ MPICH's blocking waits spin at 100 % CPU; with more ranks than cores they starve
 compute (DESIGN.md, "Waiting"). Every wait in the runtime goes through here.
 """
 
+import os
 import sys
 import time
 
@@ -28,6 +29,10 @@ class WaitStats:
 
 
 STATS = WaitStats()
+# diagnostic switch (bench row 9): MPICH's blocking, busy-spinning Waitall instead of polling
+BLOCKING = os.environ.get("MPIGPT2_BLOCKING_WAITS") == "1"
+TRACE = None  # --trace: callable(kind, description, t_start, t_end) for the kinds below
+TRACED_KINDS = ("allgather",)  # waits the runtime does not trace itself (ZeRO's allgathers)
 STALL = {"seconds": 60.0, "abort": False, "timeout": 1800.0, "step": None}
 
 
@@ -42,6 +47,10 @@ def wait_all(reqs, kind="p2p", what=None):
     if MPI.Request.Testall(reqs):
         return
     t0 = time.perf_counter()
+    if BLOCKING:  # never in normal runs: no stall report, no timeout
+        MPI.Request.Waitall(reqs)
+        STATS.add(kind, time.perf_counter() - t0)
+        return
     nap, warned = SLEEP_START, False
     while not MPI.Request.Testall(reqs):
         time.sleep(nap)
@@ -55,7 +64,10 @@ def wait_all(reqs, kind="p2p", what=None):
         if waited > STALL["timeout"]:  # a peer died without MPI noticing: never hang
             _report(waited, kind, what, "gave up (--wait-timeout)")
             MPI.COMM_WORLD.Abort(4)
-    STATS.add(kind, time.perf_counter() - t0)
+    t1 = time.perf_counter()
+    STATS.add(kind, t1 - t0)
+    if TRACE is not None and kind in TRACED_KINDS:
+        TRACE(kind, what() if what else kind, t0, t1)
 
 
 def _report(waited, kind, what, verdict):

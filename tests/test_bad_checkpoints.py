@@ -55,6 +55,20 @@ CASES = [
     ("other data", lambda o: None, ["--train-data", "{val}"], "training data changed"),
     ("other dtype", lambda o: None, ["--dtype", "float64"], "--dtype is float64"),
     ("past the end", lambda o: None, ["--steps", "1"], "beyond --steps 1"),
+    ("state step not int", lambda o: edit_json(o / CK / "state.json",
+                                               lambda d: d.update(step="2")),
+     [], "non-negative integers"),
+    ("state files list", lambda o: edit_json(o / CK / "state.json",
+                                             lambda d: d.update(files=[])), [], "files must list"),
+    ("state file outside", lambda o: edit_json(o / CK / "state.json", lambda d: d["files"].update(
+        {"../../escape.bin": d["files"]["model.bin"]})), [], "files must list"),
+    ("state file no bytes", lambda o: edit_json(o / CK / "state.json", lambda d: d["files"][
+        "adam_m.bin"].pop("bytes")), [], "integer 'bytes'"),
+    ("state loader empty", lambda o: edit_json(o / CK / "state.json", lambda d: d["data"].update(
+        loader={})), [], "loader's epoch, shard and position"),
+    ("state loader position", lambda o: edit_json(o / CK / "state.json", lambda d: d["data"][
+        "loader"].update(position=7)), [], "does not fit these shards"),
+    ("other data order", lambda o: None, ["--shuffle"], "the data order would change"),
 ]
 
 
@@ -93,3 +107,25 @@ def test_resume_auto_without_checkpoint_starts_fresh(tmp_path, shards):
     r = run(train_cmd(shards, tmp_path / "o", "--steps", "1", "--resume", "auto",
                       "--sample-tokens", "0", "--val-steps", "1"))
     assert r.returncode == 0 and "resumed" not in r.stdout, r.stderr
+
+
+def test_changed_hyperparameters_are_named(tmp_path, shards, saved):
+    """A resume with another --lr continues (that can be wanted) but says so."""
+    out = tmp_path / "out"
+    shutil.copytree(saved, out)
+    r = run(train_cmd(shards, out, "--steps", "3", "--resume", "auto", "--lr", "5e-4",
+                      "--sample-tokens", "0", "--val-steps", "1"))
+    assert r.returncode == 0, r.stderr
+    assert "changed hyperparameters (--lr 0.0001 -> 0.0005)" in r.stdout, r.stdout
+
+
+def test_fresh_run_moves_earlier_checkpoints_aside(tmp_path, shards, saved):
+    """Without --resume, checkpoints of an earlier run in --out-dir are kept, not mixed in."""
+    out = tmp_path / "out"
+    shutil.copytree(saved, out)
+    before = (out / CK / "model.bin").read_bytes()
+    r = run(train_cmd(shards, out, "--steps", "1", "--sample-tokens", "0", "--val-steps", "1"))
+    assert r.returncode == 0, r.stderr
+    assert "moved them to" in r.stdout
+    assert (out / "checkpoints.prev-1" / CK.split("/")[1] / "model.bin").read_bytes() == before
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000001"]

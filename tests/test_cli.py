@@ -77,7 +77,9 @@ BAD = [
     (["--model", "{d}/small.bin"], "vocab"),          # tinyshakespeare ids ≥ V = 100
     (["--seq-len", "512"], "exceeds the model's maximum sequence length"),
     (["--batch-size", "0"], "--batch-size must be ≥ 1"),
-    (["--steps", "-1"], "--steps must be ≥ 0"),
+    (["--steps", "-1"], "--steps must be ≥ 1"),
+    (["--steps", "0"], "--steps must be ≥ 1"),
+    (["--threads", "0"], "--threads must be ≥ 1"),
     (["--seq-len", "0"], "--seq-len must be ≥ 1"),
     (["--slice-tokens", "5"], "does not divide --seq-len"),
     (["--slice-tokens", "0"], "--slice-tokens must be ≥ 1"),

@@ -14,17 +14,19 @@ from mpigpt2 import schedule
 
 PY = sys.executable
 PNG = b"\x89PNG\r\n\x1a\n"
-PP, M, N, STEPS = 2, 2, 2, 2          # layout of the traced run: k = T/N = 16
-TRACED = ["--pp", str(PP), "--microbatches", str(M), "--slice-tokens", "16", "--schedule",
+PP, DP, M, N, STEPS = 2, 2, 2, 2, 2   # layout of the traced run: k = T/N = 16
+RANKS = PP * DP
+TRACED = ["--pp", str(PP), "--dp", str(DP), "--microbatches", str(M), "--slice-tokens", "16",
+          "--batch-size", "8", "--schedule",
           "1f1b", "--steps", str(STEPS), "--trace", "--sample-tokens", "0", "--val-steps", "1",
           "--no-final-checkpoint", "--peak-gflops", "100"]
 
 
 @pytest.fixture(scope="module")
 def traced(tmp_path_factory, shards):
-    """A pp=2 dp=1 run with M=2 micro-batches of n=2 slices, 2 steps, traced."""
+    """A pp=2 dp=2 run with M=2 micro-batches of n=2 slices, 2 steps, traced."""
     out = tmp_path_factory.mktemp("traced")
-    r = run(mpiexec(PP) + train_cmd(shards, out, *TRACED), timeout=180)
+    r = run(mpiexec(RANKS) + train_cmd(shards, out, *TRACED), timeout=180)
     assert r.returncode == 0, r.stderr
     return out
 
@@ -45,19 +47,21 @@ def steps_of(events, rank, step):
 def test_trace_has_a_track_per_rank_and_the_schedule_s_events(traced):
     doc = json.loads((traced / "trace.json").read_text())
     meta = [e for e in doc["traceEvents"] if e["ph"] == "M" and e["name"] == "thread_name"]
-    assert sorted(e["tid"] for e in meta) == list(range(PP))
+    assert sorted(e["tid"] for e in meta) == list(range(RANKS))
     events = [e for e in doc["traceEvents"] if e["ph"] in ("X", "i")]
-    assert {e["tid"] for e in events} == set(range(PP))
+    assert {e["tid"] for e in events} == set(range(RANKS))
     progs = schedule.build("1f1b", PP, M, N)
-    for rank in range(PP):
+    for rank in range(RANKS):
+        stage = rank % PP
         mine = [e for e in events if e["tid"] == rank]
         assert all(e["ts"] >= 0 for e in mine)
         spans = sorted((e for e in mine if e["ph"] == "X"), key=lambda e: e["ts"])
         for a, b in zip(spans, spans[1:]):  # one thread of work per rank: no overlaps
             assert a["ts"] + a["dur"] <= b["ts"] + 1.0, (a, b)  # µs rounding
-        compute = [str(a) for a in progs[rank] if a.kind in ("F", "B")]
+        compute = [str(a) for a in progs[stage] if a.kind in ("F", "B")]
         assert len(compute) == 2 * M * N
-        sends = [str(a) for a in progs[rank] if a.kind.startswith("SEND")]
+        sends = [str(a) for a in progs[stage] if a.kind.startswith("SEND")]
+        recvs = [str(a) for a in progs[stage] if a.kind.startswith("RECV")]
         for step in range(STEPS):
             evs = steps_of(events, rank, step)
             # every F and B of the schedule, in the schedule's order
@@ -65,8 +69,15 @@ def test_trace_has_a_track_per_rank_and_the_schedule_s_events(traced):
             assert all(e["name"][0] == ("F" if e["cat"] == "forward" else "B")
                        for e in evs if e["cat"] in ("forward", "backward"))
             assert [e["name"] for e in evs if e["cat"] == "send"] == sends
+            # every receive posted (in schedule order) and completed; every send completed
+            assert [e["name"] for e in evs if e["cat"] == "recv_post"] == \
+                [f"post {a}" for a in recvs]
+            assert sorted(e["name"] for e in evs if e["cat"] == "recv_done") == \
+                sorted(f"done {a}" for a in recvs)
+            assert sorted(e["name"] for e in evs if e["cat"] == "send_done") == \
+                sorted(f"done {a}" for a in sends)
             assert [e["cat"] for e in evs].count("update") == 1
-            assert [e["cat"] for e in evs].count("allreduce") <= 1
+            assert [e["cat"] for e in evs].count("allreduce") == 1  # dp = 2: always waits
             assert all(e["args"]["step"] == step for e in evs)
         assert [e["ts"] for e in steps_of(events, rank, 0)][-1] < \
             [e["ts"] for e in steps_of(events, rank, 1)][0]
@@ -81,7 +92,7 @@ def test_metrics_fields_are_consistent(traced):
         for key in ("step", "loss", "lr", "step_ms", "tokens_per_s", "tokens_per_s_per_core",
                     "mfu", "phases_ms", "bubble", "bubble_predicted"):
             assert key in r, key
-        assert sorted(p["rank"] for p in r["phases_ms"]) == list(range(PP))
+        assert sorted(p["rank"] for p in r["phases_ms"]) == list(range(RANKS))
         for p in r["phases_ms"]:
             assert p["stage"] == p["rank"] % PP
             phases = [p[k] for k in ("forward", "backward", "p2p_wait", "allreduce", "update")]
@@ -93,7 +104,7 @@ def test_metrics_fields_are_consistent(traced):
         assert r["bubble_predicted"] == pytest.approx((PP - 1) / (M * N + PP - 1))
         assert 0 < r["mfu"] < 1 and r["tokens_per_s"] > 0
     assert any("val_loss" in r for r in recs)
-    assert recs[-1].get("summary") is True and len(recs[-1]["ranks"]) == PP
+    assert recs[-1].get("summary") is True and len(recs[-1]["ranks"]) == RANKS
 
 
 def check_png(path):
