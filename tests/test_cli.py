@@ -106,3 +106,37 @@ def test_bad_input(tmp_path, shards, bad_files, extra, message):
 def test_debug_shows_traceback(tmp_path, shards):
     r = run(train_cmd(shards, tmp_path / "o", "--model", "gpt2-huge", "--debug"))
     assert r.returncode == 2 and "Traceback" in r.stderr
+
+
+def test_small_vocabulary_model_trains_and_samples(tmp_path, bad_files):
+    """A model with V < 50257 (no <|endoftext|>): sampling starts from token 0, and the default
+    val shard (GPT-2 ids ≥ V) is skipped with a note instead of refusing the run."""
+    ids = np.random.default_rng(0).integers(0, 100, 400)
+    write_shard(str(tmp_path / "train.bin"), ids)
+    default_val = tmp_path / "data" / "tinyshakespeare" / "tiny_shakespeare_val.bin"
+    default_val.parent.mkdir(parents=True)
+    write_shard(str(default_val), np.full(400, 50256))
+    r = run([PY, "-m", "mpigpt2.train", "--model", str(bad_files / "small.bin"), "--train-data",
+             str(tmp_path / "train.bin"), "--batch-size", "2", "--seq-len", "16", "--steps", "2",
+             "--out-dir", str(tmp_path / "o"), "--save", str(tmp_path / "o" / "m.bin")],
+            cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "note: no validation: the default --val-data" in r.stdout, r.stdout
+    assert "sample at step 2" in r.stdout and (tmp_path / "o" / "m.bin").exists()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--tokens", "40"], "exceed the model's maximum sequence length 32"),
+    (["--tokens", "-1"], "must be ≥ 0"),
+])
+def test_sample_bad_input(bad_files, extra, message):
+    r = run([PY, "-m", "mpigpt2.sample", "--model", str(bad_files / "small.bin"), *extra])
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "Traceback" not in r.stderr, r.stderr
+
+
+def test_sample_top_k_above_vocabulary(bad_files):
+    r = run([PY, "-m", "mpigpt2.sample", "--model", str(bad_files / "small.bin"), "--tokens", "5",
+             "--top-k", "100000"])
+    assert r.returncode == 0, r.stderr

@@ -73,3 +73,16 @@ def test_bad_layout_under_mpi(tmp_path, shards, n, extra, message):
     err = [x for x in r.stderr.splitlines() if x.strip()]
     assert len(err) == 1 and err[0].startswith("error") and message in err[0], r.stderr
     assert not out.exists()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("extra,message", [
+    (["--schedule", "zigzag"], "invalid choice: 'zigzag'"),
+    (["--pp", "two"], "invalid int value: 'two'"),
+])
+def test_usage_error_printed_once_under_mpi(tmp_path, shards, extra, message):
+    """Every rank parses the flags; only rank 0 prints the usage error."""
+    r = run(mpiexec(4) + train_cmd(shards, tmp_path / "o", *extra), timeout=90)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.count("usage: python -m mpigpt2.train") == 1, r.stderr
+    assert r.stderr.count(message) == 1, r.stderr

@@ -194,3 +194,20 @@ def test_stall_abort_ends_the_job(tmp_path, shards):
     assert "[rank 0] stalled" in r.stderr, r.stderr
     assert "step     3/3" not in r.stdout
     assert time.time() - t0 < 90
+
+
+def test_metrics_rows_kept_on_resume(tmp_path):
+    """A run resumed at step 4 keeps the steps before it and the validation logged right after
+    checkpoint 4; a torn last line (a kill mid-write) and the old summary are dropped."""
+    from mpigpt2.metrics import rows_before
+    lines = [{"step": s, "loss": 1.0 + s} for s in range(6)]
+    lines.insert(4, {"step": 4, "val_loss": 0.5})
+    lines.insert(2, {"step": 2, "val_loss": 0.7})
+    lines.append({"summary": True, "run": {}, "ranks": []})
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"step": 6, "lo')
+    kept = rows_before(str(path), 4)
+    assert kept == [{"step": 0, "loss": 1.0}, {"step": 1, "loss": 2.0},
+                    {"step": 2, "val_loss": 0.7}, {"step": 2, "loss": 3.0},
+                    {"step": 3, "loss": 4.0}, {"step": 4, "val_loss": 0.5}]
+    assert rows_before(str(tmp_path / "missing.jsonl"), 4) == []

@@ -2,13 +2,21 @@
 
 The module fixture brings up slurmctld + slurmd + munged on localhost (tests/slurm_cluster.py;
 apt-installs Debian's packages when missing, as CI does on a fresh machine) and stops them at
-the end. Then one uninterrupted job, and jobs warned with SIGUSR1 mid-run that must checkpoint,
-requeue themselves, resume and end with per-step losses equal to the uninterrupted job's.
+the end. Then two uninterrupted jobs (the default layout, and another layout, rank count and
+--cpus-per-task), and four jobs warned with SIGUSR1 mid-run that must checkpoint, requeue
+themselves, resume and end with per-step losses equal to their uninterrupted job's: with srun;
+with the fallback to mpiexec after a failed plugin probe (and a user --resume PATH that must
+apply to the first attempt only); after a second warning; and with the other layout and a user
+--out-dir. The jobs of each group run at the same time (the node declares 16 CPUs, each job
+takes 4) to keep the wall time down. The dry-run tests at the end need no Slurm: they check
+how the script turns its arguments and environment into the launch command.
 """
 
 import json
 import os
+import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,8 +38,23 @@ DELAY = ["--inject-delay", "0:5:8"]
 def train_flags(shards):
     train, _ = shards
     return ["--model", "gpt2-tiny", "--batch-size", "4", "--seq-len", "32", "--steps",
-            str(STEPS), "--checkpoint-every", "2", "--val-data", "", "--sample-tokens", "0",
-            "--train-data", str(train), "--pp", "2", "--dp", "2", "--peak-gflops", "100"]
+            str(STEPS), "--checkpoint-every", "2", "--keep-checkpoints", "0", "--val-data", "",
+            "--sample-tokens", "0", "--train-data", str(train), "--pp", "2", "--dp", "2",
+            "--peak-gflops", "100"]
+
+
+# Another layout and shape of the job: 2 ranks with 2 CPUs (BLAS threads) each, uneven stages,
+# GPipe, 4 micro-batches of 16-token slices, validation every 4 steps.
+LAYOUT_SBATCH = ("--ntasks-per-node", "2", "--cpus-per-task", "2")
+LAYOUT = ["--pp", "2", "--dp", "1", "--stage-layers", "1,3", "--microbatches", "4",
+          "--slice-tokens", "16", "--schedule", "gpipe"]
+
+
+def layout_flags(shards):
+    _, val = shards
+    return ["--model", "gpt2-tiny", "--batch-size", "4", "--seq-len", "32", "--steps",
+            str(STEPS), "--checkpoint-every", "2", "--val-data", str(val), "--val-every", "4",
+            "--val-steps", "2", "--sample-tokens", "0", "--peak-gflops", "100", *LAYOUT]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +62,7 @@ def slurm(request):
     # a short path of its own (munged's unix socket lives there); removed unless a test failed
     root = Path(tempfile.mkdtemp(prefix="mpigpt2-slurm-"))
     failed = request.session.testsfailed
-    cluster = SlurmCluster(root, cpus=8, log=lambda m: print(f"[slurm] {m}", flush=True))
+    cluster = SlurmCluster(root, cpus=16, log=lambda m: print(f"[slurm] {m}", flush=True))
     try:
         cluster.start()
     except Unavailable as e:
@@ -60,14 +83,14 @@ def slurm(request):
 class Job:
     """A submitted train.sbatch job: its id, output file and run directory."""
 
-    def __init__(self, slurm, workdir, flags, env=None, sbatch=()):
+    def __init__(self, slurm, workdir, flags, env=None, sbatch=(), out_dir=None):
         self.slurm, self.workdir = slurm, workdir
         workdir.mkdir(parents=True, exist_ok=True)
         env = dict({"MPIGPT2_VENV": str(VENV), "MPIGPT2_RUNS": str(workdir / "runs")},
                    **(env or {}))
         self.id = slurm.submit("--chdir", workdir, "--output", workdir / "job-%j.out",
                                "--time", "10", *sbatch, SCRIPT, "--", *flags, env=env)
-        self.out_dir = workdir / "runs" / str(self.id)
+        self.out_dir = Path(out_dir) if out_dir else workdir / "runs" / str(self.id)
 
     def output(self):
         f = self.workdir / f"job-{self.id}.out"
@@ -86,15 +109,18 @@ class Job:
     def losses(self):
         return [(r["step"], r["loss"]) for r in self.records() if "loss" in r]
 
-    def wait_for_step(self, step, timeout):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if any(s == step for s, _ in self.losses()):
-                return
-            if self.slurm.job(self.id).get("JobState") not in ("PENDING", "RUNNING"):
-                break
-            time.sleep(0.1)
-        raise AssertionError(f"job {self.id} did not log step {step}:\n{self.report()}")
+    def val_losses(self):
+        return [(r["step"], r["val_loss"]) for r in self.records() if "val_loss" in r]
+
+    def logged(self, step):
+        return any(s == step for s, _ in self.losses())
+
+    def alive(self):
+        return self.slurm.job(self.id).get("JobState") in ("PENDING", "RUNNING")
+
+    def warn(self):
+        """What `--signal=B:USR1@60` does before the time limit: USR1 to the batch shell."""
+        self.slurm.run("scancel", "--signal=USR1", "--batch", self.id)
 
     def finish(self, timeout):
         try:
@@ -107,21 +133,82 @@ class Job:
                 + f"\n--- cluster logs\n{self.slurm.logs()}")
 
 
+def warn_at_step_4(plan, timeout=180):
+    """plan: {job: number of warnings}. Warn each job once it has logged step 4 (rank 0 then
+    sleeps 8 s in step 5, so the ranks stop after step 5); a second warning comes 1.5 s after
+    the first, past the 1 s window in which a repeated signal counts once."""
+    sent = {job: [] for job in plan}
+    deadline, checked = time.time() + timeout, 0.0
+    while any(len(sent[job]) < n for job, n in plan.items()):
+        now = time.time()
+        for job, n in plan.items():
+            if len(sent[job]) >= n:
+                continue
+            if sent[job] and now - sent[job][-1] >= 1.5 or not sent[job] and job.logged(4):
+                job.warn()
+                sent[job].append(time.time())
+            elif not sent[job] and (now > deadline or now - checked > 2 and not job.alive()):
+                raise AssertionError(f"job {job.id} did not log step 4:\n{job.report()}")
+        if now - checked > 2:
+            checked = now
+        time.sleep(0.1)
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(slurm, shards, tmp_path_factory):
-    job = Job(slurm, tmp_path_factory.mktemp("plain"), train_flags(shards))
-    info = job.finish(timeout=120)
-    return job, info
+def spaced_data(shards, tmp_path_factory):
+    """The training shard under a directory whose name has a space (a symlink: resume matches
+    the data by file name and size)."""
+    train, _ = shards
+    d = tmp_path_factory.mktemp("data") / "to kens"
+    d.mkdir()
+    (d / train.name).symlink_to(train)
+    return ["--train-data", str(d / train.name)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm, shards, spaced_data, tmp_path_factory):
+    """{name: (job, final scontrol info)}: the default job ("plain", 1 node x 4 tasks as the
+    script asks) and the other layout ("layout": 2 tasks x 2 CPUs), submitted together."""
+    jobs = {"plain": Job(slurm, tmp_path_factory.mktemp("plain"), train_flags(shards)),
+            "layout": Job(slurm, tmp_path_factory.mktemp("layout"),
+                          layout_flags(shards) + spaced_data, sbatch=LAYOUT_SBATCH)}
+    return {name: (job, job.finish(timeout=180)) for name, job in jobs.items()}
+
+
+@pytest.fixture(scope="module")
+def preempted(slurm, shards, spaced_data, tmp_path_factory, uninterrupted):
+    """{name: (job, final scontrol info)}: the jobs warned mid-run, submitted together."""
+    d = tmp_path_factory.mktemp("preempted")
+    start = uninterrupted["plain"][0].out_dir / "checkpoints" / "step_00000002"
+    out_dir = d / "layout" / "my out"
+    jobs = {
+        # the batch shell forwards the warning to srun, which passes it to every rank
+        "srun": Job(slurm, d / "srun", train_flags(shards) + DELAY),
+        # srun lists --mpi=none, but it starts every rank as its own 1-rank MPI job: the probe
+        # must reject it and the script use mpiexec in the allocation (as for Debian's listed
+        # but broken pmix). It starts from the uninterrupted job's step-2 checkpoint.
+        "mpiexec": Job(slurm, d / "mpiexec", train_flags(shards) + DELAY
+                       + ["--resume", str(start)], env={"MPIGPT2_SRUN_MPI": "none"}),
+        "twice": Job(slurm, d / "twice", train_flags(shards) + DELAY),
+        # layout, ranks and CPUs through sbatch's and the script's arguments, the data (a path
+        # with a space) through MPIGPT2_ARGS, the output directory through --out-dir=...
+        "layout": Job(slurm, d / "layout", layout_flags(shards) + DELAY
+                      + [f"--out-dir={out_dir}"], env={"MPIGPT2_ARGS": shlex.join(spaced_data)},
+                      sbatch=LAYOUT_SBATCH, out_dir=out_dir),
+    }
+    warn_at_step_4({job: 2 if name == "twice" else 1 for name, job in jobs.items()})
+    return {name: (job, job.finish(timeout=240)) for name, job in jobs.items()}
 
 
 @pytest.mark.timeout(900)  # includes bringing the cluster up (an apt install on a fresh machine)
 def test_job_trains_on_4_ranks(uninterrupted):
-    job, info = uninterrupted
+    job, info = uninterrupted["plain"]
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", job.report()
     assert info["Restarts"] == "0", job.report()
     out = job.output()
     # the script's defaults: 1 node x 4 tasks, 1 CPU (= 1 BLAS thread) each; srun with PMI-2
     assert "4 ranks x 1 thread(s), launcher srun --mpi=pmi2" in out, out
+    assert "srun plugin probe: --mpi=pmi2: ok (2 rank(s) started and met" in out, out
     assert "ranks 4 = pp 2 × dp 2" in out and "1 BLAS thread(s)/rank" in out, out
     config = json.loads((job.out_dir / "config.json").read_text())
     assert config["world"] == 4 and config["layout"]["pp"] == 2 and config["layout"]["dp"] == 2
@@ -132,18 +219,20 @@ def test_job_trains_on_4_ranks(uninterrupted):
     assert job.attempts()[-1].startswith("end restart=0 rc=0 signal=none")
 
 
-def preempt(slurm, shards, tmp_path, uninterrupted, launcher, warnings=1):
-    """Warn a job with USR1 (`scancel --signal=USR1 --batch`, what `--signal=B:USR1@60` does)
-    after step 4; it must requeue itself once, resume and reproduce the uninterrupted losses
-    exactly."""
-    job = Job(slurm, tmp_path, train_flags(shards) + DELAY,
-              env={"MPIGPT2_LAUNCHER": launcher})
-    job.wait_for_step(4, timeout=120)
-    for i in range(warnings):
-        if i:
-            time.sleep(1.5)  # past the 1 s window in which a repeated signal counts once
-        slurm.run("scancel", "--signal=USR1", "--batch", job.id)
-    info = job.finish(timeout=150)
+def test_other_layout_trains_on_2_ranks_with_2_threads(uninterrupted):
+    job, info = uninterrupted["layout"]
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", job.report()
+    out = job.output()
+    assert "2 ranks x 2 thread(s), launcher srun --mpi=pmi2" in out, out
+    assert "ranks 2 = pp 2 × dp 1 | stages [1, 3] | M=4 k=16 gpipe" in out, out
+    assert "2 BLAS thread(s)/rank" in out, out
+    assert [s for s, _ in job.losses()] == list(range(STEPS)), job.report()
+    assert [s for s, _ in job.val_losses()] == [4, 8, 12], job.report()
+
+
+def requeued_once(job, info, launcher, start=0, reference=None):
+    """The job checkpointed on the warning, was requeued once, resumed and finished; its losses
+    (and validation losses) from step `start` on equal the reference's bit for bit."""
     report = job.report()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", report
     assert info["Restarts"] == "1", report
@@ -153,31 +242,128 @@ def preempt(slurm, shards, tmp_path, uninterrupted, launcher, warnings=1):
     assert attempts[0].startswith(f"start restart=0 launcher={launcher}"), report
     assert attempts[3].startswith(f"start restart=1 launcher={launcher}"), report
     assert attempts[4].startswith("end restart=1 rc=0"), report
-    reference = uninterrupted[0].losses()
-    assert len(reference) == STEPS
-    assert job.losses() == reference, report  # bit-identical floats, every step once
-    return job, attempts, report
+    losses, val = reference.losses(), reference.val_losses()
+    assert [s for s, _ in losses] == list(range(STEPS)), reference.report()
+    assert job.losses() == losses[start:], report  # bit-identical floats, every step once
+    assert job.val_losses() == [(s, v) for s, v in val if s >= start], report
+    return attempts, report
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("launcher", ["srun", "mpiexec"])
-def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm, shards, tmp_path, uninterrupted,
-                                                       launcher):
-    # the batch shell forwards the warning to the launcher, which passes it to every rank
-    job, attempts, report = preempt(slurm, shards, tmp_path, uninterrupted, launcher)
+def test_usr1_checkpoints_requeues_and_resumes_exactly(preempted, uninterrupted):
+    job, info = preempted["srun"]
+    attempts, report = requeued_once(job, info, "srun", reference=uninterrupted["plain"][0])
     assert attempts[1].startswith("end restart=0 rc=3 signal=USR1"), report
     assert "checkpointing at step 6" in report, report
     assert "checkpoints/step_00000006 at step 6" in report, report
 
 
-@pytest.mark.timeout(600)
-def test_second_warning_exits_at_once_and_still_resumes(slurm, shards, tmp_path, uninterrupted):
+def test_mpiexec_fallback_and_user_resume_path_only_once(preempted, uninterrupted):
+    job, info = preempted["mpiexec"]
+    reference = uninterrupted["plain"][0]
+    attempts, report = requeued_once(job, info, "mpiexec", start=2, reference=reference)
+    assert attempts[1].startswith("end restart=0 rc=3 signal=USR1"), report
+    assert "--mpi=none: the ranks did not see each other" in report, report
+    assert "launcher mpiexec: no srun --mpi plugin worked" in report, report
+    # the user's --resume PATH for the first attempt; the requeued one resumes from this job's
+    # own step-6 checkpoint instead of going back to step 2
+    start = reference.out_dir / "checkpoints" / "step_00000002"
+    assert f"resumed from {start} at step 2" in report, report
+    assert "resume: restart 1: resuming from the newest checkpoint" in report, report
+    assert f"resumed from {job.out_dir}/checkpoints/step_00000006 at step 6" in report, report
+    assert report.count("resumed from") == 2, report
+
+
+def test_second_warning_exits_at_once_and_still_resumes(preempted, uninterrupted):
     # a second, separate USR1 (1.5 s after the first) makes the ranks exit at once, without a
     # checkpoint (a repeat within 1 s, as srun delivers `scancel --full`, counts once). The job
-    # still requeues, removes
-    # the shared memory MPICH left (a requeued job reuses its job and step ids: MPI_Init would
-    # hang on it) and resumes from the last periodic checkpoint, at step 4.
-    job, attempts, report = preempt(slurm, shards, tmp_path, uninterrupted, "srun", warnings=2)
+    # still requeues, removes the shared memory MPICH left (a requeued job reuses its job and
+    # step ids: MPI_Init would hang on it) and resumes from the last periodic checkpoint, at
+    # step 4.
+    job, info = preempted["twice"]
+    attempts, report = requeued_once(job, info, "srun", reference=uninterrupted["plain"][0])
     assert attempts[1].startswith("end restart=0 rc=138 signal=USR1"), report
     assert "second signal SIGUSR1" in report, report
     assert "checkpoints/step_00000004 at step 4" in report, report
+
+
+def test_other_layout_and_out_dir_survive_a_requeue_exactly(preempted, uninterrupted,
+                                                           spaced_data):
+    job, info = preempted["layout"]
+    reference = uninterrupted["layout"][0]
+    attempts, report = requeued_once(job, info, "srun", reference=reference)
+    assert attempts[1].startswith("end restart=0 rc=3 signal=USR1"), report
+    assert f"resumed from {job.out_dir}/checkpoints/step_00000006 at step 6" in report, report
+    assert not (job.workdir / "runs").exists(), report  # attempts.log etc. all in --out-dir
+    assert "2 ranks x 2 thread(s), launcher srun --mpi=pmi2" in report, report
+    assert "ranks 2 = pp 2 × dp 1 | stages [1, 3] | M=4 k=16 gpipe" in report, report
+    config = json.loads((job.out_dir / "config.json").read_text())
+    assert config["args"]["threads"] == 2 and config["args"]["out_dir"] == str(job.out_dir)
+    assert config["args"]["train_data"] == spaced_data[1], config  # via MPIGPT2_ARGS
+
+
+# -- without Slurm: how the script builds the launch command (MPIGPT2_DRY_RUN=1) ---------------
+def dry_run(cwd, *args, env=None):
+    """Run train.sbatch outside Slurm with MPIGPT2_DRY_RUN=1: (status, output, train argv)."""
+    e = {k: v for k, v in os.environ.items()
+         if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_", "MPIGPT2_"))}
+    e.update(MPIGPT2_VENV=str(VENV), MPIGPT2_DRY_RUN="1", **(env or {}))
+    r = subprocess.run(["bash", str(SCRIPT), *args], cwd=cwd, env=e, capture_output=True,
+                       text=True, timeout=60)
+    out = r.stdout + r.stderr
+    argv = None
+    for line in out.splitlines():
+        if "] command: " in line:
+            cmd = shlex.split(line.split("] command: ", 1)[1])
+            argv = cmd[cmd.index("mpigpt2.train") + 1:]
+    return r.returncode, out, argv
+
+
+def test_dry_run_flags_quoting_and_user_out_dir(tmp_path):
+    rc, out, argv = dry_run(tmp_path, "--", "--out-dir=my out", "--pp", "2",
+                            env={"MPIGPT2_ARGS": "--steps 5 --val-data '' --train-data "
+                                                 "'/data/my tokens/*_train_*.bin'"})
+    assert rc == 0, out
+    assert argv == ["--out-dir", "my out", "--resume", "auto", "--threads", "1", "--steps", "5",
+                    "--val-data", "", "--train-data", "/data/my tokens/*_train_*.bin",
+                    "--out-dir=my out", "--pp", "2"], out
+    assert (tmp_path / "my out").is_dir() and not (tmp_path / "runs").exists(), out
+    assert "launcher mpiexec: not inside a Slurm job" in out, out
+    # the `--out-dir X` form (and an abbreviation, as argparse takes it), from MPIGPT2_ARGS
+    rc, out, argv = dry_run(tmp_path, env={"MPIGPT2_ARGS": "--out other", "MPIGPT2_OUT": "x"})
+    assert rc == 0 and argv[:2] == ["--out-dir", "other"], out
+    # bad input ends the job before anything is launched, with status 2
+    rc, out, argv = dry_run(tmp_path, "--", "--pp", "2", "--no-such-flag")
+    assert rc == 2 and argv is None and "unrecognized arguments: --no-such-flag" in out, out
+    rc, out, argv = dry_run(tmp_path, env={"MPIGPT2_ARGS": "--steps '5"})
+    assert rc == 2 and argv is None and "MPIGPT2_ARGS" in out, out
+
+
+def test_dry_run_user_resume_path_applies_to_the_first_attempt_only(tmp_path):
+    old = tmp_path / "old" / "step_00000002"
+    old.mkdir(parents=True)
+    (old / "DONE").write_text("2\n")
+    fresh = ["--", "--out-dir", "out", "--resume", str(old)]
+    # first attempt, nothing in OUT: the user's checkpoint
+    rc, out, argv = dry_run(tmp_path, *fresh)
+    assert rc == 0 and argv[-2:] == ["--resume", str(old)] and "resume:" not in out, out
+    # a restart before OUT has a checkpoint: still the user's
+    rc, out, argv = dry_run(tmp_path, *fresh, env={"SLURM_RESTART_COUNT": "1"})
+    assert rc == 0 and argv[-2:] == ["--resume", str(old)], out
+    done = tmp_path / "out" / "checkpoints" / "step_00000006"
+    done.mkdir(parents=True)
+    (done / "DONE").write_text("6\n")
+    # a restart with a checkpoint in OUT: the newest there (--resume auto, given last)
+    rc, out, argv = dry_run(tmp_path, *fresh, env={"SLURM_RESTART_COUNT": "1"})
+    assert rc == 0 and argv[-2:] == ["--resume", "auto"], out
+    assert "resume: restart 1: resuming from the newest checkpoint" in out, out
+    # a new job (same flags) whose OUT already went further than PATH: the newest there too
+    rc, out, argv = dry_run(tmp_path, *fresh)
+    assert rc == 0 and argv[-2:] == ["--resume", "auto"], out
+    assert "(step 6) is newer than --resume" in out, out
+    # a PATH later than anything in OUT, on a new job: the user's
+    (old.parent / "step_00000008").mkdir()
+    (old.parent / "step_00000008" / "DONE").write_text("8\n")
+    later = str(old.parent / "step_00000008")
+    rc, out, argv = dry_run(tmp_path, "--out-dir", "out", f"--resume={later}")
+    assert rc == 0 and argv[-1] == f"--resume={later}", out
