@@ -137,20 +137,22 @@ def warn_at_step_4(plan, timeout=180):
     """plan: {job: number of warnings}. Warn each job once it has logged step 4 (rank 0 then
     sleeps 8 s in step 5, so the ranks stop after step 5); a second warning comes 1.5 s after
     the first, past the 1 s window in which a repeated signal counts once."""
-    sent = {job: [] for job in plan}
-    deadline, checked = time.time() + timeout, 0.0
+    sent = {job: [] for job in plan}  # when each warning went out
+    deadline, next_check = time.time() + timeout, 0.0
     while any(len(sent[job]) < n for job, n in plan.items()):
         now = time.time()
+        check = now >= next_check  # whether the jobs still run: every 2 s (an scontrol call)
         for job, n in plan.items():
-            if len(sent[job]) >= n:
+            times = sent[job]
+            if len(times) == n:
                 continue
-            if sent[job] and now - sent[job][-1] >= 1.5 or not sent[job] and job.logged(4):
+            if times and now - times[-1] >= 1.5 or not times and job.logged(4):
                 job.warn()
-                sent[job].append(time.time())
-            elif not sent[job] and (now > deadline or now - checked > 2 and not job.alive()):
+                times.append(time.time())
+            elif not times and (now > deadline or check and not job.alive()):
                 raise AssertionError(f"job {job.id} did not log step 4:\n{job.report()}")
-        if now - checked > 2:
-            checked = now
+        if check:
+            next_check = now + 2
         time.sleep(0.1)
 
 

@@ -1,9 +1,13 @@
 """Parity matrix: every parallel layout trains to the same losses and weights as one process.
 
-float64 compares losses and final parameters. float32 compares losses and the first step's
-gradients: Adam divides by sqrt(v), so a gradient that is exactly zero in exact arithmetic
-(the key bias: softmax ignores a constant added to every score) becomes a ±lr step whose sign
-is float32 rounding noise, and final float32 parameters can differ by design, not by error.
+float64 compares losses, the first step's gradients and final parameters (relative 1e-10).
+float32 compares losses and the first step's gradients (relative 1e-5), and the final
+parameters in units of Adam's largest possible move (lr per step): Adam divides by sqrt(v),
+so a gradient near zero turns float32 rounding noise into a visible step, and the final
+parameters can differ by more than 1e-5 relative by design, not by error (measured: 7e-5 of
+attprojw's largest entry, 1e-3 of lr·steps). The key bias is left out of that check: its
+gradient is exactly zero in exact arithmetic (softmax ignores a constant added to every
+score), so each step is ±lr with the sign of float32 noise.
 
 Run under MPI: `mpiexec -n 8 python -m pytest --with-mpi tests/mpi`. Each case takes the first
 pp·dp ranks of the world; the verdict is agreed by all ranks so none fails alone.
@@ -23,11 +27,11 @@ from mpigpt2.params import init_params
 from mpigpt2.runtime import Runner
 from mpigpt2.stage import Stage
 from mpigpt2.zero import ShardedAdam
-from tolerances import PARITY_F32, PARITY_F64
+from tolerances import PARITY_F32, PARITY_F32_ADAM, PARITY_F64
 
-CFG = GPTConfig(max_seq_len=16, vocab_size=61, padded_vocab_size=64, num_layers=4,
+CFG = GPTConfig(max_seq_len=32, vocab_size=61, padded_vocab_size=64, num_layers=4,
                 num_heads=2, channels=16)
-B, T, STEPS, LR, SEED = 24, 16, 3, 1e-3, 7  # B divisible by every dp·M below
+B, T, STEPS, LR, SEED = 24, 32, 3, 1e-3, 7  # B divisible by every dp·M below
 
 
 def batch(step):
@@ -91,29 +95,32 @@ def train_layout(comm, lay, dtype, zero=0, overlap=True):
 
 
 # (pp, dp, k, M, schedule, stage_layers[, zero, overlap]): every value of the issue's
-# matrix appears; the last rows run ZeRO-1 with and without overlap
+# matrix appears (k = T, T/4, T/16, 1 with T = 32); the last rows run ZeRO-1 with and
+# without overlap
 CASES = [
-    (1, 1, 16, 1, "gpipe", None),
+    (1, 1, 32, 1, "gpipe", None),
     (1, 2, 1, 4, "1f1b", None),
-    (1, 4, 4, 2, "gpipe", None),
-    (2, 1, 4, 2, "1f1b", None),
-    (2, 1, 1, 1, "gpipe", "3,1"),
+    (1, 4, 8, 2, "gpipe", None),
+    (2, 1, 8, 2, "1f1b", None),
+    (2, 1, 2, 1, "gpipe", "3,1"),
     (2, 2, 1, 2, "gpipe", "1,3"),
-    (2, 4, 16, 1, "gpipe", None),
-    (3, 1, 4, 4, "1f1b", "2,1,1"),
-    (3, 2, 16, 4, "1f1b", "1,2,1"),
+    (2, 4, 32, 1, "gpipe", None),
+    (3, 1, 8, 4, "1f1b", "2,1,1"),
+    (3, 2, 32, 4, "1f1b", "1,2,1"),
     (4, 1, 1, 4, "1f1b", None),
-    (4, 2, 4, 4, "1f1b", None),
-    (4, 2, 1, 1, "gpipe", None),
-    (1, 2, 16, 1, "gpipe", None, 1, True),
-    (1, 4, 4, 2, "1f1b", None, 1, False),
-    (2, 2, 4, 2, "1f1b", "3,1", 1, True),
+    (4, 2, 8, 4, "1f1b", None),
+    (4, 2, 2, 1, "gpipe", None),
+    (2, 2, 2, 4, "1f1b", "2,2"),
+    (1, 2, 32, 1, "gpipe", None, 1, True),
+    (1, 4, 8, 2, "1f1b", None, 1, False),
+    (2, 2, 8, 2, "1f1b", "3,1", 1, True),
     (2, 4, 1, 1, "gpipe", None, 1, False),
-    (1, 3, 16, 1, "gpipe", None, 1, True),  # shards of unequal size
-    (3, 2, 4, 4, "1f1b", "1,2,1", 1, True),  # a middle stage without wte
-    (3, 1, 1, 4, "1f1b", "2,1,1", 1, False),  # wte's state split over its two stages only
-    (2, 3, 16, 1, "gpipe", "3,1", 1, False),  # unequal shards of wte (6 owners) and the rest
-    (2, 3, 4, 2, "gpipe", "1,3", 1, True),
+    (1, 3, 32, 1, "gpipe", None, 1, True),  # shards of unequal size
+    (3, 2, 8, 4, "1f1b", "1,2,1", 1, True),  # a middle stage without wte
+    (3, 1, 2, 4, "1f1b", "2,1,1", 1, False),  # wte's state split over its two stages only
+    (2, 3, 32, 1, "gpipe", "3,1", 1, False),  # unequal shards of wte (6 owners) and the rest
+    (2, 3, 8, 2, "gpipe", "1,3", 1, True),
+    (4, 2, 2, 4, "1f1b", None, 1, True),
 ]
 
 _REF = {}
@@ -146,9 +153,16 @@ def test_parity(pp, dp, k, M, sched, split, dtype, zero, overlap):
             for n in ref_params:
                 errs["d" + n] = float(np.abs(grads[n] - ref_grads[n]).max()
                                       / np.abs(ref_grads[n]).max())
+                got, want = params[n], ref_params[n]
                 if dtype == np.float64:
-                    errs[n] = float(np.abs(params[n] - ref_params[n]).max()
-                                    / np.abs(ref_params[n]).max())
+                    errs[n] = float(np.abs(got - want).max() / np.abs(want).max())
+                    continue
+                if n == "qkvb":  # drop the key bias (see the module docstring)
+                    C = CFG.channels
+                    got, want = (np.delete(a, np.s_[C:2 * C], 1) for a in (got, want))
+                # Adam moves a parameter by at most ≈ lr per step: measure in that unit
+                errs[n] = float(np.abs(got - want).max()) / (LR * STEPS) * \
+                    (PARITY_F32 / PARITY_F32_ADAM)
             if sumsq is not None:  # ZeRO's gradient norm counts the tied wte once
                 want = sum(float((g.astype(np.float64) ** 2).sum()) for g in ref_grads.values())
                 errs["grad_sumsq"] = abs(sumsq - want) / want
