@@ -32,7 +32,7 @@ test: $(VENV)/.test
 	    --with-mpi -q tests/mpi
 	timeout 2400 $(BIN)/python -m pytest -q tests --ignore=tests/mpi
 
-bench: $(VENV)/.test
+bench: $(VENV)/.test $(DATA)
 	$(BIN)/python bench/run.py
 
 data: $(DATA)
