@@ -21,6 +21,7 @@ class AdamW:
         """Update params[lo:hi] in place; t is the 1-based step count (bias correction)."""
         b1, b2, eps, wd = self.beta1, self.beta2, self.eps, self.weight_decay
         bc1, bc2 = 1.0 - b1 ** t, 1.0 - b2 ** t
+        per_lr = bc1 / lr if lr else np.inf  # lr = 0: the moments move, the parameters do not
         hi = params.size if hi is None else hi
         for a in range(lo, hi, CHUNK):
             z = min(a + CHUNK, hi)
@@ -36,15 +37,14 @@ class AdamW:
             np.multiply(g, g, out=tmp)
             tmp *= 1.0 - b2
             v += tmp
-            np.divide(v, bc2, out=tmp)            # sqrt(v_hat) + eps
+            np.multiply(v, 1.0 / bc2, out=tmp)    # sqrt(v_hat) + eps
             np.sqrt(tmp, out=tmp)
             tmp += eps
-            np.divide(m, bc1, out=gs)             # m_hat / (sqrt(v_hat) + eps)
-            np.divide(gs, tmp, out=tmp)
-            if wd != 0.0:
-                np.multiply(p, wd, out=gs)
+            tmp *= per_lr                         # lr * m_hat / (sqrt(v_hat) + eps)
+            np.divide(m, tmp, out=tmp)            #   = m / ((sqrt(v_hat) + eps) * bc1 / lr)
+            if wd != 0.0:                         # + lr * wd * param (the old param)
+                np.multiply(p, lr * wd, out=gs)
                 tmp += gs
-            tmp *= lr
             p -= tmp
 
     def state(self):

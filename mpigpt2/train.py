@@ -28,8 +28,11 @@ def main(argv=None):
     local = world.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks sharing this node
 
     # -- set-up: checked on every rank, agreed, before any compute --------------------------
+    # --print-schedule only draws the table: --pp/--dp then give the grid, at any world size
+    grid_size = (args.pp or 1) * (args.dp or 1) if args.print_schedule and (args.pp or args.dp) \
+        else size
     cfg, layout, train_loader, val_loader, resume = agree(
-        world, lambda: setup(args, size, local.Get_size()), args.debug)
+        world, lambda: setup(args, grid_size, local.Get_size()), args.debug)
     from mpigpt2 import schedule
     B, T = args.batch_size, args.seq_len
     tuned = None

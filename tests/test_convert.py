@@ -116,6 +116,21 @@ def test_hf_to_llmc_matches_transformers(small, window, tmp_path):
     compare("hf-to-llmc", cfg, tensors, hf, window)
 
 
+def test_full_vocabulary_real_tokens_match_transformers(text_tokens, tmp_path):
+    """GPT-2's own vocabulary (V = 50257, padded to 50304 on the way in) on unmodified
+    tinyshakespeare tokens, through the convert CLI."""
+    shape = dict(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)
+    hf = hf_model(1, **shape)
+    hf.save_pretrained(tmp_path / "full", safe_serialization=True)
+    r = convert("hf-to-llmc", tmp_path / "full", tmp_path / "full.bin")
+    assert r.returncode == 0, r.stderr
+    cfg, tensors = load_model_source(str(tmp_path / "full.bin"))
+    assert (cfg.vocab_size, cfg.padded_vocab_size) == (50257, 50304)
+    real = text_tokens[:2 * (T + 1)].reshape(2, T + 1)
+    assert real.max() > 1000  # real GPT-2 ids, not folded into a small range
+    compare("V=50257", cfg, tensors, hf, real)
+
+
 @pytest.mark.parametrize("form", ["dir", "safetensors file"])
 def test_model_source_matches_transformers(small, window, form):
     hf, d = small

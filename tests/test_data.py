@@ -20,7 +20,7 @@ from mpigpt2.shards import HEADER_BYTES, MAGIC, read_shard, shard_paths, write_s
 from mpigpt2.tokenizer import EOT, GPT2_VOCAB, gpt2_encoding
 
 REPO = Path(__file__).resolve().parents[1]
-TEXT = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
+from conftest import TEXT  # noqa: E402  (honours $MPIGPT2_TEXT)
 
 
 def raw_shard(path, tokens=(), magic=MAGIC, version=1, count=None, extra=b""):

@@ -65,6 +65,11 @@ def test_exception_on_one_rank_ends_the_job(tmp_path, shards):
     (2, ["--pp", "2", "--stage-layers", "3,2"], "sums to 5 but the model has 4 layers"),
     (4, ["--pp", "8"], "does not divide"),
     (2, ["--model", "nope"], "unknown model preset"),
+    (5, ["--dp", "1"], "--pp 5 exceeds the model's 4 layers"),
+    (2, ["--pp", "2", "--stage-layers", "4"], "has 1 entries but --pp is 2"),
+    (2, ["--pp", "2", "--slice-tokens", "0"], "--slice-tokens must be ≥ 1"),
+    (2, ["--pp", "2", "--train-data", "/nonexistent/shard_*.bin"], "--train-data"),
+    (2, ["--seq-len", "512"], "exceeds the model's maximum sequence length"),
 ])
 def test_bad_layout_under_mpi(tmp_path, shards, n, extra, message):
     out = tmp_path / "out"

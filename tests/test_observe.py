@@ -186,6 +186,18 @@ def test_stall_report_names_the_missing_message(tmp_path, shards):
 
 
 @pytest.mark.timeout(240)
+def test_stall_report_in_a_collective(tmp_path, shards):
+    """dp = 2: rank 1 sleeps at step 1, so rank 0 waits in the gradient allreduce."""
+    flags = ["--dp", "2", "--steps", "3", "--sample-tokens", "0", "--val-data", "",
+             "--no-final-checkpoint", "--peak-gflops", "100", "--inject-delay", "1:1:3",
+             "--stall-seconds", "1"]
+    r = run(mpiexec(2) + train_cmd(shards, tmp_path / "o", *flags), timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"\[rank 0\] stalled after \d+s waiting for \d+ gradient allreduces at "
+                     r"step 1", r.stderr), r.stderr
+
+
+@pytest.mark.timeout(240)
 def test_stall_abort_ends_the_job(tmp_path, shards):
     t0 = time.time()
     r = run(mpiexec(2) + train_cmd(shards, tmp_path / "o", *STALL, "--stall-abort"),

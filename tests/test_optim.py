@@ -50,3 +50,37 @@ def test_lr_schedule_and_clip():
     assert abs(lr_at(10, 1.0, 10, 4, "cosine", 0.1) - 0.1) < 1e-12
     assert clip_scale(2.0, 1.0) < 0.5 + 1e-6 and clip_scale(0.5, 1.0) == 1.0
     assert clip_scale(5.0, 0.0) == 1.0
+
+
+def test_clipped_update_matches_torch():
+    """--grad-clip: our global-norm scale and the scaled AdamW update against torch's
+    clip_grad_norm_ + AdamW (float64, several parameter tensors, a norm above the limit)."""
+    rng = np.random.default_rng(3)
+    sizes = [5000, 70_000]
+    flat = rng.normal(size=sum(sizes))
+    opt = AdamW(flat.size, np.float64, weight_decay=0.01)
+    tps = [torch.tensor(a.copy(), requires_grad=True) for a in np.split(flat, [sizes[0]])]
+    topt = torch.optim.AdamW(tps, lr=1e-3, weight_decay=0.01)
+    for t in range(1, 5):
+        g = 3.0 * rng.normal(size=flat.size)
+        scale = clip_scale(float(np.sqrt(g @ g)), 1.0)
+        assert scale < 0.01  # clipping is active
+        opt.step(flat, g, t, 1e-3, grad_scale=scale)
+        for tp, part in zip(tps, np.split(g, [sizes[0]])):
+            tp.grad = torch.tensor(part.copy())
+        torch.nn.utils.clip_grad_norm_(tps, 1.0)
+        topt.step()
+        np.testing.assert_allclose(flat, np.concatenate([tp.detach().numpy() for tp in tps]),
+                                   rtol=ADAM_RTOL, atol=1e-12)
+
+
+def test_zero_lr_moves_the_moments_only():
+    rng = np.random.default_rng(4)
+    p = rng.normal(size=1000)
+    before = p.copy()
+    opt = AdamW(p.size, np.float64, weight_decay=0.1)
+    g = rng.normal(size=p.size)
+    opt.step(p, g, 1, 0.0)
+    np.testing.assert_array_equal(p, before)
+    np.testing.assert_allclose(opt.m, 0.1 * g)
+    np.testing.assert_allclose(opt.v, 0.001 * g * g)

@@ -5,7 +5,6 @@ import os
 import shutil
 import tempfile
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -13,7 +12,7 @@ from mpigpt2 import tokenizer
 from mpigpt2.errors import UserError
 from mpigpt2.tokenizer import EOT, GPT2_VOCAB, gpt2_encoding, load_gpt2_encoding
 
-TEXT = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
+from conftest import TEXT  # noqa: E402  (honours $MPIGPT2_TEXT)
 
 
 def test_known_ids_and_constants():
