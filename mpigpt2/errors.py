@@ -27,7 +27,7 @@ def run_cli(main, argv=None):
             # raised on this rank alone (set-up errors are agreed and never get here): the
             # other ranks may be waiting for it, so end the whole job instead of hanging
             print(f"error (rank {comm.Get_rank()}): {e}", file=sys.stderr, flush=True)
-            comm.Abort(EXIT_USAGE)
+            abort(comm, EXIT_USAGE)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
 
@@ -38,3 +38,16 @@ def _mpi_world():
     if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized():
         return None
     return mpi.COMM_WORLD
+
+
+ABORT_GRACE_SECONDS = 0.5
+
+
+def abort(comm, code):
+    """MPI Abort after a short pause: the launcher forwards a rank's output asynchronously, and
+    an immediate Abort can kill the job before the message that says why has reached it."""
+    import time
+    sys.stdout.flush()
+    sys.stderr.flush()
+    time.sleep(ABORT_GRACE_SECONDS)
+    comm.Abort(code)

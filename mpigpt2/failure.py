@@ -9,7 +9,7 @@ import sys
 import traceback
 
 
-from mpigpt2.errors import UserError, EXIT_USAGE
+from mpigpt2.errors import UserError, EXIT_USAGE, abort
 
 
 def install_excepthook(comm):
@@ -23,7 +23,7 @@ def install_excepthook(comm):
         sys.stderr.write(f"[rank {rank}] uncaught {etype.__name__}: {value}\n{text}"
                          f"[rank {rank}] aborting the MPI job\n")
         sys.stderr.flush()
-        comm.Abort(1)
+        abort(comm, 1)
 
     sys.excepthook = hook
 

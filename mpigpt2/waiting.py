@@ -10,6 +10,8 @@ import time
 
 from mpi4py import MPI
 
+from mpigpt2.errors import abort
+
 SLEEP_START = 2e-5
 # Longest nap between polls, in seconds. A pipeline wait (p2p), a barrier or set-up may last a
 # whole stage's compute (or rank 0's file writing): nap long and leave the core to the ranks
@@ -70,10 +72,10 @@ def wait_all(reqs, kind="p2p", what=None):
             warned = True
             _report(waited, kind, what, "stalled")
             if STALL["abort"]:
-                MPI.COMM_WORLD.Abort(4)
+                abort(MPI.COMM_WORLD, 4)
         if waited > STALL["timeout"]:  # a peer died without MPI noticing: never hang
             _report(waited, kind, what, "gave up (--wait-timeout)")
-            MPI.COMM_WORLD.Abort(4)
+            abort(MPI.COMM_WORLD, 4)
     t1 = time.perf_counter()
     STATS.add(kind, t1 - t0)
     if TRACE is not None and kind in TRACED_KINDS:
