@@ -132,9 +132,13 @@ def main(argv=None):
             if moved:
                 print0(f"note: {args.out_dir} held checkpoints of an earlier run (not resumed): "
                        f"moved them to {moved}")
-    # validation done at start_step before the interruption (it follows the checkpoint)
-    val_done_at_start = world.bcast(any("val_loss" in r and r["step"] == start_step
-                                        for r in kept) if rank == 0 else None, root=0)
+    # validation done at start_step before the interruption (it follows the checkpoint);
+    # a polled broadcast: rank 0 may still be probing the matmul peak, and spinning ranks
+    # would steal its core
+    flag = np.array([rank == 0 and any("val_loss" in r and r["step"] == start_step
+                                       for r in kept)], dtype=np.int8)
+    waiting.wait_all([world.Ibcast(flag, root=0)], "setup")
+    val_done_at_start = bool(flag[0])
     print0(f"model L={cfg.num_layers} C={cfg.channels} NH={cfg.num_heads} V={cfg.vocab_size} "
            f"maxT={cfg.max_seq_len} | ranks {size} = pp {layout.pp} × dp {layout.dp} | stages "
            f"{list(layout.stage_layers)} | M={M} k={layout.slice_tokens} "
