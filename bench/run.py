@@ -135,12 +135,6 @@ def bench_check(ctx):
 # ------------------------------------------------------------------------------------------------
 # rows 1 and 2: one process, one thread, mpigpt2 vs PyTorch; MFU vs the matmul peak
 
-def flops_per_token(L, C, V, T):
-    """6·(12·L·C² + V·C) + 12·L·T·C: matmul FLOPs of forward+backward (PaLM/llm.c counting,
-    the issue's formula; the logits matmul really runs over Vp ≥ V rows, which it ignores)."""
-    return 6 * (12 * L * C * C + V * C) + 12 * L * T * C
-
-
 def pool(results):
     """Merge the timed steps of several rounds (separate processes) of one measurement."""
     steps = [t for r in results for t in r["steps_s"]]
@@ -212,6 +206,7 @@ def bench_single(ctx):
 
 def bench_mfu(ctx):
     from mpigpt2.config import PRESETS
+    from mpigpt2.metrics import flops_per_token
     cfg = PRESETS["gpt2-124m"]
     reps = 3 if ctx["quick"] else 7
     try:
@@ -225,7 +220,7 @@ def bench_mfu(ctx):
                 notes="; ".join(f"{k}: {v:.0f}" for k, v in peak["gflops_per_shape"].items()),
                 details={**peak, **info})]
     for (B, T), got in ctx.get("single", {}).items():
-        fpt = flops_per_token(cfg.num_layers, cfg.channels, cfg.vocab_size, T)
+        fpt = flops_per_token(cfg, T)  # the issue's 6·(12·L·C² + V·C) + 12·L·T·C
         for impl, r in got.items():
             mfu = fpt * r["tokens_per_s_best"] / P
             is_target = impl == "mpigpt2" and (B, T) == (8, 256)
@@ -480,9 +475,16 @@ def bench_zero(ctx):
         r1 = got[("pp2", "1")]
         world, most = sum(r1["optim_bytes"]) / full, max(r1["optim_bytes"]) / full
         z0 = got.get(("pp2", "0"))
+        # each rank: its stage's parameters but wte ÷ dp, plus wte ÷ (2·dp) (pp 2: both
+        # stages hold wte), two fp32 moments
+        from mpigpt2.config import PRESETS as P
+        wte = P[model].padded_vocab_size * P[model].channels * 4
+        expect = [2 * ((pb - wte) / 2 + wte / 4) for pb in r1["param_bytes"]]
+        shares_ok = all(abs(b - e) <= 0.001 * e for b, e in zip(r1["optim_bytes"], expect))
         rows.append(row("7.mem.pp2dp2", "zero/optimizer memory pp=2 dp=2", pcfg,
                         "Adam bytes per rank ÷ the model's (max rank)", most,
-                        "≈ 1/(pp·dp) = 0.250; world total = 1 copy", abs(world - 1) < 1e-3,
+                        "world total = 1 copy; each rank its stage's share ÷ dp (wte ÷ 2·dp)",
+                        abs(world - 1) < 1e-3 and shares_ok,
                         "per rank " + ", ".join(f"{b / full:.3f}" for b in r1["optim_bytes"])
                         + f" (stage shares follow the compute-balanced partition "
                         f"{r1['layout']['stage_layers']}); sum over the world {world:.4f} of "

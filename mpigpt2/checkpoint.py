@@ -83,6 +83,9 @@ def write(root, step, cfg, params, m, v, state, keep, fp64):
             shutil.rmtree(old, ignore_errors=True)
     except (OSError, UserError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        old = os.path.join(root, f".old-step_{step:08d}")
+        if os.path.exists(old) and not os.path.exists(final):  # put the old one back
+            os.replace(old, final)
         what = getattr(e, "strerror", None) or str(e)
         raise UserError(f"checkpoint {final} could not be written ({what}); earlier checkpoints "
                         f"are untouched — free space or fix --out-dir and resume")

@@ -31,8 +31,9 @@ class DataLoader:
     Order with shuffle="llmc" (`--shuffle llmc`): the order of llm.c's shuffled training loader
     (llmc/dataloader.h, should_shuffle=1) for a single process. One MT19937 stream seeded with
     42 (`seed` is ignored) and never reseeded; at the start of every epoch it draws a
-    random_permutation of the shard indices (none with one shard), then each shard, in that
-    order, draws a random_permutation of its windows when it is entered. The global batch order
+    random_permutation of the previous epoch's shard order (the identity before epoch 0; no draw
+    with one shard), then each shard, in that order, draws a random_permutation of its windows
+    (from the identity) when it is entered. The global batch order
     equals llm.c's with one process; llm.c with N processes seeds 42 + rank per process and
     gives each process its own windows, which is not reproduced here — our data-parallel
     replicas read their rows of the same global window, as in the other orders. The stream
@@ -134,10 +135,16 @@ class DataLoader:
         return epoch * (len(self.paths) - 1 + sum(n - 1 for n in self.nwin))
 
     def _llmc_shard_order(self, epoch):
-        if self._llmc_shards is None or self._llmc_shards[0] != epoch:
-            self._llmc_seek(self._llmc_epoch_start(epoch))
-            self._llmc_shards = (epoch, random_permutation(len(self.paths), self._rng))
-        return self._llmc_shards[1]
+        """llm.c shuffles last epoch's shard order again (its shard_indices start as the
+        identity once, at init), so epoch e's order needs the shuffles of epochs 0..e."""
+        c = self._llmc_shards
+        if c is None or c[0] != epoch:
+            e, order = (c[0] + 1, c[1]) if c is not None and c[0] < epoch else (0, None)
+            for k in range(e, epoch + 1):
+                self._llmc_seek(self._llmc_epoch_start(k))
+                order = random_permutation(len(self.paths), self._rng, order)
+            self._llmc_shards = c = (epoch, order)
+        return c[1]
 
     def _llmc_window_order(self, epoch, i):
         c = self._llmc_wins

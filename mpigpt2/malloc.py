@@ -33,3 +33,16 @@ def tune():
                                                (M_MMAP_MAX, 0),
                                                (M_TRIM_THRESHOLD, 2 ** 31 - 1),
                                                (M_TOP_PAD, 256 << 20)))
+
+
+def release():
+    """Give freed heap memory back to the kernel (malloc_trim): after a checkpoint or a sample,
+    whose gathered full-model buffers on rank 0 would otherwise stay resident for the rest of
+    the run. The next step's temporaries fault in once again."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        return bool(ctypes.CDLL(name).malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

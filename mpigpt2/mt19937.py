@@ -6,8 +6,10 @@ by the standard twist (vectorized with numpy in four dependency-free blocks) and
 the standard tempering of one state word. The stream is the one of C++'s std::mt19937 and of
 numpy's legacy np.random.RandomState(int seed) (raw 32-bit words).
 
-llm.c's `random_permutation(data, n, rng)` (llmc/rand.h) starts from the identity and, for i from
-n-1 down to 1, swaps data[i] with data[randint32() % (i+1)]; it draws n-1 words (none for n ≤ 1).
+llm.c's `random_permutation(data, n, rng)` (llmc/rand.h) shuffles data in place: for i from n-1
+down to 1 it swaps data[i] with data[randint32() % (i+1)], drawing n-1 words (none for n ≤ 1).
+Its loader resets a shard's window order to the identity before each shuffle, but shuffles the
+shard order of the previous epoch again at every epoch.
 """
 
 import numpy as np
@@ -96,10 +98,12 @@ class MT19937:
         self.position += n
 
 
-def random_permutation(n, rng):
-    """llm.c's random_permutation of range(n) with rng, as an int64 array; draws n-1 words."""
+def random_permutation(n, rng, start=None):
+    """llm.c's random_permutation with rng, as an int64 array; draws n-1 words. It shuffles the
+    array it is given: range(n) (llm.c's init_identity_permutation first), or `start`."""
     n = int(n)
-    data = list(range(n))
+    data = list(range(n)) if start is None else [int(x) for x in start]
+    assert len(data) == n
     if n > 1:
         # j for i = n-1, n-2, ..., 1 is draw % (i+1); all draws are known up front
         js = (rng.draw(n - 1).astype(np.int64) % np.arange(n, 1, -1, dtype=np.int64)).tolist()

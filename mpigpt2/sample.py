@@ -49,8 +49,9 @@ def generate(model, prompt, n_tokens, temperature=1.0, top_k=None, seed=0):
 
 
 def start_token(cfg):
-    """<|endoftext|> (50256) when the vocabulary has it, else token 0 (small test vocabularies)."""
-    return 50256 if cfg.vocab_size > 50256 else 0
+    """<|endoftext|> when the vocabulary has it, else token 0 (small test vocabularies)."""
+    from mpigpt2.tokenizer import EOT
+    return EOT if cfg.vocab_size > EOT else 0
 
 
 def decode(tokens):

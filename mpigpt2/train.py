@@ -21,16 +21,16 @@ def main(argv=None):
     world = MPI.COMM_WORLD
     rank, size = world.Get_rank(), world.Get_size()
     install_excepthook(world)
-    from mpigpt2.malloc import tune
-    tune()  # keep big freed temporaries mapped: no page faults every step
+    from mpigpt2 import malloc
+    malloc.tune()  # keep big freed temporaries mapped: no page faults every step
     print0 = (lambda *a, **k: print(*a, **k, flush=True)) if rank == 0 else (lambda *a, **k: None)
 
     local = world.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks sharing this node
 
     # -- set-up: checked on every rank, agreed, before any compute --------------------------
-    # --print-schedule only draws the table: --pp/--dp then give the grid, at any world size
-    grid_size = (args.pp or 1) * (args.dp or 1) if args.print_schedule and (args.pp or args.dp) \
-        else size
+    # --print-schedule in one process only draws the table: --pp/--dp then give the grid
+    grid_size = (args.pp or 1) * (args.dp or 1) if args.print_schedule and size == 1 and \
+        (args.pp or args.dp) else size
     cfg, layout, train_loader, val_loader, resume = agree(
         world, lambda: setup(args, grid_size, local.Get_size()), args.debug)
     from mpigpt2 import schedule
@@ -294,10 +294,12 @@ def main(argv=None):
             return signals.EXIT_PREEMPTED
         if args.checkpoint_every and done % args.checkpoint_every == 0 and done < args.steps:
             save_checkpoint(done)
+            malloc.release()  # (the gathered model and moments)
         if args.val_every and done % args.val_every == 0 and done < args.steps:
             evaluate(done)
         if args.sample_every and done % args.sample_every == 0 and done < args.steps:
             sample(done)
+            malloc.release()
 
     # -- the end: validation, a sample, the final model and checkpoint ---------------------------
     if not (start_step == args.steps and val_done_at_start):

@@ -314,8 +314,9 @@ class PlainMT:
         return y ^ (y >> 18)
 
 
-def plain_permutation(n, rand):
-    data = list(range(n))
+def plain_permutation(n, rand, data=None):
+    """llm.c's random_permutation: shuffles `data` (default: the identity) in place."""
+    data = list(range(n)) if data is None else data
     for i in range(n - 1, 0, -1):
         j = rand() % (i + 1)
         data[i], data[j] = data[j], data[i]
@@ -334,8 +335,10 @@ def llmc_shuffled_order(paths, B, T, steps):
         n = (len(toks[st["order"][k]]) - 1) // (B * T)
         st["n"], st["samples"] = n, plain_permutation(n, rand)
 
-    def reset():
-        st["order"] = plain_permutation(len(paths), rand)
+    st["order"] = list(range(len(paths)))  # dataloader_init: identity, once
+
+    def reset():  # dataloader_reset: shuffle the previous epoch's shard order again
+        st["order"] = plain_permutation(len(paths), rand, st["order"])
         load(0)
 
     reset()
