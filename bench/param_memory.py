@@ -3,7 +3,7 @@
     python bench/param_memory.py [--models gpt2-124m,gpt2-1558m] [--T 1024] [--pps 1,2,4]
 
 For each stage of the default (compute-balanced) partition the stage's flat parameter buffer is
-sized by mpigpt2.params.ParamLayout — what mpigpt2.stage.Stage allocates (checked against a real
+sized by mpigpt2.model.params.ParamLayout — what mpigpt2.model.stage.Stage allocates (checked against a real
 Stage for the first model) — and split into the transformer blocks and the rest (wte, wpe, lnf).
 Gradients and the two Adam moments have the same size, so a rank's training state is 4× that.
 """
@@ -25,10 +25,10 @@ def main():
     ap.add_argument("--T", type=int, default=1024, help="sequence length the partition balances for")
     ap.add_argument("--pps", default="1,2,4", help="pipeline sizes")
     args = ap.parse_args()
-    from mpigpt2 import layout as lay
-    from mpigpt2.config import PRESETS
-    from mpigpt2.params import ParamLayout, LAYER_NAMES, full_spec
-    from mpigpt2.stage import Stage
+    from mpigpt2.parallel import layout as lay
+    from mpigpt2.model.config import PRESETS
+    from mpigpt2.model.params import ParamLayout, LAYER_NAMES, full_spec
+    from mpigpt2.model.stage import Stage
     for mi, name in enumerate(args.models.split(",")):
         cfg = PRESETS[name]
         itemsize = np.dtype(np.float32).itemsize

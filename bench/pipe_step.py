@@ -90,15 +90,15 @@ def main():
     tune()  # as mpigpt2.train does
     from mpi4py import MPI
     from threadpoolctl import threadpool_limits
-    from mpigpt2 import layout as lay, waiting
-    from mpigpt2.collectives import barrier, sum_to_root
-    from mpigpt2.config import GPTConfig, pad_vocab
-    from mpigpt2.failure import install_excepthook
-    from mpigpt2.grid import make_grid
-    from mpigpt2.optim import AdamW
-    from mpigpt2.params import init_params
-    from mpigpt2.runtime import Runner
-    from mpigpt2.stage import Stage
+    from mpigpt2.parallel import layout as lay, waiting
+    from mpigpt2.parallel.collectives import barrier, sum_to_root
+    from mpigpt2.model.config import GPTConfig, pad_vocab
+    from mpigpt2.parallel.failure import install_excepthook
+    from mpigpt2.parallel.grid import make_grid
+    from mpigpt2.model.optim import AdamW
+    from mpigpt2.model.params import init_params
+    from mpigpt2.parallel.runtime import Runner
+    from mpigpt2.model.stage import Stage
 
     world = MPI.COMM_WORLD
     rank, size = world.Get_rank(), world.Get_size()

@@ -205,8 +205,8 @@ def bench_single(ctx):
 
 
 def bench_mfu(ctx):
-    from mpigpt2.config import PRESETS
-    from mpigpt2.metrics import flops_per_token
+    from mpigpt2.model.config import PRESETS
+    from mpigpt2.observe.metrics import flops_per_token
     cfg = PRESETS["gpt2-124m"]
     reps = 3 if ctx["quick"] else 7
     try:
@@ -460,8 +460,8 @@ def bench_zero(ctx):
                             f"{max(z0['optim_bytes']) / 2**20:.1f} MiB"))
     # pp = 2 × dp = 2: the tied wte lives on both stages; ZeRO-1 shards its state over the 4
     # ranks that hold it, so the world keeps one copy of the optimizer state
-    from mpigpt2.config import PRESETS
-    from mpigpt2.params import num_parameters
+    from mpigpt2.model.config import PRESETS
+    from mpigpt2.model.params import num_parameters
     full = 2 * 4 * num_parameters(PRESETS[model])  # fp32 m and v of the whole model
     pcfg = f"{model} B={B} T={T}, pp=2 dp=2 M=2, 1 thread/rank, {steps} steps"
     for zero in ("0", "1"):
@@ -477,7 +477,7 @@ def bench_zero(ctx):
         z0 = got.get(("pp2", "0"))
         # each rank: its stage's parameters but wte ÷ dp, plus wte ÷ (2·dp) (pp 2: both
         # stages hold wte), two fp32 moments
-        from mpigpt2.config import PRESETS as P
+        from mpigpt2.model.config import PRESETS as P
         wte = P[model].padded_vocab_size * P[model].channels * 4
         expect = [2 * ((pb - wte) / 2 + wte / 4) for pb in r1["param_bytes"]]
         shares_ok = all(abs(b - e) <= 0.001 * e for b, e in zip(r1["optim_bytes"], expect))
@@ -636,7 +636,7 @@ def write_markdown(path, rows, machine, mline, meta):
         lines.append("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ")
                                        for c in cells) + " |")
     lines.append("")
-    from mpigpt2.fileio import atomic_write_text
+    from mpigpt2.formats.atomic import atomic_write_text
     atomic_write_text(path, "\n".join(lines))
 
 
@@ -693,7 +693,7 @@ def main():
     for r in rows:  # every row names the machine and the run it came from
         r["machine"] = full_line
         r["run"] = meta
-    from mpigpt2.fileio import atomic_write_text
+    from mpigpt2.formats.atomic import atomic_write_text
     atomic_write_text(out, json.dumps(rows, indent=1, default=str))
     md = os.path.splitext(out)[0] + ".md"
     write_markdown(md, rows, machine, mline_short, meta)

@@ -26,8 +26,8 @@ def batch(cfg, B, T, seed=1234):
 
 def run_mpigpt2(cfg, B, T, warmup, steps):
     from threadpoolctl import threadpool_limits
-    from mpigpt2.model import GPT
-    from mpigpt2.optim import AdamW
+    from mpigpt2.model.gpt import GPT
+    from mpigpt2.model.optim import AdamW
     threadpool_limits(1)
     x, y = batch(cfg, B, T)
     x, y = x.astype(np.int32), y.astype(np.int32)
@@ -88,8 +88,8 @@ def check_equivalence():
     """Same weights and tokens: torch's loss and gradients equal mpigpt2's (float32)."""
     import torch
     from threadpoolctl import threadpool_limits
-    from mpigpt2.config import GPTConfig
-    from mpigpt2.model import GPT
+    from mpigpt2.model.config import GPTConfig
+    from mpigpt2.model.gpt import GPT
     from torch_gpt2 import TorchGPT2, load_from_mpigpt2
     threadpool_limits(1)
     torch.set_num_threads(1)
@@ -132,7 +132,7 @@ def main():
     if args.check:
         emit({"kind": "check", **check_equivalence()})
         return
-    from mpigpt2.config import PRESETS
+    from mpigpt2.model.config import PRESETS
     cfg = PRESETS[args.model]
     if args.impl == "mpigpt2":
         times, phases, losses, extra = run_mpigpt2(cfg, args.B, args.T, args.warmup, args.steps)

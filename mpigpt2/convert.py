@@ -27,31 +27,31 @@ def model_config(path):
     """Validated GPTConfig of a Hugging Face model or an llm.c .bin (reads no weights, except
     a present lm_head.weight, which must equal wte)."""
     if is_hf_source(path):
-        from mpigpt2.hf import Checkpoint
+        from mpigpt2.formats.hf import Checkpoint
         return Checkpoint(path).cfg
-    from mpigpt2.llmc import read_header
+    from mpigpt2.formats.llmc import read_header
     return read_header(path)[0]
 
 
 def load_stage_params(path, spec, views):
     """Fill a stage's llm.c-named views (layers spec.l0..l1) from either format; return cfg."""
     if is_hf_source(path):
-        from mpigpt2.hf import Checkpoint
+        from mpigpt2.formats.hf import Checkpoint
         ckpt = Checkpoint(path)
         ckpt.load_into(views, spec.l0, spec.l1)
         return ckpt.cfg
-    from mpigpt2.llmc import load_params
+    from mpigpt2.formats.llmc import load_params
     return load_params(path, spec, views)
 
 
 def load_model_source(path):
     """(GPTConfig, llm.c's global float32 tensors, wte padded to Vp) of either format."""
     if is_hf_source(path):
-        from mpigpt2.hf import Checkpoint
+        from mpigpt2.formats.hf import Checkpoint
         ckpt = Checkpoint(path)
         return ckpt.cfg, ckpt.load_all()
-    from mpigpt2.llmc import read_header, load_params
-    from mpigpt2.params import full_spec, tensor_shapes
+    from mpigpt2.formats.llmc import read_header, load_params
+    from mpigpt2.model.params import full_spec, tensor_shapes
     cfg, _ = read_header(path)
     tensors = {n: np.empty(s, np.float32) for n, s in tensor_shapes(cfg, cfg.num_layers).items()}
     load_params(path, full_spec(cfg), tensors)
@@ -60,8 +60,8 @@ def load_model_source(path):
 
 def hf_to_llmc(src, out):
     """Hugging Face GPT-2 (directory or .safetensors) -> llm.c fp32 .bin; returns the cfg."""
-    from mpigpt2.hf import Checkpoint
-    from mpigpt2.llmc import write_model
+    from mpigpt2.formats.hf import Checkpoint
+    from mpigpt2.formats.llmc import write_model
     if not is_hf_source(src) and src.endswith(".bin") and os.path.isfile(src):
         raise UserError(f"{src} looks like an llm.c file; hf-to-llmc reads a Hugging Face model "
                         f"directory or .safetensors (use llmc-to-hf to go the other way)")
@@ -79,7 +79,7 @@ def hf_to_llmc(src, out):
 
 def llmc_to_hf(src, out_dir):
     """llm.c .bin (fp32 or bf16) -> Hugging Face directory (model.safetensors + config.json)."""
-    from mpigpt2.hf import write_checkpoint
+    from mpigpt2.formats.hf import write_checkpoint
     if is_hf_source(src):
         raise UserError(f"{src} is a Hugging Face model; llmc-to-hf reads an llm.c .bin file "
                         f"(use hf-to-llmc to convert the other way)")

@@ -5,7 +5,7 @@ import argparse
 import os
 import tempfile
 
-from mpigpt2.autotune import parse_slice_tokens
+from mpigpt2.parallel.autotune import parse_slice_tokens
 from mpigpt2.errors import UserError
 
 DEFAULT_VAL = "data/tinyshakespeare/tiny_shakespeare_val.bin"
@@ -124,9 +124,9 @@ def check_args(args):
 
 def load_config(model):
     """Model shape from a preset name, an llm.c file header or a Hugging Face GPT-2 model."""
-    from mpigpt2.config import preset, PRESETS
+    from mpigpt2.model.config import preset, PRESETS
     from mpigpt2.convert import is_hf_source, model_config
-    from mpigpt2.llmc import read_header
+    from mpigpt2.formats.llmc import read_header
     if model in PRESETS:
         return preset(model)
     if is_hf_source(model):  # a directory or .safetensors (config.json beside it)
@@ -145,8 +145,8 @@ def node_memory_bytes():
 
 def setup(args, world, ranks_per_node=1):
     """Everything that can fail because of user input, before any compute."""
-    from mpigpt2 import layout as lay
-    from mpigpt2.data import DataLoader
+    from mpigpt2.parallel import layout as lay
+    from mpigpt2.formats.data import DataLoader
     check_args(args)
     cfg = load_config(args.model)
     B, T = args.batch_size, args.seq_len
@@ -173,7 +173,7 @@ def setup(args, world, ranks_per_node=1):
         val = DataLoader(args.val_data, B, T, vocab_size=cfg.vocab_size, flag="--val-data")
     resume = None
     if args.resume:
-        from mpigpt2 import checkpoint as ck
+        from mpigpt2.formats import checkpoint as ck
         path = ck.find(args.out_dir, args.resume)
         if path is not None:
             state = ck.read_state(path)

@@ -13,8 +13,8 @@ import urllib.request
 import numpy as np
 
 from mpigpt2.errors import UserError, run_cli
-from mpigpt2.shards import ShardWriter
-from mpigpt2.tokenizer import EOT, gpt2_encoding
+from mpigpt2.formats.shards import ShardWriter
+from mpigpt2.formats.tokenizer import EOT, gpt2_encoding
 
 TINYSHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
                        "tinyshakespeare/input.txt")

@@ -27,7 +27,7 @@ CATEGORY = {"forward": "forward", "backward": "backward", "wait": "communication
 
 def save_png(fig, path):
     """Write the figure atomically: a reader never sees a half-written PNG."""
-    from mpigpt2.fileio import atomic_write
+    from mpigpt2.formats.atomic import atomic_write
     atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 

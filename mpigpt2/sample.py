@@ -10,7 +10,7 @@ from mpigpt2.errors import UserError
 
 def model_from_tensors(cfg, tensors):
     """A one-process GPT holding the given global tensors."""
-    from mpigpt2.model import GPT
+    from mpigpt2.model.gpt import GPT
     m = GPT(cfg)
     for n, v in m.params.items():
         v[...] = tensors[n]
@@ -38,7 +38,7 @@ def generate(model, prompt, n_tokens, temperature=1.0, top_k=None, seed=0):
             if top_k and top_k < cfg.vocab_size:
                 kth = np.partition(z[0], -top_k)[-top_k]
                 z[z < kth] = -np.inf
-            from mpigpt2.ops import softmax_logits
+            from mpigpt2.model.ops import softmax_logits
             probs = softmax_logits(z, cfg.vocab_size)[0]  # (V,)
             nxt = int(rng.choice(cfg.vocab_size, p=probs))
         toks.append(nxt)
@@ -50,12 +50,12 @@ def generate(model, prompt, n_tokens, temperature=1.0, top_k=None, seed=0):
 
 def start_token(cfg):
     """<|endoftext|> when the vocabulary has it, else token 0 (small test vocabularies)."""
-    from mpigpt2.tokenizer import EOT
+    from mpigpt2.formats.tokenizer import EOT
     return EOT if cfg.vocab_size > EOT else 0
 
 
 def decode(tokens):
-    from mpigpt2.tokenizer import gpt2_encoding
+    from mpigpt2.formats.tokenizer import gpt2_encoding
     return gpt2_encoding().decode([t for t in tokens if t < 50257])
 
 
@@ -73,9 +73,9 @@ def main(argv=None):
     if args.tokens < 0 or args.top_k < 0:
         raise UserError("--tokens and --top-k must be ≥ 0")
     from mpigpt2.convert import model_config, load_stage_params
-    from mpigpt2.model import GPT
-    from mpigpt2.params import full_spec
-    from mpigpt2.tokenizer import gpt2_encoding
+    from mpigpt2.model.gpt import GPT
+    from mpigpt2.model.params import full_spec
+    from mpigpt2.formats.tokenizer import gpt2_encoding
     cfg = model_config(args.model)  # llm.c .bin or Hugging Face model
     prompt = gpt2_encoding().encode_ordinary(args.prompt) if args.prompt else [start_token(cfg)]
     if max(prompt) >= cfg.vocab_size:

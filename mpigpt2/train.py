@@ -17,7 +17,7 @@ from mpigpt2.options import parse_args, setup
 def main(argv=None):
     args = parse_args(argv)
     from mpi4py import MPI
-    from mpigpt2.failure import install_excepthook, agree
+    from mpigpt2.parallel.failure import install_excepthook, agree
     world = MPI.COMM_WORLD
     rank, size = world.Get_rank(), world.Get_size()
     install_excepthook(world)
@@ -33,7 +33,7 @@ def main(argv=None):
         (args.pp or args.dp) else size
     cfg, layout, train_loader, val_loader, resume = agree(
         world, lambda: setup(args, grid_size, local.Get_size()), args.debug)
-    from mpigpt2 import schedule
+    from mpigpt2.parallel import schedule
     B, T = args.batch_size, args.seq_len
     tuned = None
     saved_layout = resume[1].get("layout") if resume is not None else None
@@ -44,7 +44,7 @@ def main(argv=None):
         layout = dataclasses.replace(layout, slice_tokens=int(saved_layout["slice_tokens"]))
         print0(f"autotune: k={layout.slice_tokens} kept from the checkpoint's layout")
     elif args.slice_tokens == "auto":  # rank 0 measures, all ranks agree before the Runner
-        from mpigpt2 import autotune
+        from mpigpt2.parallel import autotune
         layout, tuned = autotune.agree(world, cfg, layout, B, T, args.dtype, args.threads or
                                        max(1, (os.cpu_count() or 1) // local.Get_size()))
         print0(autotune.describe(tuned))
@@ -56,19 +56,21 @@ def main(argv=None):
         return 0
 
     from threadpoolctl import threadpool_limits
-    from mpigpt2 import waiting, signals, metrics as mx, checkpoint as ck
-    from mpigpt2.collectives import sum_to_root, allreduce_sum, gather_model, barrier
-    from mpigpt2.metrics import gather_rows
-    from mpigpt2.grid import make_grid
-    from mpigpt2.llmc import write_model
-    from mpigpt2.optim import AdamW, lr_at, clip_scale
-    from mpigpt2.params import init_params, PARAM_NAMES
-    from mpigpt2.runtime import Runner
-    from mpigpt2.stage import Stage
-    from mpigpt2.config import PRESETS
-    from mpigpt2.fileio import atomic_write_text
-    from mpigpt2.trace import Tracer, merge, trace_path
-    from mpigpt2.zero import ShardedAdam
+    from mpigpt2.parallel import waiting, signals
+    from mpigpt2.observe import metrics as mx
+    from mpigpt2.formats import checkpoint as ck
+    from mpigpt2.parallel.collectives import sum_to_root, allreduce_sum, gather_model, barrier
+    from mpigpt2.observe.metrics import gather_rows
+    from mpigpt2.parallel.grid import make_grid
+    from mpigpt2.formats.llmc import write_model
+    from mpigpt2.model.optim import AdamW, lr_at, clip_scale
+    from mpigpt2.model.params import init_params, PARAM_NAMES
+    from mpigpt2.parallel.runtime import Runner
+    from mpigpt2.model.stage import Stage
+    from mpigpt2.model.config import PRESETS
+    from mpigpt2.formats.atomic import atomic_write_text
+    from mpigpt2.observe.trace import Tracer, merge, trace_path
+    from mpigpt2.parallel.zero import ShardedAdam
 
     threads = args.threads or max(1, (os.cpu_count() or 1) // local.Get_size())
     threadpool_limits(threads, user_api="blas")

@@ -9,8 +9,8 @@ import pytest
 
 from conftest import run, mpiexec
 from test_cli import train_cmd
-from mpigpt2 import autotune, layout as lay
-from mpigpt2.config import GPTConfig, preset
+from mpigpt2.parallel import autotune, layout as lay
+from mpigpt2.model.config import GPTConfig, preset
 
 SMALL = GPTConfig(max_seq_len=32, vocab_size=500, padded_vocab_size=512, num_layers=2,
                   num_heads=2, channels=32)

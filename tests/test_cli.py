@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from conftest import run, TEXT
-from mpigpt2.config import GPTConfig
-from mpigpt2.llmc import write_model
-from mpigpt2.model import GPT
-from mpigpt2.shards import write_shard
+from mpigpt2.model.config import GPTConfig
+from mpigpt2.formats.llmc import write_model
+from mpigpt2.model.gpt import GPT
+from mpigpt2.formats.shards import write_shard
 
 PY = sys.executable
 

@@ -17,15 +17,15 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
 from conftest import run, TEXT
-from mpigpt2.config import GPTConfig
+from mpigpt2.model.config import GPTConfig
 from mpigpt2.convert import load_model_source, load_stage_params, model_config
 from mpigpt2.errors import UserError
-from mpigpt2.hf import Checkpoint
-from mpigpt2.llmc import HEADER_BYTES, read_header, write_model
-from mpigpt2.model import GPT
-from mpigpt2.params import LAYER_NAMES, ParamLayout, StageSpec, num_parameters
-from mpigpt2.shards import write_shard
-from mpigpt2.tokenizer import gpt2_encoding
+from mpigpt2.formats.hf import Checkpoint
+from mpigpt2.formats.llmc import HEADER_BYTES, read_header, write_model
+from mpigpt2.model.gpt import GPT
+from mpigpt2.model.params import LAYER_NAMES, ParamLayout, StageSpec, num_parameters
+from mpigpt2.formats.shards import write_shard
+from mpigpt2.formats.tokenizer import gpt2_encoding
 
 from tolerances import HF_ATOL
 PY = sys.executable

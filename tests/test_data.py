@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from mpigpt2 import prepare
-from mpigpt2.data import DataLoader
+from mpigpt2.formats.data import DataLoader
 from mpigpt2.errors import UserError
-from mpigpt2.mt19937 import MT19937, random_permutation
+from mpigpt2.formats.mt19937 import MT19937, random_permutation
 from mpigpt2.options import parse_args
-from mpigpt2.shards import HEADER_BYTES, MAGIC, read_shard, shard_paths, write_shard
-from mpigpt2.tokenizer import EOT, GPT2_VOCAB, gpt2_encoding
+from mpigpt2.formats.shards import HEADER_BYTES, MAGIC, read_shard, shard_paths, write_shard
+from mpigpt2.formats.tokenizer import EOT, GPT2_VOCAB, gpt2_encoding
 
 REPO = Path(__file__).resolve().parents[1]
 from conftest import TEXT  # noqa: E402  (honours $MPIGPT2_TEXT)

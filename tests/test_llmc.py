@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-from mpigpt2.config import GPTConfig
+from mpigpt2.model.config import GPTConfig
 from mpigpt2.errors import UserError
-from mpigpt2.llmc import (read_header, load_params, write_model, header_ints, HEADER_BYTES,
+from mpigpt2.formats.llmc import (read_header, load_params, write_model, header_ints, HEADER_BYTES,
                           VERSION_BF16)
-from mpigpt2.model import GPT
-from mpigpt2.params import ParamLayout, StageSpec, PARAM_NAMES, full_spec
+from mpigpt2.model.gpt import GPT
+from mpigpt2.model.params import ParamLayout, StageSpec, PARAM_NAMES, full_spec
 
 CFG = GPTConfig(max_seq_len=16, vocab_size=50, padded_vocab_size=64, num_layers=3,
                 num_heads=2, channels=8)

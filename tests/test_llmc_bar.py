@@ -13,8 +13,8 @@ import torch
 
 from conftest import run, mpiexec
 from torch_ref import to_torch, gpt2_loss
-from mpigpt2.config import GPTConfig
-from mpigpt2.params import PARAM_NAMES
+from mpigpt2.model.config import GPTConfig
+from mpigpt2.model.params import PARAM_NAMES
 
 PY = sys.executable
 L, NH, C, V, VP, MAXT = 4, 4, 64, 500, 512, 64

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from mpigpt2.config import GPTConfig, PRESETS
-from mpigpt2.model import GPT
+from mpigpt2.model.config import GPTConfig, PRESETS
+from mpigpt2.model.gpt import GPT
 from torch_ref import to_torch, gpt2_loss
 from tolerances import TORCH64_ATOL, TORCH32_RTOL, TORCH32_LOSS
 

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import run, mpiexec
 from test_cli import train_cmd
-from mpigpt2 import schedule
+from mpigpt2.parallel import schedule
 
 PY = sys.executable
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -211,7 +211,7 @@ def test_stall_abort_ends_the_job(tmp_path, shards):
 def test_metrics_rows_kept_on_resume(tmp_path):
     """A run resumed at step 4 keeps the steps before it and the validation logged right after
     checkpoint 4; a torn last line (a kill mid-write) and the old summary are dropped."""
-    from mpigpt2.metrics import rows_before
+    from mpigpt2.observe.metrics import rows_before
     lines = [{"step": s, "loss": 1.0 + s} for s in range(6)]
     lines.insert(4, {"step": 4, "val_loss": 0.5})
     lines.insert(2, {"step": 2, "val_loss": 0.7})

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mpigpt2 import ops
+from mpigpt2.model import ops
 from tolerances import FD_RTOL, FD_STEP
 
 rng = np.random.default_rng(0)

@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from mpigpt2.optim import AdamW, lr_at, clip_scale
+from mpigpt2.model.optim import AdamW, lr_at, clip_scale
 from test_model import random_model, SMALL
 from tolerances import ADAM_RTOL, F32_VS_F64_LOSS
 

@@ -5,11 +5,11 @@ import sys
 
 import pytest
 
-from mpigpt2 import schedule as S
-from mpigpt2.config import PRESETS
+from mpigpt2.parallel import schedule as S
+from mpigpt2.model.config import PRESETS
 from mpigpt2.errors import UserError
-from mpigpt2.layout import resolve, balanced_partition, default_pp
-from mpigpt2.schedule import Action, ScheduleError
+from mpigpt2.parallel.layout import resolve, balanced_partition, default_pp
+from mpigpt2.parallel.schedule import Action, ScheduleError
 
 GPIPE_2_2_2 = """\
 tick stage0   stage1  
@@ -200,7 +200,7 @@ def test_layout_errors(kw, message):
 def test_math_modules_import_without_mpi():
     """ops, model, stage, schedule, layout never import MPI (mpi4py blocked here)."""
     code = ("import sys; sys.modules['mpi4py'] = None; sys.modules['mpi4py.MPI'] = None\n"
-            "import mpigpt2.ops, mpigpt2.model, mpigpt2.stage, mpigpt2.schedule, "
-            "mpigpt2.layout, mpigpt2.params, mpigpt2.optim, mpigpt2.data\nprint('ok')")
+            "import mpigpt2.model.ops, mpigpt2.model.gpt, mpigpt2.model.stage, mpigpt2.parallel.schedule, "
+            "mpigpt2.parallel.layout, mpigpt2.model.params, mpigpt2.model.optim, mpigpt2.formats.data\nprint('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.stdout.strip() == "ok", r.stderr

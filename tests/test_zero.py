@@ -10,10 +10,10 @@ import pytest
 from conftest import run, mpiexec
 from test_cli import train_cmd
 from tolerances import PARITY_F32
-from mpigpt2.config import GPTConfig
-from mpigpt2.layout import Layout
-from mpigpt2.params import ParamLayout, num_parameters
-from mpigpt2.zero import shard_bounds, segment_split
+from mpigpt2.model.config import GPTConfig
+from mpigpt2.parallel.layout import Layout
+from mpigpt2.model.params import ParamLayout, num_parameters
+from mpigpt2.parallel.zero import shard_bounds, segment_split
 
 
 def metrics(out):

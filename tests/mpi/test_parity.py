@@ -17,16 +17,16 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from mpigpt2.collectives import gather_model
-from mpigpt2.config import GPTConfig
-from mpigpt2.grid import make_grid
-from mpigpt2.layout import resolve
-from mpigpt2.model import GPT
-from mpigpt2.optim import AdamW
-from mpigpt2.params import init_params
-from mpigpt2.runtime import Runner
-from mpigpt2.stage import Stage
-from mpigpt2.zero import ShardedAdam
+from mpigpt2.parallel.collectives import gather_model
+from mpigpt2.model.config import GPTConfig
+from mpigpt2.parallel.grid import make_grid
+from mpigpt2.parallel.layout import resolve
+from mpigpt2.model.gpt import GPT
+from mpigpt2.model.optim import AdamW
+from mpigpt2.model.params import init_params
+from mpigpt2.parallel.runtime import Runner
+from mpigpt2.model.stage import Stage
+from mpigpt2.parallel.zero import ShardedAdam
 from tolerances import PARITY_F32, PARITY_F32_ADAM, PARITY_F64
 
 CFG = GPTConfig(max_seq_len=32, vocab_size=61, padded_vocab_size=64, num_layers=4,

@@ -8,8 +8,8 @@ touched again until its request completed (finish()). Tags encode (direction, mb
 import numpy as np
 from mpi4py import MPI
 
-from mpigpt2.schedule import FORWARD, BACKWARD, tag, max_tag
-from mpigpt2.waiting import wait_all
+from mpigpt2.parallel.schedule import FORWARD, BACKWARD, tag, max_tag
+from mpigpt2.parallel.waiting import wait_all
 
 
 class PipeP2P:

@@ -5,8 +5,8 @@ import os
 import numpy as np
 
 from mpigpt2.errors import UserError
-from mpigpt2.mt19937 import MT19937, random_permutation
-from mpigpt2.shards import read_shard, shard_paths
+from mpigpt2.formats.mt19937 import MT19937, random_permutation
+from mpigpt2.formats.shards import read_shard, shard_paths
 
 LLMC_SEED = 42  # llm.c seeds its shuffle RNG with 42 + process_rank; rank 0's is reproduced
 

@@ -41,7 +41,7 @@ def agree(comm, fn, debug=False):
         if debug:
             traceback.print_exc()
         err, result = str(e), None
-    from mpigpt2.waiting import wait_all
+    from mpigpt2.parallel.waiting import wait_all
     wait_all([comm.Ibarrier()], "setup")  # polled: slow ranks (e.g. rank 0 writing) keep a core
     errors = comm.allgather(err)  # set-up metadata only: the lowercase pickle path is fine
     failed = [(r, e) for r, e in enumerate(errors) if e is not None]

@@ -4,10 +4,10 @@ import os
 
 import numpy as np
 
-from mpigpt2.config import GPTConfig
+from mpigpt2.model.config import GPTConfig
 from mpigpt2.errors import UserError
-from mpigpt2.fileio import atomic_write
-from mpigpt2.params import PARAM_NAMES, LAYER_NAMES, tensor_shapes
+from mpigpt2.formats.atomic import atomic_write
+from mpigpt2.model.params import PARAM_NAMES, LAYER_NAMES, tensor_shapes
 
 MODEL_MAGIC = 20240326
 HEADER_INTS = 256

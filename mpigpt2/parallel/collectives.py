@@ -9,8 +9,8 @@ gradients — the gradient of the global mean loss.
 import numpy as np
 from mpi4py import MPI
 
-from mpigpt2.params import LAYER_NAMES
-from mpigpt2.waiting import wait_all
+from mpigpt2.model.params import LAYER_NAMES
+from mpigpt2.parallel.waiting import wait_all
 
 
 class GradReducer:
@@ -83,7 +83,7 @@ def barrier(comm):
 def gather_model(grid, stage, layout, grads=False, flat=None):
     """Collect replica 0's stage parameters (or gradients, or any flat array laid out like the
     parameters, e.g. Adam moments) on its stage-0 rank as global tensors; None elsewhere."""
-    from mpigpt2.params import ParamLayout, PARAM_NAMES  # noqa: local to keep the top light
+    from mpigpt2.model.params import ParamLayout, PARAM_NAMES  # noqa: local to keep the top light
     if grid.replica != 0:
         return None
     cfg = stage.cfg

@@ -61,7 +61,7 @@ def predict_step_seconds(slice_seconds, M, pp):
 
 def bottleneck_stage(cfg, T, stage_layers):
     """The stage with the largest estimated cost (layers, plus embedding / logits + loss)."""
-    from mpigpt2.layout import layer_cost, embed_cost, head_cost
+    from mpigpt2.parallel.layout import layer_cost, embed_cost, head_cost
     pp = len(stage_layers)
     cost = [n * layer_cost(cfg, T) for n in stage_layers]
     cost[0] += embed_cost(cfg)
@@ -73,8 +73,8 @@ def measure(cfg, spec, b, T, ks, dtype=np.float32, threads=1, reps=REPS, done=No
     """Per-slice forward+backward seconds {k: [t_0 .. t_{n-1}]} of one micro-batch of b rows
     on a stage of spec, for each k in ks (in order). done(k, times) -> True stops early."""
     from threadpoolctl import threadpool_limits
-    from mpigpt2.params import init_params
-    from mpigpt2.stage import Stage
+    from mpigpt2.model.params import init_params
+    from mpigpt2.model.stage import Stage
     dtype = np.dtype(dtype)
     st = Stage(cfg, spec, dtype)
     init_params(cfg, spec, st.p, seed=0)
@@ -121,7 +121,7 @@ def measure(cfg, spec, b, T, ks, dtype=np.float32, threads=1, reps=REPS, done=No
 
 
 def _cpu():
-    from mpigpt2.metrics import _cpu_name
+    from mpigpt2.observe.metrics import _cpu_name
     return _cpu_name()
 
 
@@ -165,7 +165,7 @@ def profile(cfg, spec, b, T, M, pp, dtype=np.float32, threads=1, ks=None, cache=
     prof = measure(cfg, spec, b, T, ks, dtype, threads, done=done)
     if cache:
         try:
-            from mpigpt2.fileio import atomic_write_text
+            from mpigpt2.formats.atomic import atomic_write_text
             data = _read_cache(path)
             data[key] = {str(k): v for k, v in prof.items()}
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -219,7 +219,7 @@ def agree(comm, cfg, layout, B, T, dtype=np.float32, threads=1, cache=True):
     info = None
     if comm.Get_rank() == 0:
         _, info = choose(cfg, layout, B, T, dtype, threads, cache)
-    from mpigpt2 import waiting
+    from mpigpt2.parallel import waiting
     saved = waiting.STALL["seconds"]
     waiting.STALL["seconds"] = float("inf")  # a long measurement is not a stall
     try:  # poll: a blocking bcast would spin on the cores rank 0 is measuring with

@@ -5,9 +5,9 @@ import time
 
 import numpy as np
 
-from mpigpt2 import schedule
-from mpigpt2.collectives import GradReducer
-from mpigpt2.p2p import PipeP2P
+from mpigpt2.parallel import schedule
+from mpigpt2.parallel.collectives import GradReducer
+from mpigpt2.parallel.p2p import PipeP2P
 
 
 class Runner:

@@ -14,10 +14,10 @@ import tempfile
 
 import numpy as np
 
-from mpigpt2.config import GPTConfig, pad_vocab
+from mpigpt2.model.config import GPTConfig, pad_vocab
 from mpigpt2.errors import UserError
-from mpigpt2.fileio import fsync_dir
-from mpigpt2.params import LAYER_NAMES, PARAM_NAMES, tensor_shapes
+from mpigpt2.formats.atomic import fsync_dir
+from mpigpt2.model.params import LAYER_NAMES, PARAM_NAMES, tensor_shapes
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"  # sharded checkpoints

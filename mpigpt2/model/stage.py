@@ -8,8 +8,8 @@ model on one process is simply the stage that owns every layer, with one slice o
 
 import numpy as np
 
-from mpigpt2 import ops
-from mpigpt2.params import ParamLayout
+from mpigpt2.model import ops
+from mpigpt2.model.params import ParamLayout
 
 
 class _MicroBatch:

@@ -13,7 +13,7 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from mpigpt2.waiting import wait_all
+from mpigpt2.parallel.waiting import wait_all
 
 EXIT_PREEMPTED = 3
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)

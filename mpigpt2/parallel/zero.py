@@ -21,9 +21,9 @@ step's forward, which waits only for the layer (or tensor) it is about to use.
 import numpy as np
 from mpi4py import MPI
 
-from mpigpt2.optim import AdamW
-from mpigpt2.params import LAYER_NAMES
-from mpigpt2.waiting import wait_all
+from mpigpt2.model.optim import AdamW
+from mpigpt2.model.params import LAYER_NAMES
+from mpigpt2.parallel.waiting import wait_all
 
 
 def shard_bounds(N, dp):

@@ -9,7 +9,7 @@ import json
 import os
 import time
 
-from mpigpt2.fileio import atomic_write_text
+from mpigpt2.formats.atomic import atomic_write_text
 
 
 class Tracer:

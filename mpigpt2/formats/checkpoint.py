@@ -14,8 +14,8 @@ import os
 import shutil
 
 from mpigpt2.errors import UserError
-from mpigpt2.fileio import atomic_write_text, fsync_dir
-from mpigpt2.llmc import write_model, read_header, load_params
+from mpigpt2.formats.atomic import atomic_write_text, fsync_dir
+from mpigpt2.formats.llmc import write_model, read_header, load_params
 
 FORMAT = "mpigpt2-checkpoint"
 VERSION = 1

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from mpigpt2.params import full_spec, init_params
-from mpigpt2.stage import Stage
+from mpigpt2.model.params import full_spec, init_params
+from mpigpt2.model.stage import Stage
 
 
 class GPT:

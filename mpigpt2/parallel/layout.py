@@ -3,7 +3,7 @@
 from dataclasses import dataclass, asdict
 
 from mpigpt2.errors import UserError
-from mpigpt2.params import StageSpec
+from mpigpt2.model.params import StageSpec
 
 SCHEDULES = ("gpipe", "1f1b")
 
@@ -56,7 +56,7 @@ def default_pp(world, cfg, B, T, mem_bytes=None, ranks_per_node=None):
     """Default rule: among the pp that divide world (pp ≤ L, B divisible by dp·pp) and whose
     per-rank training state fits in half the node's memory, the one with the smallest
     predicted step time (ties: the larger pp). dp = world / pp."""
-    from mpigpt2.params import num_parameters
+    from mpigpt2.model.params import num_parameters
     L = cfg.num_layers
     ranks_per_node = ranks_per_node or world
     cands = [p for p in range(1, min(world, L) + 1)

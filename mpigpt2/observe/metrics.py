@@ -61,7 +61,7 @@ def peak_gflops_per_core(override=None):
     g = probe_peak_gflops()
     try:
         os.makedirs(os.path.dirname(CACHE), exist_ok=True)
-        from mpigpt2.fileio import atomic_write_text
+        from mpigpt2.formats.atomic import atomic_write_text
         atomic_write_text(CACHE, json.dumps({"key": key, "gflops": g}))
     except OSError:
         pass
@@ -139,7 +139,7 @@ def gather_rows(comm, phase_seconds, loss_sum, stage):
     Returns (per-rank dicts, total loss sum) on rank 0 and (None, None) elsewhere; a blocking
     gather would busy-spin on ranks that finished their step early.
     """
-    from mpigpt2.waiting import wait_all
+    from mpigpt2.parallel.waiting import wait_all
     row = np.array(list(phase_seconds) + [loss_sum, stage], dtype=np.float64)
     out = np.empty((comm.Get_size(), row.size)) if comm.Get_rank() == 0 else None
     wait_all([comm.Igather(row, out, root=0)], "reduce", lambda: "per-step metrics gather")

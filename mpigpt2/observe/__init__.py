@@ -1,0 +1,1 @@
+"""Observability: FLOPs, MFU and phase metrics, Chrome traces."""
