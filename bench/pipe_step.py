@@ -86,7 +86,7 @@ def track_activations(stage, peak):
 
 def main():
     args = parse_args()
-    from mpigpt2.malloc import tune
+    from mpigpt2.base.malloc import tune
     tune()  # as mpigpt2.train does
     from mpi4py import MPI
     from threadpoolctl import threadpool_limits

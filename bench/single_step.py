@@ -127,7 +127,7 @@ def main():
                     help="torch lm_head form (see torch_gpt2.TorchGPT2)")
     ap.add_argument("--check", action="store_true", help="only check torch == mpigpt2 numerically")
     args = ap.parse_args()
-    from mpigpt2.malloc import tune
+    from mpigpt2.base.malloc import tune
     tune()  # what mpigpt2.train does at start; applied to both implementations alike
     if args.check:
         emit({"kind": "check", **check_equivalence()})

@@ -1,61 +1,19 @@
-"""Convert between Hugging Face GPT-2 checkpoints and llm.c .bin files; load either as a model.
+"""Convert between Hugging Face GPT-2 checkpoints and llm.c .bin files.
 
     python -m mpigpt2.convert hf-to-llmc MODEL_DIR_OR_SAFETENSORS OUT.bin
     python -m mpigpt2.convert llmc-to-hf IN.bin OUT_DIR
 
 A Hugging Face model is a directory with config.json and model.safetensors (or a .safetensors
-file with config.json beside it); `--model` of train and sample accepts one directly.
+file with config.json beside it); `--model` of train and sample accepts one directly
+(formats.models loads either format).
 """
 
 import argparse
 import os
 import sys
 
-import numpy as np
-
-from mpigpt2.errors import UserError
-
-
-def is_hf_source(path):
-    """True when path names a Hugging Face model: a directory (or a path ending in /, to say
-    "a missing directory" in errors) or a .safetensors file."""
-    path = os.fspath(path)
-    return os.path.isdir(path) or path.endswith((".safetensors", "/", os.sep))
-
-
-def model_config(path):
-    """Validated GPTConfig of a Hugging Face model or an llm.c .bin (reads no weights, except
-    a present lm_head.weight, which must equal wte)."""
-    if is_hf_source(path):
-        from mpigpt2.formats.hf import Checkpoint
-        return Checkpoint(path).cfg
-    from mpigpt2.formats.llmc import read_header
-    return read_header(path)[0]
-
-
-def load_stage_params(path, spec, views):
-    """Fill a stage's llm.c-named views (layers spec.l0..l1) from either format; return cfg."""
-    if is_hf_source(path):
-        from mpigpt2.formats.hf import Checkpoint
-        ckpt = Checkpoint(path)
-        ckpt.load_into(views, spec.l0, spec.l1)
-        return ckpt.cfg
-    from mpigpt2.formats.llmc import load_params
-    return load_params(path, spec, views)
-
-
-def load_model_source(path):
-    """(GPTConfig, llm.c's global float32 tensors, wte padded to Vp) of either format."""
-    if is_hf_source(path):
-        from mpigpt2.formats.hf import Checkpoint
-        ckpt = Checkpoint(path)
-        return ckpt.cfg, ckpt.load_all()
-    from mpigpt2.formats.llmc import read_header, load_params
-    from mpigpt2.model.params import full_spec, tensor_shapes
-    cfg, _ = read_header(path)
-    tensors = {n: np.empty(s, np.float32) for n, s in tensor_shapes(cfg, cfg.num_layers).items()}
-    load_params(path, full_spec(cfg), tensors)
-    return cfg, tensors
+from mpigpt2.base.errors import UserError
+from mpigpt2.formats.models import is_hf_source, load_model_source
 
 
 def hf_to_llmc(src, out):
@@ -114,5 +72,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from mpigpt2.errors import run_cli
+    from mpigpt2.base.errors import run_cli
     sys.exit(run_cli(main))

@@ -1,12 +1,11 @@
-"""Command-line options of `python -m mpigpt2.train` and the set-up checks that run before any
-compute (every rank runs them; train.py makes the ranks agree on the outcome)."""
+"""Command-line options of `python -m mpigpt2.train` and their range checks (setup.py turns them
+into a run plan)."""
 
 import argparse
 import os
-import tempfile
 
 from mpigpt2.parallel.autotune import parse_slice_tokens
-from mpigpt2.errors import UserError
+from mpigpt2.base.errors import UserError
 
 DEFAULT_VAL = "data/tinyshakespeare/tiny_shakespeare_val.bin"
 
@@ -120,93 +119,3 @@ def check_args(args):
                           ("--inject-delay", args.inject_delay, 3)):
         if spec is not None and len(spec.split(":")) != n:
             raise UserError(f"{flag} takes {n} colon-separated numbers")
-
-
-def load_config(model):
-    """Model shape from a preset name, an llm.c file header or a Hugging Face GPT-2 model."""
-    from mpigpt2.model.config import preset, PRESETS
-    from mpigpt2.convert import is_hf_source, model_config
-    from mpigpt2.formats.llmc import read_header
-    if model in PRESETS:
-        return preset(model)
-    if is_hf_source(model):  # a directory or .safetensors (config.json beside it)
-        return model_config(model)
-    if os.path.exists(model) or model.endswith(".bin"):
-        return read_header(model)[0]
-    return preset(model)  # raises: unknown preset
-
-
-def node_memory_bytes():
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return None
-
-
-def setup(args, world, ranks_per_node=1):
-    """Everything that can fail because of user input, before any compute."""
-    from mpigpt2.parallel import layout as lay
-    from mpigpt2.formats.data import DataLoader
-    check_args(args)
-    cfg = load_config(args.model)
-    B, T = args.batch_size, args.seq_len
-    if T > cfg.max_seq_len:
-        raise UserError(f"--seq-len {T} exceeds the model's maximum sequence length "
-                        f"{cfg.max_seq_len} (maxT)")
-    layout = lay.resolve(world, cfg, B, T, args.pp, args.dp, args.stage_layers,
-                         args.microbatches,
-                         None if args.slice_tokens == "auto" else args.slice_tokens, args.schedule,
-                         node_memory_bytes(), ranks_per_node)
-    train = DataLoader(args.train_data, B, T, vocab_size=cfg.vocab_size, flag="--train-data",
-                       shuffle=args.shuffle, seed=args.seed)
-    args.notes = []  # printed by rank 0 once the run starts
-    val = None
-    if args.val_data is None:  # the default is optional: skip validation when it does not fit
-        args.val_data = ""
-        if os.path.exists(DEFAULT_VAL):
-            try:
-                val = DataLoader(DEFAULT_VAL, B, T, vocab_size=cfg.vocab_size, flag="--val-data")
-                args.val_data = DEFAULT_VAL
-            except UserError as e:
-                args.notes.append(f"note: no validation: the default {e}")
-    elif args.val_data:
-        val = DataLoader(args.val_data, B, T, vocab_size=cfg.vocab_size, flag="--val-data")
-    resume = None
-    if args.resume:
-        from mpigpt2.formats import checkpoint as ck
-        path = ck.find(args.out_dir, args.resume)
-        if path is not None:
-            state = ck.read_state(path)
-            ck.verify_hashes(path, state)
-            ck.check_compatible(state, cfg, args.dtype, B, T, ck.data_identity(train.paths),
-                                path)
-            if state["step"] > args.steps:
-                raise UserError(f"--resume {path}: the checkpoint is at step {state['step']}, "
-                                f"beyond --steps {args.steps}")
-            changed = ck.changed_hyperparameters(state, args, path)
-            if changed:
-                args.notes.append(f"note: resuming {path} with changed hyperparameters "
-                                  f"({changed}): the continued run will differ from an "
-                                  f"uninterrupted one")
-            train.set_state(state["data"]["loader"])
-            resume = (path, state)
-    check_writable(args.out_dir, "--out-dir")
-    if args.save:
-        if os.path.isdir(args.save):
-            raise UserError(f"--save {args.save} is a directory; give a file name like model.bin")
-        check_writable(os.path.dirname(os.path.abspath(args.save)), "--save")
-    return cfg, layout, train, val, resume
-
-
-def check_writable(path, flag):
-    """path (a directory, maybe not yet created) can be created and written; nothing made."""
-    p = os.path.abspath(path)
-    while not os.path.exists(p):
-        p = os.path.dirname(p)
-    try:
-        if not os.path.isdir(p):
-            raise OSError
-        with tempfile.TemporaryFile(dir=p):  # access() says yes to root even on /proc
-            pass
-    except OSError:
-        raise UserError(f"{flag} {path}: {p} is not a writable directory")

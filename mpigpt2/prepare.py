@@ -12,7 +12,7 @@ import urllib.request
 
 import numpy as np
 
-from mpigpt2.errors import UserError, run_cli
+from mpigpt2.base.errors import UserError, run_cli
 from mpigpt2.formats.shards import ShardWriter
 from mpigpt2.formats.tokenizer import EOT, gpt2_encoding
 

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from mpigpt2.errors import UserError
+from mpigpt2.base.errors import UserError
 
 COLOURS = {"forward": "#4c8bd6", "backward": "#5fb35f", "communication": "#f0b45a",
            "allreduce": "#a56cc1", "update": "#8c6d5a"}
@@ -303,5 +303,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from mpigpt2.errors import run_cli
+    from mpigpt2.base.errors import run_cli
     sys.exit(run_cli(main))

@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 
-from mpigpt2.errors import UserError
+from mpigpt2.base.errors import UserError
 
 
 def model_from_tensors(cfg, tensors):
@@ -72,7 +72,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.tokens < 0 or args.top_k < 0:
         raise UserError("--tokens and --top-k must be ≥ 0")
-    from mpigpt2.convert import model_config, load_stage_params
+    from mpigpt2.formats.models import model_config, load_stage_params
     from mpigpt2.model.gpt import GPT
     from mpigpt2.model.params import full_spec
     from mpigpt2.formats.tokenizer import gpt2_encoding
@@ -91,5 +91,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from mpigpt2.errors import run_cli
+    from mpigpt2.base.errors import run_cli
     sys.exit(run_cli(main))

@@ -1,346 +1,398 @@
 """Train GPT-2 with data + pipeline parallelism: `mpiexec -n N python -m mpigpt2.train [...]`.
 
-Reads top to bottom: arguments, layout and data checks (agreed by all ranks), the grid and this
-rank's stage, the optimizer, then the loop (lr, step, reduce, update, log, eval, sample, save).
+Reads top to bottom: flags and set-up checks (agreed by every rank, before any compute), the
+grid and this rank's stage, the optimizer and the schedule's runner, the loop (lr, batch, step,
+log, checkpoint / validate / sample), then the end of the run. docs/design.md explains the
+parallel machinery underneath.
 """
 
-import json
+import dataclasses
 import os
+import resource
 import sys
 import time
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import numpy as np
+from mpi4py import MPI
+from threadpoolctl import threadpool_limits
 
-from mpigpt2.options import parse_args, setup
+from mpigpt2 import faults
+from mpigpt2.base import malloc
+from mpigpt2.base.errors import run_cli
+from mpigpt2.formats import checkpoint as ck
+from mpigpt2.formats.llmc import write_model
+from mpigpt2.formats.models import load_stage_params
+from mpigpt2.model.config import PRESETS
+from mpigpt2.model.optim import lr_at
+from mpigpt2.model.params import init_params, PARAM_NAMES
+from mpigpt2.model.stage import Stage
+from mpigpt2.observe import metrics as mx
+from mpigpt2.observe.peak import peak_gflops_per_core
+from mpigpt2.observe.runlog import RunLog
+from mpigpt2.observe.trace import Tracer, merge, trace_path
+from mpigpt2.options import parse_args
+from mpigpt2.parallel import autotune, costs, schedule, signals
+from mpigpt2.parallel.collectives import barrier, gather_model, gather_rows, sum_to_root
+from mpigpt2.parallel.failure import agree, install_excepthook
+from mpigpt2.parallel.grid import make_grid
+from mpigpt2.parallel.optimizer import make_optimizer
+from mpigpt2.parallel.runtime import Runner
+from mpigpt2.parallel.step import train_step
+from mpigpt2.parallel.waiting import Waiter
+from mpigpt2.setup import Plan, plan as make_plan
 
 
 def main(argv=None):
     args = parse_args(argv)
-    from mpi4py import MPI
-    from mpigpt2.parallel.failure import install_excepthook, agree
     world = MPI.COMM_WORLD
-    rank, size = world.Get_rank(), world.Get_size()
     install_excepthook(world)
-    from mpigpt2 import malloc
     malloc.tune()  # keep big freed temporaries mapped: no page faults every step
-    print0 = (lambda *a, **k: print(*a, **k, flush=True)) if rank == 0 else (lambda *a, **k: None)
-
     local = world.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks sharing this node
-
-    # -- set-up: checked on every rank, agreed, before any compute --------------------------
-    # --print-schedule in one process only draws the table: --pp/--dp then give the grid
-    grid_size = (args.pp or 1) * (args.dp or 1) if args.print_schedule and size == 1 and \
-        (args.pp or args.dp) else size
-    cfg, layout, train_loader, val_loader, resume = agree(
-        world, lambda: setup(args, grid_size, local.Get_size()), args.debug)
-    from mpigpt2.parallel import schedule
-    B, T = args.batch_size, args.seq_len
-    tuned = None
-    saved_layout = resume[1].get("layout") if resume is not None else None
-    if args.slice_tokens == "auto" and saved_layout and all(
-            saved_layout.get(key) == value for key, value in layout.as_dict().items()
-            if key != "slice_tokens"):  # same layout resumed: keep its k (bit-exact resume)
-        import dataclasses
-        layout = dataclasses.replace(layout, slice_tokens=int(saved_layout["slice_tokens"]))
-        print0(f"autotune: k={layout.slice_tokens} kept from the checkpoint's layout")
-    elif args.slice_tokens == "auto":  # rank 0 measures, all ranks agree before the Runner
-        from mpigpt2.parallel import autotune
-        layout, tuned = autotune.agree(world, cfg, layout, B, T, args.dtype, args.threads or
-                                       max(1, (os.cpu_count() or 1) // local.Get_size()))
-        print0(autotune.describe(tuned))
-    n_slices = T // layout.slice_tokens
-    if args.print_schedule:
-        progs = schedule.build(layout.schedule, layout.pp, layout.microbatches, n_slices)
-        print0(f"layout {layout.as_dict()}\n" + schedule.table(progs))
-        print0(f"predicted bubble (unit costs): {schedule.bubble(schedule.simulate(progs)):.3f}")
-        return 0
-
-    from threadpoolctl import threadpool_limits
-    from mpigpt2.parallel import waiting, signals
-    from mpigpt2.observe import metrics as mx
-    from mpigpt2.formats import checkpoint as ck
-    from mpigpt2.parallel.collectives import sum_to_root, allreduce_sum, gather_model, barrier
-    from mpigpt2.observe.metrics import gather_rows
-    from mpigpt2.parallel.grid import make_grid
-    from mpigpt2.formats.llmc import write_model
-    from mpigpt2.model.optim import AdamW, lr_at, clip_scale
-    from mpigpt2.model.params import init_params, PARAM_NAMES
-    from mpigpt2.parallel.runtime import Runner
-    from mpigpt2.model.stage import Stage
-    from mpigpt2.model.config import PRESETS
-    from mpigpt2.formats.atomic import atomic_write_text
-    from mpigpt2.observe.trace import Tracer, merge, trace_path
-    from mpigpt2.parallel.zero import ShardedAdam
-
+    print0 = print_on_rank0(world.Get_rank())
+    # -- set-up: checked on every rank, agreed, before any compute ----------------------------
+    plan = agree(world, lambda: make_plan(args, grid_size(args, world), local.Get_size()),
+                 args.debug)
     threads = args.threads or max(1, (os.cpu_count() or 1) // local.Get_size())
+    plan, tuned = resolve_slices(args, plan, world, threads, print0)
+    if args.print_schedule:
+        return print_schedule(plan, args.seq_len, print0)
     threadpool_limits(threads, user_api="blas")
-    waiting.STALL.update(seconds=args.stall_seconds, abort=args.stall_abort,
-                         timeout=args.wait_timeout)
     signals.install()
+    run = start(args, plan, world, print0)
+    open_outputs(run, threads, local.Get_size(), tuned)
+    status = train(run)
+    if status == 0:
+        finish(run)
+    return status
 
-    # -- grid, this rank's stage, optimizer ----------------------------------------------------
-    grid = make_grid(world, layout.pp, layout.dp)
+
+# -- set-up ---------------------------------------------------------------------------------------
+def print_on_rank0(rank):
+    return (lambda *a, **k: print(*a, **k, flush=True)) if rank == 0 else (lambda *a, **k: None)
+
+
+def grid_size(args, world):
+    """The world size, except --print-schedule in one process: --pp/--dp then give the grid."""
+    if args.print_schedule and world.Get_size() == 1 and (args.pp or args.dp):
+        return (args.pp or 1) * (args.dp or 1)
+    return world.Get_size()
+
+
+def resolve_slices(args, plan, world, threads, print0):
+    """--slice-tokens auto: keep the checkpoint's k when resuming the same layout (bit-exact
+    resume), else rank 0 times the candidates and every rank takes its choice."""
+    if args.slice_tokens != "auto":
+        return plan, None
+    layout, saved = plan.layout, plan.resume.layout if plan.resume else None
+    if saved and all(saved.get(key) == value for key, value in layout.as_dict().items()
+                     if key != "slice_tokens"):
+        k = int(saved["slice_tokens"])
+        print0(f"autotune: k={k} kept from the checkpoint's layout")
+        return dataclasses.replace(plan, layout=dataclasses.replace(layout, slice_tokens=k)), None
+    layout, tuned = autotune.agree(world, plan.cfg, layout, args.batch_size, args.seq_len,
+                                   args.dtype, threads)
+    print0(autotune.describe(tuned))
+    return dataclasses.replace(plan, layout=layout), tuned
+
+
+def print_schedule(plan, T, print0):
+    layout = plan.layout
+    progs = schedule.build(layout.schedule, layout.pp, layout.microbatches,
+                           T // layout.slice_tokens)
+    print0(f"layout {layout.as_dict()}\n" + schedule.table(progs))
+    print0(f"predicted bubble (unit costs): {costs.idle_fraction(schedule.simulate(progs)):.3f}")
+    return 0
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once by start()."""
+    args: object
+    plan: Plan
+    world: MPI.Comm
+    grid: object
+    stage: Stage
+    opt: object
+    runner: Runner
+    tracer: Optional[Tracer]
+    print0: Callable
+    log: Optional[RunLog] = None   # rank 0 only
+    peak: tuple = (0.0, "")        # (GFLOP/s per core, source), rank 0 only
+    cores: int = 1
+    history: list = dataclasses.field(default_factory=list)
+    val_done_at_start: bool = False
+
+    @property
+    def rank(self):
+        return self.world.Get_rank()
+
+    def batch(self, loader):
+        """This replica's rows of the next global batch, as (M, b, T) micro-batches."""
+        B, T, lay = self.args.batch_size, self.args.seq_len, self.plan.layout
+        rows = B // lay.dp
+        x, y = loader.next_batch(slice(self.grid.replica * rows, (self.grid.replica + 1) * rows))
+        M = lay.microbatches
+        return x.reshape(M, rows // M, T), y.reshape(M, rows // M, T)
+
+
+def start(args, plan, world, print0):
+    """The grid, this rank's stage with its weights, the optimizer and the runner."""
+    layout = plan.layout
+    waiter = Waiter(stall_seconds=args.stall_seconds, abort=args.stall_abort,
+                    timeout=args.wait_timeout)
+    grid = make_grid(world, layout.pp, layout.dp, waiter)
     spec = layout.spec(grid.stage)
-    dtype = np.dtype(args.dtype)
-    stage = Stage(cfg, spec, dtype)
-    hyper = (args.beta1, args.beta2, args.eps, args.weight_decay)
-    if args.zero:  # ZeRO-1: this rank keeps Adam state for 1/dp of the stage
-        opt = ShardedAdam(grid, stage, *hyper)
-        stage.before_use = opt.wait_param
-    else:
-        opt = AdamW(stage.layout.size, dtype, *hyper)
-    start_step = 0
-    if resume is not None:
-        ckpt_path, ckpt_state = resume
-        m_full = opt.m if not args.zero else np.empty_like(stage.flat)
-        v_full = opt.v if not args.zero else np.empty_like(stage.flat)
-        ck.load_into(ckpt_path, ckpt_state, spec, stage.p, stage.layout.views(m_full),
-                     stage.layout.views(v_full), dtype == np.float64)
-        if args.zero:
-            opt.set_moments(m_full, v_full)
-        start_step = ckpt_state["step"]
+    stage = Stage(plan.cfg, spec, np.dtype(args.dtype))
+    opt = make_optimizer(grid, stage, args.zero, args.beta1, args.beta2, args.eps,
+                         args.weight_decay, overlap=not args.no_overlap)
+    if plan.resume is not None:
+        m, v = opt.moment_buffers()
+        ck.load_into(plan.resume.path, plan.resume.state, spec, stage.p, stage.layout.views(m),
+                     stage.layout.views(v), stage.dtype == np.float64)
+        opt.set_moments(m, v)
     elif args.model in PRESETS:
-        init_params(cfg, spec, stage.p, args.seed)
-    else:
-        from mpigpt2.convert import load_stage_params  # llm.c .bin or Hugging Face model
+        init_params(plan.cfg, spec, stage.p, args.seed)
+    else:  # an llm.c .bin or a Hugging Face model
         load_stage_params(args.model, spec, stage.p)
-    M = layout.microbatches
-    rows = B // layout.dp            # sequences per replica
-    b = rows // M                    # sequences per micro-batch
-    my_rows = slice(grid.replica * rows, (grid.replica + 1) * rows)
-    tracer = Tracer(rank, grid.stage, grid.replica) if args.trace else None
+    tracer = Tracer(grid.rank, grid.stage, grid.replica) if args.trace else None
     if tracer is not None:
-        waiting.TRACE = lambda kind, what, t0, t1: tracer.span(f"wait {what}", kind, t0, t1)
-    runner = Runner(grid, stage, layout, T, b, tracer, reducer=opt if args.zero else None,
+        waiter.trace = lambda kind, what, t0, t1: tracer.span(f"wait {what}", kind, t0, t1)
+    b = args.batch_size // layout.dp // layout.microbatches  # sequences per micro-batch
+    runner = Runner(grid, stage, layout, args.seq_len, b, tracer, reducer=opt.reducer,
                     overlap=not args.no_overlap)
-    dloss = 1.0 / (B * T)
-    peak_core, peak_src = mx.peak_gflops_per_core(args.peak_gflops) if rank == 0 else (0, "")
-    cores_used = min(os.cpu_count() or 1, local.Get_size() * threads) * (size // local.Get_size())
-    flops_tok = mx.flops_per_token(cfg, T)
+    faults.install_checkpoint_crash()
+    return Run(args, plan, world, grid, stage, opt, runner, tracer, print0)
 
-    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
-    if rank == 0:
-        os.makedirs(args.out_dir, exist_ok=True)
+
+def open_outputs(run, threads, ranks_per_node, tuned):
+    """config.json and metrics.jsonl on rank 0, the matmul peak for MFU, the opening lines."""
+    args, plan, cfg, layout = run.args, run.plan, run.plan.cfg, run.plan.layout
+    size = run.world.Get_size()
+    run.cores = min(os.cpu_count() or 1, ranks_per_node * threads) * (size // ranks_per_node)
+    kept_val = False
+    if run.rank == 0:
+        run.peak = peak_gflops_per_core(args.peak_gflops)
         config = {"model": cfg.as_dict(), "layout": layout.as_dict(), "world": size,
                   "threads_per_rank": threads, "args": vars(args)}
         if tuned is not None:
             config["autotune"] = tuned
-        atomic_write_text(os.path.join(args.out_dir, "config.json"), json.dumps(config, indent=2))
-        kept = mx.rows_before(metrics_path, start_step) if start_step else []
-        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
-        metrics = open(metrics_path, "a")
-        if resume is None:
+        run.log = RunLog(args.out_dir, config, plan.start_step)
+        kept_val = run.log.validated_at(plan.start_step) if plan.start_step else False
+        if plan.resume is None:
             moved = ck.move_aside(os.path.join(args.out_dir, ck.SUBDIR))
             if moved:
-                print0(f"note: {args.out_dir} held checkpoints of an earlier run (not resumed): "
-                       f"moved them to {moved}")
-    # validation done at start_step before the interruption (it follows the checkpoint);
-    # a polled broadcast: rank 0 may still be probing the matmul peak, and spinning ranks
-    # would steal its core
-    flag = np.array([rank == 0 and any("val_loss" in r and r["step"] == start_step
-                                       for r in kept)], dtype=np.int8)
-    waiting.wait_all([world.Ibcast(flag, root=0)], "setup")
-    val_done_at_start = bool(flag[0])
-    print0(f"model L={cfg.num_layers} C={cfg.channels} NH={cfg.num_heads} V={cfg.vocab_size} "
-           f"maxT={cfg.max_seq_len} | ranks {size} = pp {layout.pp} × dp {layout.dp} | stages "
-           f"{list(layout.stage_layers)} | M={M} k={layout.slice_tokens} "
-           f"{layout.schedule} | B={B} T={T} | {threads} BLAS thread(s)/rank")
-    print0(f"peak {peak_core:.1f} GFLOP/s per core ({peak_src}) × {cores_used} cores; "
-           f"{flops_tok / 1e6:.1f} MFLOP per token")
-    if resume is not None:
-        print0(f"resumed from {resume[0]} at step {start_step}")
-    for note in args.notes:
-        print0(note)
+                run.print0(f"note: {args.out_dir} held checkpoints of an earlier run (not "
+                           f"resumed): moved them to {moved}")
+    # validation done at start_step before the interruption (it follows the checkpoint); a
+    # polled broadcast: rank 0 may still be probing the matmul peak
+    flag = np.array([kept_val], dtype=np.int8)
+    run.grid.waiter.wait([run.world.Ibcast(flag, root=0)], "setup")
+    run.val_done_at_start = bool(flag[0])
+    B, T = args.batch_size, args.seq_len
+    run.print0(f"model L={cfg.num_layers} C={cfg.channels} NH={cfg.num_heads} "
+               f"V={cfg.vocab_size} maxT={cfg.max_seq_len} | ranks {size} = pp {layout.pp} × "
+               f"dp {layout.dp} | stages {list(layout.stage_layers)} | M={layout.microbatches} "
+               f"k={layout.slice_tokens} {layout.schedule} | B={B} T={T} | {threads} BLAS "
+               f"thread(s)/rank")
+    run.print0(f"peak {run.peak[0]:.1f} GFLOP/s per core ({run.peak[1]}) × {run.cores} cores; "
+               f"{mx.flops_per_token(cfg, T) / 1e6:.1f} MFLOP per token")
+    if plan.resume is not None:
+        run.print0(f"resumed from {plan.resume.path} at step {plan.start_step}")
+    for note in plan.notes:
+        run.print0(note)
 
-    def batch(loader):
-        """This replica's rows of the next global batch, as (M, b, T) micro-batches."""
-        x, y = loader.next_batch(my_rows)
-        return x.reshape(M, b, T), y.reshape(M, b, T)
 
-    def log(obj):
-        if rank == 0:
-            metrics.write(json.dumps(obj) + "\n")
-            metrics.flush()
-
-    def evaluate(step):
-        """Mean validation loss after `step` optimizer steps (traced as step -1)."""
-        if val_loader is None:
-            return None
-        if tracer is not None:
-            tracer.step = -1
-        val_loader.reset()
-        total = 0.0
-        for _ in range(args.val_steps):
-            x, y = batch(val_loader)
-            total += runner.run(x, y, 0.0, train=False)
-        val = sum_to_root(world, [total])[0] / (args.val_steps * B * T)
-        print0(f"step {step:5d} | val loss {val:.6f}")
-        log({"step": step, "val_loss": val})
-        return val
-
-    def sync():
-        """ZeRO: finish the parameter allgathers still in flight."""
-        if args.zero:
-            opt.sync()
-
-    def sample(step):
-        sync()
-        tensors = gather_model(grid, stage, layout)
-        if rank == 0 and args.sample_tokens > 0:
-            from mpigpt2.sample import generate, model_from_tensors, decode, start_token
-            model = model_from_tensors(cfg, tensors)
-            toks = generate(model, [start_token(cfg)], args.sample_tokens, temperature=1.0,
-                            top_k=40, seed=args.seed + step)
-            print0(f"--- sample at step {step} ---\n{decode(toks[1:])}\n---")
-        barrier(world)
-        return tensors
-
-    def save_checkpoint(step):
-        """Gather params and Adam moments on rank 0, which writes; all ranks agree on errors."""
-        sync()
-        params = gather_model(grid, stage, layout)
-        m_full, v_full = opt.full_moments() if args.zero else (opt.m, opt.v)
-        m = gather_model(grid, stage, layout, flat=m_full)
-        v = gather_model(grid, stage, layout, flat=v_full)
-
-        def write():
-            if rank != 0:
-                return None
-            state = {"model": cfg.as_dict(), "dtype": args.dtype, "batch_size": B,
-                     "seq_len": T, "seed": args.seed, "layout": layout.as_dict(),
-                     "args": vars(args), "data": {
-                         "train": ck.data_identity(train_loader.paths),
-                         "loader": train_loader.state()}}
-            path = ck.write(os.path.join(args.out_dir, ck.SUBDIR), step, cfg, params, m, v,
-                            state, args.keep_checkpoints, dtype == np.float64)
-            print0(f"checkpoint {path}")
-            return path
-        return agree(world, write, args.debug)
-
-    # -- training loop --------------------------------------------------------------------------
-    inject = tuple(int(v) for v in args.inject_error.split(":")) if args.inject_error else None
-    delay = tuple(float(v) for v in args.inject_delay.split(":")) if args.inject_delay else None
-    history = []
-    barrier(world)
-    if tracer is not None:
-        tracer.align()
-    if resume is not None and val_loader is not None and 0 < start_step < args.steps and \
-            args.val_every and \
-            start_step % args.val_every == 0 and not val_done_at_start:
-        evaluate(start_step)  # the interrupted run stopped between its checkpoint and this
-        if args.sample_every and start_step % args.sample_every == 0:
-            sample(start_step)
-    for step in range(start_step, args.steps):
+# -- the training loop ----------------------------------------------------------------------------
+def train(run):
+    """Steps start_step..steps-1; returns 0, or EXIT_PREEMPTED after a signal's checkpoint."""
+    args, plan, print0 = run.args, run.plan, run.print0
+    dloss = 1.0 / (args.batch_size * args.seq_len)
+    next_batch = faults.wrap_batches(lambda step: run.batch(plan.train), args, run.rank)
+    progress = mx.Progress(plan.start_step, args.steps)
+    barrier(run.world, run.grid.waiter)
+    if run.tracer is not None:
+        run.tracer.align()
+    resume_eval(run)
+    for step in range(plan.start_step, args.steps):
         t0 = time.perf_counter()
-        waiting.STALL["step"] = step
-        if tracer is not None:
-            tracer.step = step
+        run.grid.waiter.step = step
+        if run.tracer is not None:
+            run.tracer.step = step
         lr = lr_at(step, args.lr, args.steps, args.warmup_steps, args.lr_schedule,
                    args.min_lr_frac)
-        x, y = batch(train_loader)
-        if inject and inject == (rank, step):
-            raise RuntimeError(f"injected failure on rank {rank} at step {step}")
-        if delay and (delay[0], delay[1]) == (rank, step):
-            time.sleep(delay[2])
-        stage.zero_grad()
-        waiting.STATS.take()
-        runner.take_times()  # (validation between steps is not this step's time)
-        loss_sum = runner.run(x, y, dloss)
-        scale = 1.0
-        if args.grad_clip > 0:
-            if args.zero:  # shards partition every stage: sum over the whole world
-                norm = float(np.sqrt(allreduce_sum(world, [opt.grad_sumsq()])[0]))
-            else:  # wte is on two stages when pp > 1: count it once (on the first stage)
-                g = stage.grad_flat if not (spec.last and not spec.first) else \
-                    np.concatenate([stage.g[n].ravel() for n in stage.g if n != "wte"])
-                norm = float(np.sqrt(allreduce_sum(grid.pipe, [float(g @ g)])[0]))
-            scale = clip_scale(norm, args.grad_clip)
-        t_up = time.perf_counter()
-        if args.zero:
-            opt.step(step + 1, lr, scale, overlap=not args.no_overlap)
-        else:
-            opt.step(stage.flat, stage.grad_flat, step + 1, lr, scale)
-        t_done = time.perf_counter()
-        if tracer is not None:
-            tracer.span("update", "update", t_up, t_done)
-        times = runner.take_times()
-        gathered = waiting.STATS.take().get("allgather", 0.0)  # ZeRO waits inside forward
-        times["forward"] = times.get("forward", 0.0) - gathered
-        times.update(update=t_done - t_up, allgather=gathered)
-        per_rank, loss_sums = gather_rows(world, [times.get(k, 0.0) for k in mx.PHASES],
-                                          loss_sum, grid.stage)
-        loss = loss_sums / (B * T) if rank == 0 else 0.0
-        dt = time.perf_counter() - t0
-        rec = {"step": step, "loss": loss, "lr": lr, "step_ms": dt * 1000,
-               "tokens_per_s": B * T / dt}
-        if rank == 0:
-            mfu = flops_tok * B * T / dt / (peak_core * 1e9 * cores_used)
-            rec.update(tokens_per_s_per_core=B * T / dt / cores_used, mfu=mfu,
-                       **mx.step_record(per_rank, dt, layout, T))
-            history.append(rec)
-            busiest = max(rec["phases_ms"], key=lambda p: p["forward"] + p["backward"])
-            print0(f"step {step + 1:5d}/{args.steps} | loss {loss:.6f} | lr {lr:.2e} | "
-                   f"{dt * 1000:7.1f} ms | {B * T / dt:8.0f} tok/s "
-                   f"({rec['tokens_per_s_per_core']:.0f}/core) | MFU {mfu * 100:5.1f}% | "
-                   + mx.phase_line(busiest) + (f" | bubble {rec['bubble']:.2f} (predicted "
-                   f"{rec['bubble_predicted']:.2f})" if layout.pp > 1 else ""))
-        log(rec)
-        if not np.isfinite(loss) and rank == 0:
-            raise FloatingPointError(f"loss is {loss} at step {step}; lower --lr or clip")
+        x, y = next_batch(step)
+        result = train_step(run.runner, run.opt, x, y, step + 1, lr, dloss, args.grad_clip,
+                            norm=True)
+        log_step(run, step, lr, result, t0, progress)
         done = step + 1
-        stop = signals.agree(world)
+        stop = signals.agree(run.world, run.grid.waiter)
         if stop:
             print0(f"signal {stop} received: checkpointing at step {done} and exiting "
                    f"(status {signals.EXIT_PREEMPTED}: requeue me)")
-            save_checkpoint(done)
+            save_checkpoint(run, done)
             return signals.EXIT_PREEMPTED
-        if args.checkpoint_every and done % args.checkpoint_every == 0 and done < args.steps:
-            save_checkpoint(done)
+        if every(args.checkpoint_every, done, args.steps):
+            save_checkpoint(run, done)
             malloc.release()  # (the gathered model and moments)
-        if args.val_every and done % args.val_every == 0 and done < args.steps:
-            evaluate(done)
-        if args.sample_every and done % args.sample_every == 0 and done < args.steps:
-            sample(done)
+        if every(args.val_every, done, args.steps):
+            evaluate(run, done)
+        if every(args.sample_every, done, args.steps):
+            sample(run, done)
             malloc.release()
-
-    # -- the end: validation, a sample, the final model and checkpoint ---------------------------
-    if not (start_step == args.steps and val_done_at_start):
-        evaluate(args.steps)
-    tensors = sample(args.steps)  # (syncs ZeRO's parameter allgathers first)
-
-    def save_model():
-        if args.save and rank == 0:
-            os.makedirs(os.path.dirname(os.path.abspath(args.save)), exist_ok=True)
-            write_model(args.save, cfg, {n: tensors[n] for n in PARAM_NAMES})
-            print0(f"saved {args.save}")
-    agree(world, save_model, args.debug)  # a full disk on rank 0 ends every rank with status 2
-    if not args.no_final_checkpoint and start_step < args.steps:
-        save_checkpoint(args.steps)
-    if tracer is not None:
-        evs = world.gather(((rank, grid.stage, grid.replica), tracer.chrome_events()), root=0)
-        if rank == 0:
-            print0(f"trace {merge(evs, trace_path(args.out_dir), {'layout': layout.as_dict()})}")
-    # per-rank memory: what the parameters, gradients and Adam moments take, and peak RSS
-    import resource
-    mem = world.gather({"rank": rank, "stage": grid.stage, "replica": grid.replica,
-                        "param_bytes": int(stage.flat.nbytes),
-                        "optim_bytes": int(opt.nbytes if args.zero else opt.m.nbytes * 2),
-                        "state_bytes": int(stage.flat.nbytes * 2 + (opt.nbytes if args.zero
-                                                                     else opt.m.nbytes * 2)),
-                        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
-                       root=0)
-    if rank == 0:
-        summ = mx.summary(history, args.warmup_report)
-        if summ:
-            print0(f"summary (after {summ['warmup_excluded']} warm-up steps): "
-                   f"{summ['step_ms_mean']:.1f} ms mean, {summ['step_ms_median']:.1f} ms "
-                   f"median, {summ['tokens_per_s_mean']:.0f} tok/s, "
-                   f"MFU {summ.get('mfu_mean', 0) * 100:.1f}%")
-        log({"summary": True, "run": summ, "ranks": mem})
-        metrics.close()
     return 0
 
 
+def every(n, done, steps):
+    """A periodic action due after `done` steps (the last step has its own at the end)."""
+    return bool(n) and done % n == 0 and done < steps
+
+
+def resume_eval(run):
+    """A run interrupted between its checkpoint and that step's validation does it now."""
+    args, start_step = run.args, run.plan.start_step
+    if run.plan.resume is None or run.plan.val is None or not 0 < start_step < args.steps \
+            or not args.val_every or start_step % args.val_every or run.val_done_at_start:
+        return
+    evaluate(run, start_step)
+    if args.sample_every and start_step % args.sample_every == 0:
+        sample(run, start_step)
+
+
+def log_step(run, step, lr, result, t0, progress):
+    """Gather every rank's phase times and loss on rank 0; print the step line, log the row."""
+    args, layout = run.args, run.plan.layout
+    BT = args.batch_size * args.seq_len
+    per_rank, loss_sum = gather_rows(run.world, mx.PHASES,
+                                     [result.times.get(k, 0.0) for k in mx.PHASES],
+                                     result.loss_sum, run.grid.stage, run.grid.waiter)
+    if run.rank != 0:
+        return
+    dt = time.perf_counter() - t0
+    loss = loss_sum / BT
+    mfu = mx.flops_per_token(run.plan.cfg, args.seq_len) * BT / dt / (
+        run.peak[0] * 1e9 * run.cores)
+    rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": result.grad_norm,
+           "step_ms": dt * 1000, "tokens_per_s": BT / dt,
+           "tokens_per_s_per_core": BT / dt / run.cores, "mfu": mfu,
+           **mx.step_record(per_rank, dt, layout, args.seq_len)}
+    run.history.append(rec)
+    run.print0(mx.step_line(rec, args.steps, layout.pp, progress))
+    run.log.log(rec)
+    if not np.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss} at step {step}; lower --lr or clip")
+
+
+# -- validation, samples, checkpoints ---------------------------------------------------------------
+def evaluate(run, step):
+    """Mean validation loss after `step` optimizer steps (traced as step -1)."""
+    args, val = run.args, run.plan.val
+    if val is None:
+        return None
+    if run.tracer is not None:
+        run.tracer.step = -1
+    val.reset()
+    total = 0.0
+    for _ in range(args.val_steps):
+        x, y = run.batch(val)
+        total += run.runner.run(x, y, 0.0, train=False)
+    loss = sum_to_root(run.world, [total], run.grid.waiter)[0] / (
+        args.val_steps * args.batch_size * args.seq_len)
+    run.print0(f"step {step:5d} | val loss {loss:.6f}")
+    if run.log is not None:
+        run.log.log({"step": step, "val_loss": loss})
+    return loss
+
+
+def gather(run, flat=None):
+    """Replica 0's full tensors (parameters, or a flat array like them) on rank 0."""
+    return gather_model(run.grid, run.stage, run.plan.layout, flat=flat)
+
+
+def sample(run, step):
+    """Print a sample from the current model (rank 0); returns the gathered tensors."""
+    from mpigpt2.sample import generate, model_from_tensors, decode, start_token
+    args, cfg = run.args, run.plan.cfg
+    run.opt.sync()  # ZeRO: finish the parameter broadcasts still in flight
+    tensors = gather(run)
+    if run.rank == 0 and args.sample_tokens > 0:
+        model = model_from_tensors(cfg, tensors)
+        toks = generate(model, [start_token(cfg)], args.sample_tokens, temperature=1.0,
+                        top_k=40, seed=args.seed + step)
+        run.print0(f"--- sample at step {step} ---\n{decode(toks[1:])}\n---")
+    barrier(run.world, run.grid.waiter)
+    return tensors
+
+
+def save_checkpoint(run, step):
+    """Gather params and Adam moments on rank 0, which writes; all ranks agree on errors."""
+    args, plan = run.args, run.plan
+    run.opt.sync()
+    params = gather(run)
+    m_full, v_full = run.opt.full_moments()
+    m, v = gather(run, m_full), gather(run, v_full)
+
+    def write():
+        if run.rank != 0:
+            return None
+        state = {"model": plan.cfg.as_dict(), "dtype": args.dtype,
+                 "batch_size": args.batch_size, "seq_len": args.seq_len, "seed": args.seed,
+                 "layout": plan.layout.as_dict(), "args": vars(args),
+                 "data": {"train": ck.data_identity(plan.train.paths),
+                          "loader": plan.train.state()}}
+        path = ck.write(os.path.join(args.out_dir, ck.SUBDIR), step, plan.cfg, params, m, v,
+                        state, args.keep_checkpoints, run.stage.dtype == np.float64)
+        run.print0(f"checkpoint {path}")
+        return path
+    return agree(run.world, write, args.debug, run.grid.waiter)
+
+
+# -- the end of the run -----------------------------------------------------------------------------
+def finish(run):
+    """Final validation, a sample, the model file, the last checkpoint, trace and summary."""
+    args, start_step = run.args, run.plan.start_step
+    if not (start_step == args.steps and run.val_done_at_start):
+        evaluate(run, args.steps)
+    tensors = sample(run, args.steps)  # (syncs ZeRO's parameter broadcasts first)
+
+    def save_model():
+        if args.save and run.rank == 0:
+            os.makedirs(os.path.dirname(os.path.abspath(args.save)), exist_ok=True)
+            write_model(args.save, run.plan.cfg, {n: tensors[n] for n in PARAM_NAMES})
+            run.print0(f"saved {args.save}")
+    agree(run.world, save_model, args.debug, run.grid.waiter)  # a full disk ends all with 2
+    if not args.no_final_checkpoint and start_step < args.steps:
+        save_checkpoint(run, args.steps)
+    if run.tracer is not None:
+        evs = run.world.gather(((run.rank, run.grid.stage, run.grid.replica),
+                                run.tracer.chrome_events()), root=0)
+        if run.rank == 0:
+            meta = {"layout": run.plan.layout.as_dict()}
+            run.print0(f"trace {merge(evs, trace_path(args.out_dir), meta)}")
+    report_summary(run)
+
+
+def report_summary(run):
+    """Per-rank memory (parameters, gradients, Adam moments, peak RSS) and the step summary."""
+    stage, opt = run.stage, run.opt
+    mem = run.world.gather({"rank": run.rank, "stage": run.grid.stage,
+                            "replica": run.grid.replica, "param_bytes": int(stage.flat.nbytes),
+                            "optim_bytes": int(opt.nbytes),
+                            "state_bytes": int(stage.flat.nbytes * 2 + opt.nbytes),
+                            "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                            / 1024}, root=0)
+    if run.rank != 0:
+        return
+    summ = mx.summary(run.history, run.args.warmup_report)
+    if summ:
+        run.print0(f"summary (after {summ['warmup_excluded']} warm-up steps): "
+                   f"{summ['step_ms_mean']:.1f} ms mean, {summ['step_ms_median']:.1f} ms "
+                   f"median, {summ['tokens_per_s_mean']:.0f} tok/s, "
+                   f"MFU {summ.get('mfu_mean', 0) * 100:.1f}%")
+    run.log.log({"summary": True, "run": summ, "ranks": mem})
+    run.log.close()
+
+
 if __name__ == "__main__":
-    from mpigpt2.errors import run_cli
     sys.exit(run_cli(main))

@@ -56,5 +56,5 @@ def pytest_runtest_makereport(item, call):
     sys.stderr.write(f"\n[rank {comm.Get_rank()}] {item.nodeid} failed ({call.when}):\n"
                      f"{call.excinfo.getrepr(style='short')}\n[rank {comm.Get_rank()}] "
                      f"aborting the MPI job\n")
-    from mpigpt2.errors import abort
+    from mpigpt2.base.errors import abort
     abort(comm, 1)  # (after a short pause, so the launcher forwards this report first)

@@ -18,8 +18,8 @@ from transformers.utils import logging as hf_logging
 
 from conftest import run, TEXT
 from mpigpt2.model.config import GPTConfig
-from mpigpt2.convert import load_model_source, load_stage_params, model_config
-from mpigpt2.errors import UserError
+from mpigpt2.formats.models import load_model_source, load_stage_params, model_config
+from mpigpt2.base.errors import UserError
 from mpigpt2.formats.hf import Checkpoint
 from mpigpt2.formats.llmc import HEADER_BYTES, read_header, write_model
 from mpigpt2.model.gpt import GPT

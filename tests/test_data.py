@@ -13,7 +13,7 @@ import pytest
 
 from mpigpt2 import prepare
 from mpigpt2.formats.data import DataLoader
-from mpigpt2.errors import UserError
+from mpigpt2.base.errors import UserError
 from mpigpt2.formats.mt19937 import MT19937, random_permutation
 from mpigpt2.options import parse_args
 from mpigpt2.formats.shards import HEADER_BYTES, MAGIC, read_shard, shard_paths, write_shard

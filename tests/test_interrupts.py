@@ -144,7 +144,7 @@ def test_an_error_on_one_rank_after_set_up_ends_the_job(tmp_path):
     """A UserError raised on one rank alone (not agreed) must not leave the others waiting."""
     code = ("import sys\n"
             "from mpi4py import MPI\n"
-            "from mpigpt2.errors import run_cli, UserError\n"
+            "from mpigpt2.base.errors import run_cli, UserError\n"
             "def main(argv):\n"
             "    if MPI.COMM_WORLD.Get_rank() == 1:\n"
             "        raise UserError('disk full on rank 1')\n"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from mpigpt2.model.config import GPTConfig
-from mpigpt2.errors import UserError
+from mpigpt2.base.errors import UserError
 from mpigpt2.formats.llmc import (read_header, load_params, write_model, header_ints, HEADER_BYTES,
                           VERSION_BF16)
 from mpigpt2.model.gpt import GPT

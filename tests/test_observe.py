@@ -160,7 +160,7 @@ def test_report_fails_cleanly(traced, tmp_path):
                         "--step", "99"]), "--step 99")
     assert not (tmp_path / "loss.png").exists()
     blocked = ("import sys; sys.modules['matplotlib'] = None; "  # as if not installed
-               "from mpigpt2.errors import run_cli; from mpigpt2.report import main; "
+               "from mpigpt2.base.errors import run_cli; from mpigpt2.report import main; "
                f"sys.exit(run_cli(main, [{str(traced)!r}, '--out', {str(tmp_path)!r}]))")
     one_error_line(run([PY, "-c", blocked]), "pip install 'mpigpt2[plot]'")
 
@@ -211,7 +211,7 @@ def test_stall_abort_ends_the_job(tmp_path, shards):
 def test_metrics_rows_kept_on_resume(tmp_path):
     """A run resumed at step 4 keeps the steps before it and the validation logged right after
     checkpoint 4; a torn last line (a kill mid-write) and the old summary are dropped."""
-    from mpigpt2.observe.metrics import rows_before
+    from mpigpt2.observe.runlog import rows_before
     lines = [{"step": s, "loss": 1.0 + s} for s in range(6)]
     lines.insert(4, {"step": 4, "val_loss": 0.5})
     lines.insert(2, {"step": 2, "val_loss": 0.7})

@@ -7,7 +7,7 @@ import pytest
 
 from mpigpt2.parallel import schedule as S
 from mpigpt2.model.config import PRESETS
-from mpigpt2.errors import UserError
+from mpigpt2.base.errors import UserError
 from mpigpt2.parallel.layout import resolve, balanced_partition, default_pp
 from mpigpt2.parallel.schedule import Action, ScheduleError
 

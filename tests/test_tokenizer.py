@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 
 from mpigpt2.formats import tokenizer
-from mpigpt2.errors import UserError
+from mpigpt2.base.errors import UserError
 from mpigpt2.formats.tokenizer import EOT, GPT2_VOCAB, gpt2_encoding, load_gpt2_encoding
 
 from conftest import TEXT  # noqa: E402  (honours $MPIGPT2_TEXT)

@@ -13,8 +13,8 @@ import json
 import os
 import shutil
 
-from mpigpt2.errors import UserError
-from mpigpt2.formats.atomic import atomic_write_text, fsync_dir
+from mpigpt2.base.errors import UserError
+from mpigpt2.formats.atomic import atomic_write_text, publish_dir
 from mpigpt2.formats.llmc import write_model, read_header, load_params
 
 FORMAT = "mpigpt2-checkpoint"
@@ -65,27 +65,14 @@ def write(root, step, cfg, params, m, v, state, keep, fp64):
             files["params64.bin"] = (params, True)
         for name, (tensors, as64) in files.items():
             write_model(os.path.join(tmp, name), cfg, tensors, fp64=as64)
-            if os.environ.get("MPIGPT2_TEST_CRASH_IN_CHECKPOINT") == str(step):
-                os._exit(9)  # tests: a crash half-way through a checkpoint write
         state = dict(state, format=FORMAT, version=VERSION, step=step, files={
             name: {"bytes": os.path.getsize(os.path.join(tmp, name)),
                    "sha256": sha256(os.path.join(tmp, name))} for name in files})
         atomic_write_text(os.path.join(tmp, "state.json"), json.dumps(state, indent=1))
         atomic_write_text(os.path.join(tmp, DONE), f"{step}\n")
-        old = None
-        if os.path.exists(final):  # a repeated step: keep the old one until the new is in place
-            old = os.path.join(root, f".old-step_{step:08d}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        fsync_dir(root)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_dir(tmp, final)  # a repeated step: the old one stays until the new is in place
     except (OSError, UserError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        old = os.path.join(root, f".old-step_{step:08d}")
-        if os.path.exists(old) and not os.path.exists(final):  # put the old one back
-            os.replace(old, final)
         what = getattr(e, "strerror", None) or str(e)
         raise UserError(f"checkpoint {final} could not be written ({what}); earlier checkpoints "
                         f"are untouched — free space or fix --out-dir and resume")
@@ -186,59 +173,11 @@ def _check_schema(state, sp):
         bad("args must be an object")
 
 
-# flags whose change on resume alters the continued run (the model, data, B, T and dtype
-# are refused outright by check_compatible; the data order too, see changed_hyperparameters)
-HYPER_FLAGS = ("lr", "beta1", "beta2", "eps", "weight_decay", "warmup_steps", "lr_schedule",
-               "min_lr_frac", "grad_clip", "steps")
-
-
-def changed_hyperparameters(state, args, path):
-    """Refuse a changed data order; return a description of changed optimizer/schedule flags
-    ('' if none). --steps counts only when the lr schedule depends on it."""
-    saved = state.get("args") or {}
-
-    def order(v):  # no flag / bare --shuffle (True in older checkpoints) / --shuffle llmc
-        return "seeded" if v is True else (v or "sequential")
-    if "shuffle" in saved and order(saved["shuffle"]) != order(args.shuffle):
-        raise UserError(f"--resume {path}: saved with data order {order(saved['shuffle'])}, now "
-                        f"{order(args.shuffle)}; the data order would change — resume with the "
-                        f"same --shuffle")
-    if order(args.shuffle) == "seeded" and "seed" in saved and saved["seed"] != args.seed:
-        raise UserError(f"--resume {path}: saved with --seed {saved['seed']}, now {args.seed}; "
-                        f"with --shuffle the seed fixes the data order — resume with the same "
-                        f"--seed")
-    out = []
-    for flag in HYPER_FLAGS:
-        if flag not in saved or saved[flag] == getattr(args, flag):
-            continue
-        if flag == "steps" and args.lr_schedule == "constant" and \
-                saved.get("lr_schedule", "constant") == "constant":
-            continue  # more or fewer steps of a constant lr: the steps done are the same
-        out.append(f"--{flag.replace('_', '-')} {saved[flag]} -> {getattr(args, flag)}")
-    return ", ".join(out)
-
-
 def verify_hashes(path, state):
     for name, info in state["files"].items():
         if sha256(os.path.join(path, name)) != info["sha256"]:
             raise UserError(f"checkpoint file {os.path.join(path, name)} fails its sha256 "
                             f"check; the checkpoint is corrupt — resume from another one")
-
-
-def check_compatible(state, cfg, dtype, B, T, data_files, path):
-    """Refuse a resume that would silently change the run: model shape, data, B, T, dtype."""
-    if state["model"] != cfg.as_dict():
-        raise UserError(f"--resume {path}: the checkpoint's model {state['model']} differs from "
-                        f"--model ({cfg.as_dict()}); resume with the same model")
-    if state["dtype"] != dtype:
-        raise UserError(f"--resume {path}: the checkpoint is {state['dtype']}, --dtype is {dtype}")
-    if (state["batch_size"], state["seq_len"]) != (B, T):
-        raise UserError(f"--resume {path}: saved with --batch-size {state['batch_size']} "
-                        f"--seq-len {state['seq_len']}; resume with the same values")
-    if state["data"]["train"] != data_files:
-        raise UserError(f"--resume {path}: the training data changed (saved "
-                        f"{state['data']['train']}, now {data_files}); resume with the same "
-                        f"--train-data")
 
 
 def data_identity(paths):

@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 
-from mpigpt2.errors import UserError
+from mpigpt2.base.errors import UserError
 from mpigpt2.formats.mt19937 import MT19937, random_permutation
 from mpigpt2.formats.shards import read_shard, shard_paths
 

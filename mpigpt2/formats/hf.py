@@ -15,8 +15,8 @@ import tempfile
 import numpy as np
 
 from mpigpt2.model.config import GPTConfig, pad_vocab
-from mpigpt2.errors import UserError
-from mpigpt2.formats.atomic import fsync_dir
+from mpigpt2.base.errors import UserError
+from mpigpt2.formats.atomic import fsync_dir, fsync_tree, publish_dir
 from mpigpt2.model.params import LAYER_NAMES, PARAM_NAMES, tensor_shapes
 
 WEIGHTS = "model.safetensors"
@@ -327,22 +327,16 @@ def write_checkpoint(out_dir, cfg, tensors):
             json.dump(config_dict(cfg), f, indent=2)
             f.write("\n")
         for name in (WEIGHTS, CONFIG):
-            p = os.path.join(tmp, name)
-            os.chmod(p, 0o666 & ~mask)
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        if os.path.isdir(out_dir):
+            os.chmod(os.path.join(tmp, name), 0o666 & ~mask)
+        os.chmod(tmp, 0o777 & ~mask)
+        if os.path.isdir(out_dir):  # keep what else the user has there; replace our two files
+            fsync_tree(tmp)
             for name in (WEIGHTS, CONFIG):  # weights first: config.json never precedes them
                 os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
             fsync_dir(out_dir)
             os.rmdir(tmp)
         else:
-            os.chmod(tmp, 0o777 & ~mask)
-            os.rename(tmp, out_dir)
-        fsync_dir(parent)
+            publish_dir(tmp, out_dir)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"cannot write the Hugging Face model {out_dir}: {e.strerror or e}")

@@ -5,7 +5,7 @@ import os
 import numpy as np
 
 from mpigpt2.model.config import GPTConfig
-from mpigpt2.errors import UserError
+from mpigpt2.base.errors import UserError
 from mpigpt2.formats.atomic import atomic_write
 from mpigpt2.model.params import PARAM_NAMES, LAYER_NAMES, tensor_shapes
 

@@ -1,13 +1,12 @@
 """llm.c token shards: a 256×int32 header then uint16 tokens; atomic writes, strict reads."""
 
-import contextlib
 import glob
 import os
-import secrets
 
 import numpy as np
 
-from mpigpt2.errors import UserError
+from mpigpt2.base.errors import UserError
+from mpigpt2.formats.atomic import AtomicFile
 
 MAGIC = 20240520  # llm.c's GPT-2 (uint16) token shard
 VERSION = 1
@@ -15,20 +14,6 @@ HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 MAX_TOKEN = 2**16 - 1
 _HINT = "re-run `python -m mpigpt2.prepare`"
-
-
-def _fsync_dir(path):
-    # Makes the rename itself durable; some filesystems refuse to open directories.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class ShardWriter:
@@ -40,15 +25,12 @@ class ShardWriter:
 
     def __init__(self, path):
         self.path = os.fspath(path)
-        d = os.path.dirname(os.path.abspath(self.path))
-        self.tmp = os.path.join(d, f".{os.path.basename(self.path)}.{secrets.token_hex(6)}.tmp")
-        # os.open rather than mkstemp so the shard gets the usual umask permissions, not 0600.
         try:
-            fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            self.out = AtomicFile(self.path)
         except OSError as e:
             raise UserError(f"cannot create {self.path} ({e.strerror}) — does its directory "
                             "exist and is it writable?") from None
-        self.f = os.fdopen(fd, "wb")
+        self.f = self.out.f
         self.f.write(b"\0" * HEADER_BYTES)  # real header once the count is known
         self.count = 0
         self.done = False
@@ -76,24 +58,18 @@ class ShardWriter:
         header[:3] = (MAGIC, VERSION, self.count)
         self.f.seek(0)
         self.f.write(header.tobytes())
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
+        self.out.seal()
         self.done = True
 
     def commit(self):
         """Atomically move the finished file to its final path."""
         if not self.done:
             self.finish()
-        os.replace(self.tmp, self.path)
-        _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        self.out.commit()
 
     def abort(self):
         """Drop the temp file (safe to call more than once)."""
-        if not self.f.closed:
-            self.f.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.tmp)
+        self.out.abort()
 
     def __enter__(self):
         return self

@@ -7,7 +7,7 @@ import importlib.resources
 import os
 from pathlib import Path
 
-from mpigpt2.errors import UserError
+from mpigpt2.base.errors import UserError
 
 EOT = 50256  # <|endoftext|>
 GPT2_VOCAB = 50257

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass, asdict
 
-from mpigpt2.errors import UserError
+from mpigpt2.base.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,9 @@ import time
 
 import numpy as np
 
+from mpigpt2.base.machine import cpu_name
+from mpigpt2.parallel import costs
+
 MIN_SLICE = 8         # tokens: below this a slice is mostly Python and message overhead
 MAX_SLICES = 64       # slices per micro-batch (the parity matrix tests up to T/16)
 REPS = 2              # timed repetitions per candidate (best of); one warm-up pass before
@@ -52,21 +55,10 @@ def candidates(T, min_tokens=MIN_SLICE, max_slices=MAX_SLICES):
             and (k >= min_tokens or k == T)]
 
 
-def predict_step_seconds(slice_seconds, M, pp):
-    """TeraPipe step time: M micro-batches of Σ slice times on the bottleneck stage, plus
-    pp−1 slowest slices of pipeline fill and drain."""
-    t = list(slice_seconds)
-    return M * sum(t) + (pp - 1) * max(t)
-
-
 def bottleneck_stage(cfg, T, stage_layers):
     """The stage with the largest estimated cost (layers, plus embedding / logits + loss)."""
-    from mpigpt2.parallel.layout import layer_cost, embed_cost, head_cost
-    pp = len(stage_layers)
-    cost = [n * layer_cost(cfg, T) for n in stage_layers]
-    cost[0] += embed_cost(cfg)
-    cost[-1] += head_cost(cfg)
-    return max(range(pp), key=lambda s: (cost[s], s))
+    cost = costs.stage_costs(cfg, T, stage_layers)
+    return max(range(len(stage_layers)), key=lambda s: (cost[s], s))
 
 
 def measure(cfg, spec, b, T, ks, dtype=np.float32, threads=1, reps=REPS, done=None):
@@ -120,18 +112,13 @@ def measure(cfg, spec, b, T, ks, dtype=np.float32, threads=1, reps=REPS, done=No
     return out
 
 
-def _cpu():
-    from mpigpt2.observe.metrics import _cpu_name
-    return _cpu_name()
-
-
 def profile_key(cfg, spec, b, T, M, pp, dtype, threads):
     shape = cfg.as_dict()
     return (f"L{shape['num_layers']} NH{shape['num_heads']} C{shape['channels']} "
             f"V{shape['vocab_size']} Vp{shape['padded_vocab_size']} maxT{shape['max_seq_len']}"
             f" | stage layers {spec.l1 - spec.l0} first={spec.first} last={spec.last}"
             f" | b{b} T{T} M{M} pp{pp} | {np.dtype(dtype).name} {threads} thread(s)"
-            f" | {_cpu()} | numpy {np.__version__}")
+            f" | {cpu_name()} | numpy {np.__version__}")
 
 
 def _read_cache(path):
@@ -157,7 +144,7 @@ def profile(cfg, spec, b, T, M, pp, dtype=np.float32, threads=1, ks=None, cache=
     best, worse = [float("inf")], [0]
 
     def done(k, t):
-        pred = predict_step_seconds(t, M, pp)
+        pred = costs.pipeline_seconds(t, M, pp)
         worse[0] = worse[0] + 1 if pred >= best[0] else 0
         best[0] = min(best[0], pred)
         return worse[0] >= PATIENCE
@@ -188,7 +175,7 @@ def choose(cfg, layout, B, T, dtype=np.float32, threads=1, cache=True):
     for k in sorted(prof, reverse=True):
         t = prof[k]
         rows.append({"k": k, "n": T // k,
-                     "predicted_step_ms": round(predict_step_seconds(t, M, pp) * 1e3, 3),
+                     "predicted_step_ms": round(costs.pipeline_seconds(t, M, pp) * 1e3, 3),
                      "slice_ms_sum": round(sum(t) * 1e3, 3),
                      "slice_ms_max": round(max(t) * 1e3, 3)})
     best = min(rows, key=lambda r: (r["predicted_step_ms"], -r["k"]))
@@ -219,12 +206,9 @@ def agree(comm, cfg, layout, B, T, dtype=np.float32, threads=1, cache=True):
     info = None
     if comm.Get_rank() == 0:
         _, info = choose(cfg, layout, B, T, dtype, threads, cache)
-    from mpigpt2.parallel import waiting
-    saved = waiting.STALL["seconds"]
-    waiting.STALL["seconds"] = float("inf")  # a long measurement is not a stall
-    try:  # poll: a blocking bcast would spin on the cores rank 0 is measuring with
-        waiting.wait_all([comm.Ibarrier()], "setup")
-    finally:
-        waiting.STALL["seconds"] = saved
+    from mpigpt2.parallel.waiting import Waiter
+    # poll: a blocking bcast would spin on the cores rank 0 is measuring with; a long
+    # measurement is not a stall
+    Waiter(stall_seconds=float("inf")).wait([comm.Ibarrier()], "setup")
     info = comm.bcast(info, root=0)  # set-up metadata: the pickle path is fine
     return replace(layout, slice_tokens=info["slice_tokens"]), info

@@ -1,6 +1,6 @@
 """Collectives of a training step: bucketed gradient reduction, tied-embedding sum, loss, norms.
 
-All nonblocking and completed by polling (waiting.wait_all), never by a spinning MPI wait.
+All nonblocking and completed by polling (a waiting.Waiter), never by a spinning MPI wait.
 Gradients are summed, not averaged: every replica's loss gradient is already scaled by
 1/(B·T) of the global batch, so the sum over replicas is the average of their mean-loss
 gradients — the gradient of the global mean loss.
@@ -10,7 +10,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mpigpt2.model.params import LAYER_NAMES
-from mpigpt2.parallel.waiting import wait_all
+from mpigpt2.parallel.waiting import Waiter
 
 
 class GradReducer:
@@ -54,30 +54,30 @@ class GradReducer:
             self._start(self.grid.embed, [self.g["wte"]])
 
     def wait(self):
-        wait_all(self.reqs, "allreduce", lambda: f"{len(self.reqs)} gradient allreduces")
+        self.grid.waiter.wait(self.reqs, "allreduce", lambda: f"{len(self.reqs)} gradient allreduces")
         self.reqs, self.started = [], set()
 
 
-def sum_to_root(comm, values):
+def sum_to_root(comm, values, waiter=None):
     """Sum a small float64 vector over comm onto rank 0 (polled); returns it on rank 0."""
     send = np.asarray(values, dtype=np.float64)
     recv = np.zeros_like(send)
     req = comm.Ireduce(send, recv, op=MPI.SUM, root=0)
-    wait_all([req], "reduce", lambda: "loss reduction")
+    (waiter or Waiter()).wait([req], "reduce", lambda: "loss reduction")
     return recv
 
 
-def allreduce_sum(comm, values, kind="reduce"):
+def allreduce_sum(comm, values, waiter=None, kind="reduce"):
     """Sum a small float64 vector over comm on every rank (polled)."""
     buf = np.array(values, dtype=np.float64)
     req = comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
-    wait_all([req], kind, lambda: f"allreduce of {buf.size} values")
+    (waiter or Waiter()).wait([req], kind, lambda: f"allreduce of {buf.size} values")
     return buf
 
 
-def barrier(comm):
+def barrier(comm, waiter=None):
     """A polled barrier."""
-    wait_all([comm.Ibarrier()], "barrier", lambda: "barrier")
+    (waiter or Waiter()).wait([comm.Ibarrier()], "barrier", lambda: "barrier")
 
 
 def gather_model(grid, stage, layout, grads=False, flat=None):
@@ -95,7 +95,7 @@ def gather_model(grid, stage, layout, grads=False, flat=None):
         recvspec = [recv, sizes, np.cumsum([0] + sizes[:-1]).tolist(), mpitype]
     src = flat if flat is not None else stage.grad_flat if grads else stage.flat
     req = grid.pipe.Igatherv(src, recvspec if grid.stage == 0 else None, root=0)
-    wait_all([req], "gather", lambda: "model gather")
+    grid.waiter.wait([req], "gather", lambda: "model gather")
     if grid.stage != 0:
         return None
     parts, off = [], 0
@@ -111,3 +111,19 @@ def gather_model(grid, stage, layout, grads=False, flat=None):
         else:
             out[n] = parts[-1][n]
     return out
+
+
+def gather_rows(comm, phases, phase_seconds, loss_sum, stage, waiter):
+    """Polled gather of every rank's phase times (named by phases) and loss sum to rank 0.
+
+    Returns (per-rank dicts, total loss sum) on rank 0 and (None, None) elsewhere; a blocking
+    gather would busy-spin on ranks that finished their step early.
+    """
+    row = np.array(list(phase_seconds) + [loss_sum, stage], dtype=np.float64)
+    out = np.empty((comm.Get_size(), row.size)) if comm.Get_rank() == 0 else None
+    waiter.wait([comm.Igather(row, out, root=0)], "reduce", lambda: "per-step metrics gather")
+    if out is None:
+        return None, None
+    per_rank = [dict(zip(phases, r[:len(phases)]), rank=i, stage=int(r[-1]))
+                for i, r in enumerate(out)]
+    return per_rank, float(out[:, len(phases)].sum())

@@ -9,7 +9,8 @@ import sys
 import traceback
 
 
-from mpigpt2.errors import UserError, EXIT_USAGE, abort
+from mpigpt2.base.errors import UserError, EXIT_USAGE, abort
+from mpigpt2.parallel.waiting import Waiter
 
 
 def install_excepthook(comm):
@@ -28,7 +29,7 @@ def install_excepthook(comm):
     sys.excepthook = hook
 
 
-def agree(comm, fn, debug=False):
+def agree(comm, fn, debug=False, waiter=None):
     """Run fn() on every rank; if it raised UserError anywhere, all ranks exit 2 together.
 
     Rank 0 prints the message of the lowest failing rank. Other exceptions propagate (and so
@@ -41,8 +42,7 @@ def agree(comm, fn, debug=False):
         if debug:
             traceback.print_exc()
         err, result = str(e), None
-    from mpigpt2.parallel.waiting import wait_all
-    wait_all([comm.Ibarrier()], "setup")  # polled: slow ranks (e.g. rank 0 writing) keep a core
+    (waiter or Waiter()).wait([comm.Ibarrier()], "setup")  # polled: slow ranks (e.g. rank 0 writing) keep a core
     errors = comm.allgather(err)  # set-up metadata only: the lowercase pickle path is fine
     failed = [(r, e) for r, e in enumerate(errors) if e is not None]
     if failed:

@@ -7,9 +7,11 @@ of every replica), over which the tied embedding's gradient is summed (and, with
 pp > 1, its optimizer state sharded).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mpi4py import MPI
+
+from mpigpt2.parallel.waiting import Waiter
 
 
 @dataclass
@@ -22,6 +24,7 @@ class Grid:
     dp: int
     stage: int
     replica: int
+    waiter: Waiter = field(default_factory=Waiter)  # every wait of this rank goes through it
 
     @property
     def rank(self):
@@ -40,7 +43,7 @@ class Grid:
         return (self.replica if replica is None else replica) * self.pp + stage
 
 
-def make_grid(world, pp, dp):
+def make_grid(world, pp, dp, waiter=None):
     """Split world (size pp·dp) into the pipe, data and embed communicators."""
     assert world.Get_size() == pp * dp
     rank = world.Get_rank()
@@ -49,4 +52,4 @@ def make_grid(world, pp, dp):
     data = world.Split(color=stage, key=replica)
     holds_wte = stage in (0, pp - 1)
     embed = world.Split(color=0 if holds_wte else MPI.UNDEFINED, key=rank)
-    return Grid(world, pipe, data, embed, pp, dp, stage, replica)
+    return Grid(world, pipe, data, embed, pp, dp, stage, replica, waiter or Waiter())

@@ -2,8 +2,9 @@
 
 from dataclasses import dataclass, asdict
 
-from mpigpt2.errors import UserError
+from mpigpt2.base.errors import UserError
 from mpigpt2.model.params import StageSpec
+from mpigpt2.parallel import costs
 
 SCHEDULES = ("gpipe", "1f1b")
 
@@ -28,30 +29,6 @@ class Layout:
         return d
 
 
-# constants of the default-layout cost model (orders of magnitude measured on our machines)
-RANK_FLOPS = 50e9        # float32 FLOP/s a rank gets when ranks share cores
-ALLREDUCE_BPS = 2e9      # bytes/s of a ring allreduce between ranks of one node
-STATE_BYTES = 16         # per parameter: weights, gradients, two Adam moments (fp32)
-
-
-def predicted_step_seconds(cfg, B, T, world, pp, slices=4):
-    """Rough step time of layout (pp, world/pp): the slowest stage's compute with its
-    bubble, plus the gradient allreduce of the largest stage. For ranking layouts only."""
-    dp = world // pp
-    counts = balanced_partition(cfg, T, pp)
-    lc = layer_cost(cfg, T)
-    stage_cost = [n * lc for n in counts]
-    stage_cost[0] += embed_cost(cfg)
-    stage_cost[-1] += head_cost(cfg)
-    M = pp
-    bubble = 1.0 + (pp - 1) / (M * (slices if pp > 1 else 1))
-    compute = 3.0 * (B / dp) * T * max(stage_cost) * bubble / RANK_FLOPS
-    C = cfg.channels
-    stage_params = max(counts) * 12 * C * C + cfg.padded_vocab_size * C
-    allreduce = 2.0 * (dp - 1) / dp * 4 * stage_params / ALLREDUCE_BPS
-    return compute + allreduce
-
-
 def default_pp(world, cfg, B, T, mem_bytes=None, ranks_per_node=None):
     """Default rule: among the pp that divide world (pp ≤ L, B divisible by dp·pp) and whose
     per-rank training state fits in half the node's memory, the one with the smallest
@@ -67,34 +44,17 @@ def default_pp(world, cfg, B, T, mem_bytes=None, ranks_per_node=None):
         cands = [max(p for p in range(1, min(world, L) + 1) if world % p == 0)]
     if mem_bytes:
         fits = [p for p in cands
-                if STATE_BYTES * num_parameters(cfg) / p * ranks_per_node <= mem_bytes / 2]
+                if costs.STATE_BYTES * num_parameters(cfg) / p * ranks_per_node <= mem_bytes / 2]
         cands = fits or [max(cands)]
-    return min(cands, key=lambda p: (predicted_step_seconds(cfg, B, T, world, p), -p))
-
-
-def layer_cost(cfg, T):
-    """Forward FLOPs per token of one transformer block (matmuls + attention, mean prefix T/2)."""
-    C = cfg.channels
-    return 24 * C * C + 2 * T * C
-
-
-def head_cost(cfg):
-    """Forward FLOPs per token of the logits matmul, plus the softmax/cross-entropy passes."""
-    return 2 * cfg.channels * cfg.padded_vocab_size + 5 * cfg.vocab_size
-
-
-def embed_cost(cfg):
-    """The embedding lookup and its scatter-add backward, weighted as memory-bound work."""
-    return 16 * cfg.channels
+    return min(cands, key=lambda p: (costs.predicted_step_seconds(
+        cfg, B, T, world, p, balanced_partition(cfg, T, p)), -p))
 
 
 def balanced_partition(cfg, T, pp):
     """Contiguous split of L layers into pp stages (≥ 1 each) minimising the dearest stage."""
     L = cfg.num_layers
-    lc = layer_cost(cfg, T)
-    extra = [0.0] * pp
-    extra[0] += embed_cost(cfg)
-    extra[-1] += head_cost(cfg)
+    lc = costs.layer_cost(cfg, T)
+    extra = costs.stage_costs(cfg, T, [0] * pp)  # the embedding and the head
     # best[s][l]: minimal max cost splitting the first l layers over stages 0..s
     INF = float("inf")
     best = [[INF] * (L + 1) for _ in range(pp)]

@@ -9,13 +9,13 @@ import numpy as np
 from mpi4py import MPI
 
 from mpigpt2.parallel.schedule import FORWARD, BACKWARD, tag, max_tag
-from mpigpt2.parallel.waiting import wait_all
 
 
 class PipeP2P:
     """Sends and pre-posted receives of one stage within its replica's pipe communicator."""
 
-    def __init__(self, pipe, stage, pp, M, n, rows, C, dtype):
+    def __init__(self, pipe, stage, pp, M, n, rows, C, dtype, waiter):
+        self.waiter = waiter
         self.comm, self.stage, self.pp, self.M, self.n = pipe, stage, pp, M, n
         if max_tag(M, n) > MPI.COMM_WORLD.Get_attr(MPI.TAG_UB):
             raise ValueError(f"M·n = {M * n} slices per step exceed the MPI tag space")
@@ -53,7 +53,7 @@ class PipeP2P:
         req = self.recvs.pop((kind, mb, j))
         peer, _ = self._peer_tag(kind, mb, j)
         what = "activations" if kind == "RECV_F" else "gradients"
-        wait_all([req], "p2p", lambda: f"{kind} mb={mb} slice={j} ({what} from stage {peer}, "
+        self.waiter.wait([req], "p2p", lambda: f"{kind} mb={mb} slice={j} ({what} from stage {peer}, "
                                        f"rank {self.world_rank[peer]})")
         return self.buf[kind][mb, j]
 
@@ -77,7 +77,7 @@ class PipeP2P:
         """Wait for every send of the step (receives were consumed by wait_recv); returns
         the names of the sends that were still in flight."""
         assert not self.recvs, f"unconsumed receives: {sorted(self.recvs)}"
-        wait_all(self.sends, "p2p", lambda: f"{len(self.sends)} sends to finish")
+        self.waiter.wait(self.sends, "p2p", lambda: f"{len(self.sends)} sends to finish")
         late = [n for n in self.send_names if n is not None]
         self.sends, self.send_names = [], []
         return late

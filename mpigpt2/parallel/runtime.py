@@ -24,7 +24,7 @@ class Runner:
         self.eval_program = schedule.build_eval(grid.pp, self.M, self.n)[grid.stage]
         self.final_b = [a for a in self.program if a.kind == "B"][-1]
         self.p2p = PipeP2P(grid.pipe, grid.stage, grid.pp, self.M, self.n,
-                           rows_per_mb * self.k, stage.cfg.channels, stage.dtype)
+                           rows_per_mb * self.k, stage.cfg.channels, stage.dtype, grid.waiter)
         self.reducer = reducer if reducer is not None else GradReducer(grid, stage)
         self.overlap = overlap  # start a layer's gradient reduction inside the last backward
         self.times = {}

@@ -230,13 +230,6 @@ def simulate(progs, f_cost=1, b_cost=1):
     return timeline
 
 
-def bubble(timeline, f_cost=1, b_cost=1):
-    """Idle fraction of the simulated step (all stages, from tick 0 to the last finish)."""
-    end = max(t + (f_cost if a.kind == "F" else b_cost) for tl in timeline for t, a in tl)
-    work = sum(f_cost if a.kind == "F" else b_cost for tl in timeline for _, a in tl)
-    return 1.0 - work / (end * len(timeline))
-
-
 def table(progs, upto=None, f_cost=1, b_cost=1):
     """The step × rank table: one row per tick, the compute action each stage runs ('.' = idle)."""
     timeline = upto if upto is not None else simulate(progs, f_cost, b_cost)

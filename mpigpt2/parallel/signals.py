@@ -13,7 +13,6 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from mpigpt2.parallel.waiting import wait_all
 
 EXIT_PREEMPTED = 3
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -42,9 +41,9 @@ def received():
     return _state["signal"]
 
 
-def agree(comm):
+def agree(comm, waiter):
     """The largest signal number any rank received (0 if none): one tiny polled allreduce."""
     buf = np.array([_state["signal"]], dtype=np.int64)
-    wait_all([comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.MAX)], "allreduce",
+    waiter.wait([comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.MAX)], "allreduce",
              lambda: "preemption-flag agreement")
     return int(buf[0])

@@ -1,16 +1,18 @@
 """Waiting on MPI requests without stealing a core: poll with a short, growing sleep.
 
 MPICH's blocking waits spin at 100 % CPU; with more ranks than cores they starve the ranks that
-compute (DESIGN.md, "Waiting"). Every wait in the runtime goes through here.
+compute (docs/design.md#waiting). Every wait in the runtime goes through here.
 """
 
 import os
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 from mpi4py import MPI
 
-from mpigpt2.errors import abort
+from mpigpt2.base.errors import abort
 
 SLEEP_START = 2e-5
 # Longest nap between polls, in seconds. A pipeline wait (p2p), a barrier or set-up may last a
@@ -25,66 +27,71 @@ SLEEP_MAX_COLLECTIVE = float(os.environ.get("MPIGPT2_POLL_SLEEP_MAX_COLLECTIVE",
 DATA_COLLECTIVES = ("allreduce", "allgather")  # the gradient and parameter movers
 
 
-class WaitStats:
-    """Seconds spent waiting, by kind (for the step metrics)."""
+# diagnostic switch (bench row 9): MPICH's blocking, busy-spinning Waitall instead of polling
+BLOCKING = os.environ.get("MPIGPT2_BLOCKING_WAITS") == "1"
+TRACED_KINDS = ("allgather",)  # waits the runtime does not trace itself (ZeRO's allgathers)
 
-    def __init__(self):
-        self.seconds = {}
 
-    def add(self, kind, dt):
-        self.seconds[kind] = self.seconds.get(kind, 0.0) + dt
+@dataclass
+class Waiter:
+    """How this rank waits, and the seconds it spent waiting, by kind (for the step metrics).
+
+    Created once by the command (train, a benchmark, a test) and passed with the grid; set-up
+    code that runs before a grid exists makes a default one. stall_seconds: report a wait this
+    long (and abort the job if abort); timeout: abort the job after a wait this long (a peer
+    died without MPI noticing). trace: callable(kind, description, t0, t1) for TRACED_KINDS.
+    """
+    stall_seconds: float = 60.0
+    abort: bool = False
+    timeout: float = 1800.0
+    blocking: bool = BLOCKING
+    trace: Optional[Callable] = None
+    step: Optional[int] = None  # named in stall reports
+    seconds: dict = field(default_factory=dict)
 
     def take(self):
+        """The waiting seconds by kind since the last take()."""
         s, self.seconds = self.seconds, {}
         return s
 
+    def _add(self, kind, dt):
+        self.seconds[kind] = self.seconds.get(kind, 0.0) + dt
 
-STATS = WaitStats()
-# diagnostic switch (bench row 9): MPICH's blocking, busy-spinning Waitall instead of polling
-BLOCKING = os.environ.get("MPIGPT2_BLOCKING_WAITS") == "1"
-TRACE = None  # --trace: callable(kind, description, t_start, t_end) for the kinds below
-TRACED_KINDS = ("allgather",)  # waits the runtime does not trace itself (ZeRO's allgathers)
-STALL = {"seconds": 60.0, "abort": False, "timeout": 1800.0, "step": None}
+    def wait(self, reqs, kind="p2p", what=None):
+        """Poll reqs (a list of MPI.Request) until all complete; sleep between polls.
 
-
-def wait_all(reqs, kind="p2p", what=None):
-    """Poll reqs (a list of MPI.Request) until all complete; sleep between polls.
-
-    what: a callable returning a description of the awaited messages, printed if the wait
-    outlasts STALL["seconds"] (then the wait goes on, or the job aborts if STALL["abort"]).
-    """
-    if not reqs:
-        return
-    if MPI.Request.Testall(reqs):
-        return
-    t0 = time.perf_counter()
-    if BLOCKING:  # never in normal runs: no stall report, no timeout
-        MPI.Request.Waitall(reqs)
-        STATS.add(kind, time.perf_counter() - t0)
-        return
-    nap, warned = SLEEP_START, False
-    cap = SLEEP_MAX_COLLECTIVE if kind in DATA_COLLECTIVES else SLEEP_MAX
-    while not MPI.Request.Testall(reqs):
-        time.sleep(nap)
-        nap = min(2 * nap, cap)
-        waited = time.perf_counter() - t0
-        if not warned and waited > STALL["seconds"]:
-            warned = True
-            _report(waited, kind, what, "stalled")
-            if STALL["abort"]:
+        what: a callable returning a description of the awaited messages, printed if the
+        wait outlasts stall_seconds (then the wait goes on, or the job aborts if abort).
+        """
+        if not reqs or MPI.Request.Testall(reqs):
+            return
+        t0 = time.perf_counter()
+        if self.blocking:  # never in normal runs: no stall report, no timeout
+            MPI.Request.Waitall(reqs)
+            self._add(kind, time.perf_counter() - t0)
+            return
+        nap, warned = SLEEP_START, False
+        cap = SLEEP_MAX_COLLECTIVE if kind in DATA_COLLECTIVES else SLEEP_MAX
+        while not MPI.Request.Testall(reqs):
+            time.sleep(nap)
+            nap = min(2 * nap, cap)
+            waited = time.perf_counter() - t0
+            if not warned and waited > self.stall_seconds:
+                warned = True
+                self._report(waited, kind, what, "stalled")
+                if self.abort:
+                    abort(MPI.COMM_WORLD, 4)
+            if waited > self.timeout:  # a peer died without MPI noticing: never hang
+                self._report(waited, kind, what, "gave up (--wait-timeout)")
                 abort(MPI.COMM_WORLD, 4)
-        if waited > STALL["timeout"]:  # a peer died without MPI noticing: never hang
-            _report(waited, kind, what, "gave up (--wait-timeout)")
-            abort(MPI.COMM_WORLD, 4)
-    t1 = time.perf_counter()
-    STATS.add(kind, t1 - t0)
-    if TRACE is not None and kind in TRACED_KINDS:
-        TRACE(kind, what() if what else kind, t0, t1)
+        t1 = time.perf_counter()
+        self._add(kind, t1 - t0)
+        if self.trace is not None and kind in TRACED_KINDS:
+            self.trace(kind, what() if what else kind, t0, t1)
 
-
-def _report(waited, kind, what, verdict):
-    desc = what() if what else kind
-    step = STALL["step"]
-    rank = MPI.COMM_WORLD.Get_rank()
-    print(f"[rank {rank}] {verdict} after {waited:.0f}s waiting for {desc}"
-          + (f" at step {step}" if step is not None else ""), file=sys.stderr, flush=True)
+    def _report(self, waited, kind, what, verdict):
+        desc = what() if what else kind
+        rank = MPI.COMM_WORLD.Get_rank()
+        print(f"[rank {rank}] {verdict} after {waited:.0f}s waiting for {desc}"
+              + (f" at step {self.step}" if self.step is not None else ""),
+              file=sys.stderr, flush=True)

@@ -23,7 +23,6 @@ from mpi4py import MPI
 
 from mpigpt2.model.optim import AdamW
 from mpigpt2.model.params import LAYER_NAMES
-from mpigpt2.parallel.waiting import wait_all
 
 
 def shard_bounds(N, dp):
@@ -112,7 +111,8 @@ class ShardedAdam:
             self._start(key)
 
     def wait(self):
-        wait_all(self.red_reqs, "allreduce", lambda: f"{len(self.red_reqs)} gradient reduces")
+        self.grid.waiter.wait(self.red_reqs, "allreduce",
+                              lambda: f"{len(self.red_reqs)} gradient reduces")
         self.red_reqs, self.started = [], set()
 
     def grad_sumsq(self):
@@ -138,7 +138,7 @@ class ShardedAdam:
         """Called before a layer (index) or tensor group ('wte', 'wpe', 'lnfw') is used."""
         reqs = self.gather_reqs.pop(key, None)
         if reqs:
-            wait_all(reqs, "allgather", lambda: f"parameter broadcast of {key}")
+            self.grid.waiter.wait(reqs, "allgather", lambda: f"parameter broadcast of {key}")
         for later in self.gather_reqs.values():  # progress the broadcasts of later layers
             MPI.Request.Testall(later)
 
@@ -156,7 +156,7 @@ class ShardedAdam:
             displs = [lo - p.a for lo, _ in p.bounds]
             reqs.append(p.comm.Iallgatherv(shard_of(p), [full[p.a:p.b], counts, displs,
                                                           self.mpitype]))
-        wait_all(reqs, "allgather", lambda: what)
+        self.grid.waiter.wait(reqs, "allgather", lambda: what)
         return full
 
     def full_moments(self):

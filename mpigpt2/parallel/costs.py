@@ -1,0 +1,72 @@
+"""The one cost model (pure): FLOPs per stage, pipeline step time, bubble, allreduce time.
+
+layout (default pp), observe.metrics (the predicted bubble of the step line), autotune (the
+step time of each slice length) and --print-schedule all price a step here.
+"""
+
+# constants of the default-layout model (orders of magnitude measured on our machines)
+RANK_FLOPS = 50e9        # float32 FLOP/s a rank gets when ranks share cores
+ALLREDUCE_BPS = 2e9      # bytes/s of a ring allreduce between ranks of one node
+STATE_BYTES = 16         # per parameter: weights, gradients, two Adam moments (fp32)
+
+
+def layer_cost(cfg, T):
+    """Forward FLOPs per token of one transformer block (matmuls + attention, mean prefix T/2)."""
+    C = cfg.channels
+    return 24 * C * C + 2 * T * C
+
+
+def head_cost(cfg):
+    """Forward FLOPs per token of the logits matmul, plus the softmax/cross-entropy passes."""
+    return 2 * cfg.channels * cfg.padded_vocab_size + 5 * cfg.vocab_size
+
+
+def embed_cost(cfg):
+    """The embedding lookup and its scatter-add backward, weighted as memory-bound work."""
+    return 16 * cfg.channels
+
+
+def stage_costs(cfg, T, stage_layers):
+    """Forward FLOPs per token of each stage: its layers, plus embedding (first) and logits
+    and loss (last)."""
+    cost = [n * layer_cost(cfg, T) for n in stage_layers]
+    cost[0] += embed_cost(cfg)
+    cost[-1] += head_cost(cfg)
+    return cost
+
+
+def pipeline_seconds(unit_seconds, M, pp):
+    """Step time of a pipelined step (TeraPipe's bound): M micro-batches of the bottleneck
+    stage's units (slices, in order), plus pp − 1 of its slowest unit to fill and drain."""
+    t = list(unit_seconds)
+    return M * sum(t) + (pp - 1) * max(t)
+
+
+def bubble_fraction(pp, M, n):
+    """Idle fraction of a step of M micro-batches × n equal slices on pp stages."""
+    work = M * n
+    return 1.0 - work / pipeline_seconds([1.0] * n, M, pp)
+
+
+def idle_fraction(timeline, f_cost=1, b_cost=1):
+    """Idle fraction of a simulated step (schedule.simulate: all stages, tick 0 to the end)."""
+    end = max(t + (f_cost if a.kind == "F" else b_cost) for tl in timeline for t, a in tl)
+    work = sum(f_cost if a.kind == "F" else b_cost for tl in timeline for _, a in tl)
+    return 1.0 - work / (end * len(timeline))
+
+
+def allreduce_seconds(nbytes, dp):
+    """A ring allreduce of nbytes over dp ranks."""
+    return 2.0 * (dp - 1) / dp * nbytes / ALLREDUCE_BPS
+
+
+def predicted_step_seconds(cfg, B, T, world, pp, stage_layers, slices=4):
+    """Rough step time of layout (pp, world/pp) with M = pp micro-batches: the slowest
+    stage's compute (forward + backward ≈ 3× forward) pipelined, plus the gradient allreduce
+    of the largest stage. For ranking layouts only."""
+    dp = world // pp
+    M, n = pp, (slices if pp > 1 else 1)
+    unit = 3.0 * (B / dp / M) * (T / n) * max(stage_costs(cfg, T, stage_layers)) / RANK_FLOPS
+    C = cfg.channels
+    stage_params = max(stage_layers) * 12 * C * C + cfg.padded_vocab_size * C
+    return pipeline_seconds([unit] * n, M, pp) + allreduce_seconds(4 * stage_params, dp)

@@ -1,0 +1,120 @@
+"""The set-up of a training run: every check that user input can fail, before any compute.
+
+Every rank runs plan(); train.py makes the ranks agree on the outcome (failure.agree), so a
+bad flag ends every rank with one line and status 2.
+"""
+
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Optional
+
+from mpigpt2 import resume as rs
+from mpigpt2.base.errors import UserError
+from mpigpt2.formats import checkpoint as ck
+from mpigpt2.formats.data import DataLoader
+from mpigpt2.formats.models import load_config
+from mpigpt2.model.config import GPTConfig
+from mpigpt2.options import check_args
+from mpigpt2.parallel import layout as lay
+
+DEFAULT_VAL = "data/tinyshakespeare/tiny_shakespeare_val.bin"
+
+
+@dataclass
+class Plan:
+    """What the flags resolve to: the model shape, the layout, the data, the resume point."""
+    cfg: GPTConfig
+    layout: lay.Layout
+    train: DataLoader
+    val: Optional[DataLoader]
+    resume: Optional[rs.Resume]
+    notes: list  # printed by rank 0 once the run starts
+
+    @property
+    def start_step(self):
+        return self.resume.step if self.resume is not None else 0
+
+
+def node_memory_bytes():
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
+def plan(args, world, ranks_per_node=1):
+    """Check the flags and files and resolve them into a Plan (world: the grid's size)."""
+    check_args(args)
+    cfg = load_config(args.model)
+    B, T = args.batch_size, args.seq_len
+    if T > cfg.max_seq_len:
+        raise UserError(f"--seq-len {T} exceeds the model's maximum sequence length "
+                        f"{cfg.max_seq_len} (maxT)")
+    layout = lay.resolve(world, cfg, B, T, args.pp, args.dp, args.stage_layers,
+                         args.microbatches,
+                         None if args.slice_tokens == "auto" else args.slice_tokens, args.schedule,
+                         node_memory_bytes(), ranks_per_node)
+    train = DataLoader(args.train_data, B, T, vocab_size=cfg.vocab_size, flag="--train-data",
+                       shuffle=args.shuffle, seed=args.seed)
+    notes = []
+    val = validation_loader(args, cfg, notes)
+    resume = find_resume(args, cfg, train, notes) if args.resume else None
+    check_writable(args.out_dir, "--out-dir")
+    if args.save:
+        if os.path.isdir(args.save):
+            raise UserError(f"--save {args.save} is a directory; give a file name like model.bin")
+        check_writable(os.path.dirname(os.path.abspath(args.save)), "--save")
+    return Plan(cfg, layout, train, val, resume, notes)
+
+
+def validation_loader(args, cfg, notes):
+    """--val-data, or the prepared tinyshakespeare val shard when it exists and fits."""
+    B, T = args.batch_size, args.seq_len
+    if args.val_data is None:  # the default is optional: skip validation when it does not fit
+        args.val_data = ""
+        if os.path.exists(DEFAULT_VAL):
+            try:
+                val = DataLoader(DEFAULT_VAL, B, T, vocab_size=cfg.vocab_size, flag="--val-data")
+                args.val_data = DEFAULT_VAL
+                return val
+            except UserError as e:
+                notes.append(f"note: no validation: the default {e}")
+        return None
+    if args.val_data:
+        return DataLoader(args.val_data, B, T, vocab_size=cfg.vocab_size, flag="--val-data")
+    return None
+
+
+def find_resume(args, cfg, train, notes):
+    """The checkpoint --resume names, validated against the flags; positions the loader."""
+    path = ck.find(args.out_dir, args.resume)
+    if path is None:
+        return None
+    state = ck.read_state(path)
+    ck.verify_hashes(path, state)
+    rs.check_compatible(state, cfg, args.dtype, args.batch_size, args.seq_len,
+                        ck.data_identity(train.paths), path)
+    if state["step"] > args.steps:
+        raise UserError(f"--resume {path}: the checkpoint is at step {state['step']}, "
+                        f"beyond --steps {args.steps}")
+    changed = rs.changed_hyperparameters(state, args, path)
+    if changed:
+        notes.append(f"note: resuming {path} with changed hyperparameters ({changed}): the "
+                     f"continued run will differ from an uninterrupted one")
+    train.set_state(state["data"]["loader"])
+    return rs.Resume(path, state)
+
+
+def check_writable(path, flag):
+    """path (a directory, maybe not yet created) can be created and written; nothing made."""
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    try:
+        if not os.path.isdir(p):
+            raise OSError
+        with tempfile.TemporaryFile(dir=p):  # access() says yes to root even on /proc
+            pass
+    except OSError:
+        raise UserError(f"{flag} {path}: {p} is not a writable directory")
