@@ -6,8 +6,8 @@
 
 A model shape given by flags (no preset needed), random tokens (seeded), one BLAS thread per
 rank. For each k of --ks a Runner is built over the same stage and optimizer; rounds of one
-step per k follow (warm-up rounds untimed), each step (zero_grad, runner.run, AdamW, loss
-reduction) timed between two polled barriers. Rank 0 prints one BENCH_JSON line per k with the step times and, per rank,
+step per k follow (warm-up rounds untimed), each step (the trainer's own
+parallel.step.train_step, then the loss reduction) timed between two polled barriers. Rank 0 prints one BENCH_JSON line per k with the step times and, per rank,
 the compute seconds, the polled waiting seconds, peak activation bytes and peak RSS.
 """
 
@@ -90,14 +90,15 @@ def main():
     tune()  # as mpigpt2.train does
     from mpi4py import MPI
     from threadpoolctl import threadpool_limits
-    from mpigpt2.parallel import layout as lay, waiting
+    from mpigpt2.parallel import layout as lay
     from mpigpt2.parallel.collectives import barrier, sum_to_root
     from mpigpt2.model.config import GPTConfig, pad_vocab
     from mpigpt2.parallel.failure import install_excepthook
     from mpigpt2.parallel.grid import make_grid
-    from mpigpt2.model.optim import AdamW
     from mpigpt2.model.params import init_params
+    from mpigpt2.parallel.optimizer import make_optimizer
     from mpigpt2.parallel.runtime import Runner
+    from mpigpt2.parallel.step import train_step
     from mpigpt2.model.stage import Stage
 
     world = MPI.COMM_WORLD
@@ -114,7 +115,7 @@ def main():
     spec = layouts[0].spec(grid.stage)
     stage = Stage(cfg, spec, np.float32)
     init_params(cfg, spec, stage.p, seed=0)
-    opt = AdamW(stage.layout.size, np.float32)
+    opt = make_optimizer(grid, stage)
     M = args.M
     rows = B // args.dp
     b = rows // M
@@ -127,7 +128,7 @@ def main():
     if args.track_activations:
         track_activations(stage, peak)
 
-    runners = [Runner(grid, stage, layout, T, b) for layout in layouts]
+    runners = [Runner(grid, stage, layout, T, b, reducer=opt.reducer) for layout in layouts]
     acc = [{"times": [], "losses": [], "forward": 0.0, "backward": 0.0, "waits": {},
             "peak": 0, "cpu": 0.0, "wall": 0.0} for _ in layouts]
     t = 0
@@ -135,19 +136,15 @@ def main():
     # machine hits every k alike; round 0..warmup-1 is untimed
     for rnd in range(args.warmup + args.steps):
         for runner, a in zip(runners, acc):
-            runner.take_times()
-            waiting.STATS.take()
             peak["bytes"] = 0
             t += 1
             barrier(world)
             t0, c0 = time.perf_counter(), time.process_time()
-            stage.zero_grad()
-            loss_sum = runner.run(x, y, dloss)
-            opt.step(stage.flat, stage.grad_flat, t, 1e-4)
-            loss = sum_to_root(world, [loss_sum])[0] / (B * T)
-            barrier(world)
+            result = train_step(runner, opt, x, y, t, 1e-4, dloss)
+            loss = sum_to_root(world, [result.loss_sum], grid.waiter)[0] / (B * T)
+            barrier(world, grid.waiter)
             dt, dc = time.perf_counter() - t0, time.process_time() - c0
-            comp, waits = runner.take_times(), waiting.STATS.take()
+            comp, waits = result.times, result.waits
             a["losses"].append(float(loss))
             if rnd < args.warmup:
                 continue
@@ -172,8 +169,7 @@ def main():
             # messages (sleeping) or was descheduled by other load
             "cpu_per_wall": a["cpu"] / a["wall"] if a["wall"] else None,
             "param_bytes": int(stage.flat.nbytes),
-            "state_bytes": int(stage.flat.nbytes + stage.grad_flat.nbytes + opt.m.nbytes
-                               + opt.v.nbytes),
+            "state_bytes": int(stage.flat.nbytes + stage.grad_flat.nbytes + opt.nbytes),
             "p2p_buffer_bytes": int(p2p_bytes),
             "peak_activation_bytes": int(a["peak"]) if args.track_activations else None,
             "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

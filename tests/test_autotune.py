@@ -9,7 +9,7 @@ import pytest
 
 from conftest import run, mpiexec
 from test_cli import train_cmd
-from mpigpt2.parallel import autotune, layout as lay
+from mpigpt2.parallel import autotune, costs, layout as lay
 from mpigpt2.model.config import GPTConfig, preset
 
 SMALL = GPTConfig(max_seq_len=32, vocab_size=500, padded_vocab_size=512, num_layers=2,
@@ -38,13 +38,15 @@ def test_candidates_divide_T_largest_first():
 
 def test_prediction_by_hand():
     # M·Σt + (p−1)·max t
-    assert autotune.predict_step_seconds([1.0, 2.0, 3.0], M=2, pp=3) == 2 * 6 + 2 * 3
-    assert autotune.predict_step_seconds([4.0], M=4, pp=4) == 16 + 12
-    assert autotune.predict_step_seconds([0.5, 0.5], M=1, pp=1) == 1.0
-    # equal slices: the bubble (p−1)/(M·n + p−1) of DESIGN.md
+    assert costs.pipeline_seconds([1.0, 2.0, 3.0], M=2, pp=3) == 2 * 6 + 2 * 3
+    assert costs.pipeline_seconds([4.0], M=4, pp=4) == 16 + 12
+    assert costs.pipeline_seconds([0.5, 0.5], M=1, pp=1) == 1.0
+    # equal slices: the bubble (p−1)/(M·n + p−1) (docs/design.md#schedules-as-data), the
+    # same number the step line predicts
     t = [1.0] * 8
-    step = autotune.predict_step_seconds(t, M=2, pp=4)
+    step = costs.pipeline_seconds(t, M=2, pp=4)
     assert (step - 2 * 8) / step == pytest.approx(3 / (2 * 8 + 3))
+    assert costs.bubble_fraction(4, 2, 8) == pytest.approx(3 / (2 * 8 + 3))
 
 
 def test_choice_minimises_the_prediction(monkeypatch):

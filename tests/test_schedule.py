@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from mpigpt2.parallel import schedule as S
+from mpigpt2.parallel import costs, schedule as S
 from mpigpt2.model.config import PRESETS
 from mpigpt2.base.errors import UserError
 from mpigpt2.parallel.layout import resolve, balanced_partition, default_pp
@@ -68,9 +68,11 @@ def test_lowered_program_literal():
 @pytest.mark.parametrize("name", ["gpipe", "1f1b"])
 @pytest.mark.parametrize("p,M,n", [(1, 1, 1), (2, 2, 4), (3, 4, 2), (4, 4, 16), (4, 8, 1)])
 def test_bubble_matches_formula(name, p, M, n):
-    """With unit costs the simulated idle fraction is (p-1)/(M·n+p-1)."""
+    """With unit costs the simulated idle fraction is (p-1)/(M·n+p-1), which is also what the
+    cost model predicts."""
     tl = S.simulate(S.build(name, p, M, n))
-    assert abs(S.bubble(tl) - (p - 1) / (M * n + p - 1)) < 1e-12
+    assert abs(costs.idle_fraction(tl) - (p - 1) / (M * n + p - 1)) < 1e-12
+    assert abs(costs.bubble_fraction(p, M, n) - (p - 1) / (M * n + p - 1)) < 1e-12
 
 
 def test_actions_round_trip():
@@ -113,7 +115,7 @@ def swap(prog, a, b):
     (lambda ps: ps[1].remove(Action.parse("RECV_F1.1")), "no receive posted"),
     (lambda ps: ps[0].remove(Action.parse("SEND_F1.0")), "SEND_F1.0 missing"),
     (lambda ps: ps[1].insert(0, Action.parse("RECV_B0.0")), "no peer stage"),
-    (lambda ps: ps[0].append(Action("REDUCE", -1, -1)), "REDUCE"),
+    (lambda ps: ps[0].append(S.REDUCE()), "REDUCE"),
     (lambda ps: ps[0].insert(0, Action.parse("F5.0")), "out of range"),
 ])
 def test_validator_rejects(mutate, message):
@@ -129,7 +131,7 @@ def test_deadlock_detected():
         ps[0][:] = [a for a in ps[0] if a.kind != "REDUCE"]
         f1 = [a for a in ps[0] if a.mb == 1 and a.kind in ("F", "SEND_F")]
         rest = [a for a in ps[0] if a not in f1]
-        ps[0][:] = rest + f1 + [Action("REDUCE", -1, -1)]
+        ps[0][:] = rest + f1 + [S.REDUCE()]
     with pytest.raises(ScheduleError):
         S.validate(progs_with(mutate), 2, 2)
 

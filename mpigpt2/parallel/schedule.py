@@ -36,7 +36,7 @@ class Action(namedtuple("Action", "kind mb j")):
     @staticmethod
     def parse(text):
         if text == "REDUCE":
-            return Action("REDUCE", -1, -1)
+            return REDUCE()
         m = re.fullmatch(r"(SEND_F|RECV_F|SEND_B|RECV_B|F|B)(\d+)\.(\d+)", text)
         if not m:
             raise ScheduleError(f"not an action: {text!r}")
@@ -45,6 +45,11 @@ class Action(namedtuple("Action", "kind mb j")):
 
 def F(mb, j):
     return Action("F", mb, j)
+
+
+def REDUCE():
+    """The data-parallel gradient reduction that ends a training program (built only here)."""
+    return Action("REDUCE", -1, -1)
 
 
 def B(mb, j):
@@ -88,12 +93,12 @@ def one_f_one_b(stage, p, M, n):
 BUILDERS = {"gpipe": gpipe, "1f1b": one_f_one_b}
 
 
-def lower(compute, stage, p, M, n):
-    """Add pre-posted receives, sends after each compute action, and the final REDUCE."""
+def lower(compute, stage, p, M, n, train=True):
+    """Add pre-posted receives, sends after each compute action, and (train) the final REDUCE."""
     prog = []
     if stage > 0:
         prog += [Action("RECV_F", mb, j) for mb, j in forward_units(M, n)]
-    if stage < p - 1:
+    if stage < p - 1 and train:
         prog += [Action("RECV_B", mb, j) for mb, j in backward_units(M, n)]
     for a in compute:
         prog.append(a)
@@ -101,7 +106,8 @@ def lower(compute, stage, p, M, n):
             prog.append(Action("SEND_F", a.mb, a.j))
         if a.kind == "B" and stage > 0:
             prog.append(Action("SEND_B", a.mb, a.j))
-    prog.append(Action("REDUCE", -1, -1))
+    if train:
+        prog.append(REDUCE())
     return prog
 
 
@@ -113,15 +119,10 @@ def build(name, p, M, n):
 
 
 def build_eval(p, M, n):
-    """Forward-only programs (validation loss): receives, F and SEND_F, no backward or REDUCE."""
-    progs = []
-    for s in range(p):
-        prog = [Action("RECV_F", mb, j) for mb, j in forward_units(M, n)] if s > 0 else []
-        for mb, j in forward_units(M, n):
-            prog.append(F(mb, j))
-            if s < p - 1:
-                prog.append(Action("SEND_F", mb, j))
-        progs.append(prog)
+    """Forward-only programs (validation loss): every forward in order, lowered like a
+    training program but without the final REDUCE."""
+    progs = [lower([F(mb, j) for mb, j in forward_units(M, n)], s, p, M, n, train=False)
+             for s in range(p)]
     simulate(progs)
     return progs
 
@@ -168,7 +169,7 @@ def _check_rank(prog, s, p, M, n):
              (a.kind == "RECV_B" and s == p - 1)]
     if stray:
         raise ScheduleError(f"{where}: {stray[0]} has no peer stage")
-    if prog.count(Action("REDUCE", -1, -1)) != 1 or prog[-1].kind != "REDUCE":
+    if prog.count(REDUCE()) != 1 or prog[-1].kind != "REDUCE":
         raise ScheduleError(f"{where}: REDUCE must come once, last")
     expect = 2 * M * n + 1 + M * n * ((s > 0) * 2 + (s < p - 1) * 2)
     if len(prog) != expect:

@@ -17,21 +17,23 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from mpigpt2.parallel.collectives import gather_model
 from mpigpt2.model.config import GPTConfig
+from mpigpt2.model.gpt import GPT
+from mpigpt2.model.optim import AdamW, clip_scale
+from mpigpt2.model.params import init_params
+from mpigpt2.model.stage import Stage
+from mpigpt2.parallel.collectives import gather_model
 from mpigpt2.parallel.grid import make_grid
 from mpigpt2.parallel.layout import resolve
-from mpigpt2.model.gpt import GPT
-from mpigpt2.model.optim import AdamW
-from mpigpt2.model.params import init_params
+from mpigpt2.parallel.optimizer import make_optimizer
 from mpigpt2.parallel.runtime import Runner
-from mpigpt2.model.stage import Stage
-from mpigpt2.parallel.zero import ShardedAdam
+from mpigpt2.parallel.step import train_step
 from tolerances import PARITY_F32, PARITY_F32_ADAM, PARITY_F64
 
 CFG = GPTConfig(max_seq_len=32, vocab_size=61, padded_vocab_size=64, num_layers=4,
                 num_heads=2, channels=16)
 B, T, STEPS, LR, SEED = 24, 32, 3, 1e-3, 7  # B divisible by every dp·M below
+CLIP = 0.05  # below every step's gradient norm (asserted), so clipping acts on each step
 
 
 def batch(step):
@@ -40,11 +42,12 @@ def batch(step):
     return w[:-1].reshape(B, T), w[1:].reshape(B, T)
 
 
-def reference(dtype):
-    """One process, whole batch, no slicing."""
+def reference(dtype, clip=0.0):
+    """One process, whole batch, no slicing; global-norm clipping computed here from the
+    whole model's gradient (float64 sum of squares)."""
     m = GPT(CFG, dtype=dtype, seed=SEED)
     opt = AdamW(m.flat.size, dtype)
-    losses, grads = [], None
+    losses, grads, norms = [], None, []
     for step in range(STEPS):
         x, y = batch(step)
         m.zero_grad()
@@ -52,51 +55,47 @@ def reference(dtype):
         m.backward()
         if grads is None:
             grads = {n: g.copy() for n, g in m.grads.items()}
-        opt.step(m.flat, m.grad_flat, step + 1, LR)
-    return losses, m.params, grads
+        norm = float(np.sqrt(sum(float((g.astype(np.float64) ** 2).sum())
+                                 for g in m.grads.values())))
+        norms.append(norm)
+        opt.step(m.flat, m.grad_flat, step + 1, LR, clip_scale(norm, clip) if clip else 1.0)
+    return losses, m.params, grads, norms
 
 
-def train_layout(comm, lay, dtype, zero=0, overlap=True):
-    """The training loop of mpigpt2.train on a sub-communicator, with in-memory data."""
+def train_layout(comm, lay, dtype, zero=0, overlap=True, clip=0.0):
+    """The trainer's own step (parallel.step.train_step) on a sub-communicator, in-memory data."""
     grid = make_grid(comm, lay.pp, lay.dp)
     stage = Stage(CFG, lay.spec(grid.stage), dtype)
     init_params(CFG, stage.spec, stage.p, SEED)
-    if zero:
-        opt = ShardedAdam(grid, stage)
-        stage.before_use = opt.wait_param
-    else:
-        opt = AdamW(stage.layout.size, dtype)
+    opt = make_optimizer(grid, stage, zero, overlap=overlap)
     M = lay.microbatches
     rows = B // lay.dp
-    runner = Runner(grid, stage, lay, T, rows // M, reducer=opt if zero else None,
-                    overlap=overlap)
-    losses, grads, sumsq = [], None, None
+    runner = Runner(grid, stage, lay, T, rows // M, reducer=opt.reducer, overlap=overlap)
+    losses, grads, norms = [], None, []
     for step in range(STEPS):
         x, y = batch(step)
         mine = slice(grid.replica * rows, (grid.replica + 1) * rows)
         x, y = x[mine].reshape(M, -1, T), y[mine].reshape(M, -1, T)
-        stage.zero_grad()
-        loss = runner.run(x, y, 1.0 / (B * T))
-        if step == 0:
+        if step == 0:  # probe: the first step's reduced gradient, the update switched off
+            update, opt.step = opt.step, lambda *a: None
+            train_step(runner, opt, x, y, step + 1, LR, 1.0 / (B * T))
+            opt.step = update
             grads = gather_model(grid, stage, lay, grads=True)
             if zero:  # the reduced gradient lives in the shards: assemble it for the check
                 grads = gather_model(grid, stage, lay, flat=opt.full_grad())
-                sumsq = comm.allreduce(opt.grad_sumsq())  # what --grad-clip uses
-        if zero:
-            opt.step(step + 1, LR, overlap=overlap)
-        else:
-            opt.step(stage.flat, stage.grad_flat, step + 1, LR)
-        losses.append(comm.allreduce(loss) / (B * T))
-    if zero:
-        opt.sync()
+        result = train_step(runner, opt, x, y, step + 1, LR, 1.0 / (B * T), grad_clip=clip,
+                            norm=True)
+        losses.append(comm.allreduce(result.loss_sum) / (B * T))
+        norms.append(result.grad_norm)
+    opt.sync()
     wtes = comm.allgather(stage.p["wte"].copy() if "wte" in stage.p else None)
     tied_equal = all(np.array_equal(w, wtes[0]) for w in wtes if w is not None)
-    return losses, gather_model(grid, stage, lay), grads, tied_equal, sumsq
+    return losses, gather_model(grid, stage, lay), grads, tied_equal, norms
 
 
-# (pp, dp, k, M, schedule, stage_layers[, zero, overlap]): every value of the issue's
-# matrix appears (k = T, T/4, T/16, 1 with T = 32); the last rows run ZeRO-1 with and
-# without overlap
+# (pp, dp, k, M, schedule, stage_layers[, zero, overlap[, clip]]): every value of the issue's
+# matrix appears (k = T, T/4, T/16, 1 with T = 32); the later rows run ZeRO-1 with and
+# without overlap; rows with a clip run --grad-clip below the gradient norm (active every step)
 CASES = [
     (1, 1, 32, 1, "gpipe", None),
     (1, 2, 1, 4, "1f1b", None),
@@ -111,6 +110,9 @@ CASES = [
     (4, 2, 8, 4, "1f1b", None),
     (4, 2, 2, 1, "gpipe", None),
     (2, 2, 2, 4, "1f1b", "2,2"),
+    (2, 2, 8, 2, "1f1b", None, 0, True, CLIP),  # clipping at pp > 1 without ZeRO: wte once
+    (3, 1, 2, 2, "gpipe", "1,2,1", 0, True, CLIP),
+    (2, 3, 8, 2, "1f1b", "3,1", 1, True, CLIP),
     (1, 2, 32, 1, "gpipe", None, 1, True),
     (1, 4, 8, 2, "1f1b", None, 1, False),
     (2, 2, 8, 2, "1f1b", "3,1", 1, True),
@@ -126,28 +128,34 @@ CASES = [
 _REF = {}
 
 
+def case(c):
+    return c + (0, True, 0.0)[len(c) - 6:]
+
+
 @pytest.mark.mpi(min_size=8)
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("pp,dp,k,M,sched,split,zero,overlap",
-                         [c if len(c) == 8 else c + (0, True) for c in CASES],
+@pytest.mark.parametrize("pp,dp,k,M,sched,split,zero,overlap,clip", [case(c) for c in CASES],
                          ids=[f"pp{c[0]}-dp{c[1]}-k{c[2]}-M{c[3]}-{c[4]}"
                               + (f"-{c[5]}" if c[5] else "")
-                              + (f"-zero1{'' if c[7] else '-no-overlap'}" if c[6:] else "")
-                              for c in CASES])
-def test_parity(pp, dp, k, M, sched, split, dtype, zero, overlap):
+                              + (f"-zero1{'' if c[7] else '-no-overlap'}" if c[6] else "")
+                              + ("-clip" if c[8] else "")
+                              for c in map(case, CASES)])
+def test_parity(pp, dp, k, M, sched, split, dtype, zero, overlap, clip):
     world = MPI.COMM_WORLD
     lay = resolve(pp * dp, CFG, B, T, pp, dp, split, M, k, sched)
     inside = world.Get_rank() < pp * dp
     comm = world.Split(0 if inside else MPI.UNDEFINED, world.Get_rank())
     verdict = None
     if inside:
-        losses, params, grads, tied_equal, sumsq = train_layout(comm, lay, dtype, zero, overlap)
+        losses, params, grads, tied_equal, norms = train_layout(comm, lay, dtype, zero, overlap,
+                                                                clip)
         comm.Free()
         if world.Get_rank() == 0:
-            if dtype not in _REF:
-                _REF[dtype] = reference(dtype)
-            ref_losses, ref_params, ref_grads = _REF[dtype]
+            if (dtype, clip) not in _REF:
+                _REF[dtype, clip] = reference(dtype, clip)
+            ref_losses, ref_params, ref_grads, ref_norms = _REF[dtype, clip]
+            assert not clip or min(ref_norms) > clip, "the clip must be active in every step"
             tol = PARITY_F64 if dtype == np.float64 else PARITY_F32
             errs = {"loss": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses))}
             adam_errs = {}  # float32 final parameters, in units of lr·steps
@@ -163,9 +171,8 @@ def test_parity(pp, dp, k, M, sched, split, dtype, zero, overlap):
                     got, want = (np.delete(a, np.s_[C:2 * C], 1) for a in (got, want))
                 # Adam moves a parameter by at most ≈ lr per step: measure in that unit
                 adam_errs[n] = float(np.abs(got - want).max()) / (LR * STEPS)
-            if sumsq is not None:  # ZeRO's gradient norm counts the tied wte once
-                want = sum(float((g.astype(np.float64) ** 2).sum()) for g in ref_grads.values())
-                errs["grad_sumsq"] = abs(sumsq - want) / want
+            # the trainer's gradient norm (what --grad-clip scales by) counts the tied wte once
+            errs["grad_norm"] = max(abs(a - b) / b for a, b in zip(norms, ref_norms))
             bad = {n: e for n, e in errs.items() if not e <= tol}
             bad.update({n + " (÷ lr·steps)": e for n, e in adam_errs.items()
                         if not e <= PARITY_F32_ADAM})
