@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from slurm_cluster import SlurmCluster, Unavailable
 
 SCRIPT = REPO / "slurm" / "train.sbatch"

@@ -6,6 +6,7 @@ keyed by parameter name and offset, not by rank), params64.bin for float64 runs,
 (step, data position, seed, resolved config, sizes and sha256 of every file) and DONE, the
 completion marker. Files are written into a hidden temp directory, fsynced, then DONE, then the
 directory is renamed into place: a checkpoint without DONE never counts.
+(docs/design.md#checkpoints)
 """
 
 import hashlib

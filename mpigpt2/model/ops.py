@@ -3,6 +3,7 @@
 Activations are 2-D (rows, C) with rows = b*S in (sequence, token) order; S is the number of
 tokens of the current slice and P the length of the cached key/value prefix before it.
 Backward functions accumulate (+=) into parameter gradients and return input gradients.
+(docs/design.md#token-slices)
 """
 
 import math

@@ -2,7 +2,7 @@
 
 Slice j of a micro-batch covers token positions [P, P+S). Forward appends the slice's keys and
 values to the micro-batch's KV prefix cache; backward must visit slices in reverse order, adding
-each slice's dK/dV over its whole prefix into per-layer accumulators (see DESIGN.md). The whole
+each slice's dK/dV over its whole prefix into per-layer accumulators (docs/design.md#token-slices). The whole
 model on one process is simply the stage that owns every layer, with one slice of T tokens.
 """
 

@@ -4,6 +4,7 @@ All nonblocking and completed by polling (a waiting.Waiter), never by a spinning
 Gradients are summed, not averaged: every replica's loss gradient is already scaled by
 1/(B·T) of the global batch, so the sum over replicas is the average of their mean-loss
 gradients — the gradient of the global mean loss.
+(docs/design.md#gradient-reduction-and-zero-1)
 """
 
 import numpy as np

@@ -3,6 +3,7 @@
 An uncaught exception on any rank prints the rank and traceback and calls Abort, so no rank is
 left waiting forever. Bad input is checked on every rank during set-up; the ranks agree on the
 outcome so that rank 0 prints one clear line and every rank exits with status 2.
+(docs/design.md#waiting)
 """
 
 import sys

@@ -5,6 +5,7 @@ node when ranks fill nodes in order). pipe: the pp ranks of one replica, ordered
 data: the dp ranks holding the same stage. embed: the ranks holding wte (first and last stages
 of every replica), over which the tied embedding's gradient is summed (and, with --zero 1 and
 pp > 1, its optimizer state sharded).
+(docs/design.md#layout)
 """
 
 from dataclasses import dataclass, field

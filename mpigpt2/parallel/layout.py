@@ -1,4 +1,5 @@
-"""The parallel layout: pp × dp grid sizes, stage partition, micro-batches and slices (pure)."""
+"""The parallel layout: pp × dp grid sizes, stage partition, micro-batches and slices (pure).
+(docs/design.md#layout)"""
 
 from dataclasses import dataclass, asdict
 

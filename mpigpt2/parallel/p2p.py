@@ -3,6 +3,7 @@
 Buffers are preallocated slabs (M, n, b·k, C), one per direction and role, so each (micro-batch,
 slice) message has its own C-contiguous block; a send block is written once per step and is not
 touched again until its request completed (finish()). Tags encode (direction, mb, slice).
+(docs/design.md#schedules-as-data)
 """
 
 import numpy as np

@@ -1,4 +1,5 @@
-"""The schedule interpreter: runs one rank's action list for a training or evaluation step."""
+"""The schedule interpreter: runs one rank's action list for a training or evaluation step.
+(docs/design.md#schedules-as-data)"""
 
 import sys
 import time

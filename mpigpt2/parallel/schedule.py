@@ -13,6 +13,7 @@ GPipe, p=2, M=2, n=2 (F0.1 = micro-batch 0, slice 1), one tick per action:
        1  F0.1    F0.0
        2  F1.0    F0.1
        ...
+(docs/design.md#schedules-as-data)
 """
 
 import re

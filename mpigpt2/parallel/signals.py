@@ -3,6 +3,7 @@
 The first signal asks for a checkpoint and a clean exit with EXIT_PREEMPTED ("requeue me", used
 by the Slurm scripts); a second signal exits at once. The same signal arriving twice within a
 second counts once (srun delivers `scancel --full` signals to each task twice).
+(docs/design.md#checkpoints)
 """
 
 import os

@@ -16,6 +16,7 @@ pathologically slow (100x) for such one-sided counts, reduce and bcast are not. 
 reduce starts as soon as the last backward of the step finished it (wte's after the whole
 backward), and the broadcast of a layer's updated parameters may complete during the next
 step's forward, which waits only for the layer (or tensor) it is about to use.
+(docs/design.md#gradient-reduction-and-zero-1)
 """
 
 import numpy as np

@@ -124,16 +124,19 @@ def test_validator_rejects(mutate, message):
 
 
 def test_deadlock_detected():
-    """Stage 1 waits for B0.0 before it has sent B0.1's gradient... a cycle of waits."""
-    def mutate(ps):
-        # stage 0 runs its backward of micro-batch 1 before micro-batch 0; stage 1 needs
-        # F1.x first but stage 0 only sends F1.x after B0.x, which needs stage 1's B0.x
-        ps[0][:] = [a for a in ps[0] if a.kind != "REDUCE"]
-        f1 = [a for a in ps[0] if a.mb == 1 and a.kind in ("F", "SEND_F")]
-        rest = [a for a in ps[0] if a not in f1]
-        ps[0][:] = rest + f1 + [S.REDUCE()]
-    with pytest.raises(ScheduleError):
-        S.validate(progs_with(mutate), 2, 2)
+    """A cross-rank cycle that every per-rank rule accepts: stage 0 runs F0 B0 F1 B1, stage 1
+    runs F1 B1 F0 B0. Stage 0's B0 waits for stage 1's B0, which comes after stage 1's F1,
+    which waits for stage 0's F1, which comes after B0. Only the simulator can see it."""
+    M, n, p = 2, 1, 2
+    order = [[S.F(0, 0), S.B(0, 0), S.F(1, 0), S.B(1, 0)],
+             [S.F(1, 0), S.B(1, 0), S.F(0, 0), S.B(0, 0)]]
+    progs = [S.lower(order[s], s, p, M, n) for s in range(p)]
+    for s, prog in enumerate(progs):
+        S._check_rank(prog, s, p, M, n)  # each rank alone is well formed
+    with pytest.raises(ScheduleError, match="deadlock at tick 1: stages wait on B0.0, F1.0"):
+        S.validate(progs, M, n)
+    swapped = [S.lower(order[0], s, p, M, n) for s in range(p)]  # same order on both: fine
+    S.validate(swapped, M, n)
 
 
 def test_tags_unique_and_invertible():

@@ -11,8 +11,7 @@ import time
 
 import pytest
 
-from conftest import run, mpiexec
-from test_cli import train_cmd
+from helpers import run, mpiexec, train_cmd, start, finish, descendants, cmdline
 from tolerances import PARITY_F32
 
 STEPS = 12
@@ -34,28 +33,6 @@ def ckpts(out):
     return sorted(p.name for p in d.iterdir()) if d.exists() else []
 
 
-def descendants(pid):
-    kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    out = []
-    for k in map(int, kids.split()):
-        out += [k] + descendants(k)
-    return out
-
-
-def cmdline(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
-
-
-def start(command, env=None):
-    e = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", **(env or {}))
-    return subprocess.Popen(command, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-
-
 def wait_for_step(out, step, proc, timeout=120):
     t0 = time.time()
     while time.time() - t0 < timeout:
@@ -66,15 +43,6 @@ def wait_for_step(out, step, proc, timeout=120):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     raise AssertionError("run did not reach step")
-
-
-def finish(proc, timeout=120):
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError("timed out")
-    return proc.returncode, out, err
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from conftest import run
-from test_cli import train_cmd
+from helpers import run
+from helpers import train_cmd
 
 CK = "checkpoints/step_00000002"
 

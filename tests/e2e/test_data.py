@@ -19,8 +19,8 @@ from mpigpt2.options import parse_args
 from mpigpt2.formats.shards import HEADER_BYTES, MAGIC, read_shard, shard_paths, write_shard
 from mpigpt2.formats.tokenizer import EOT, GPT2_VOCAB, gpt2_encoding
 
-REPO = Path(__file__).resolve().parents[1]
-from conftest import TEXT  # noqa: E402  (honours $MPIGPT2_TEXT)
+from helpers import REPO  # noqa: E402
+from helpers import TEXT  # noqa: E402  (honours $MPIGPT2_TEXT)
 
 
 def raw_shard(path, tokens=(), magic=MAGIC, version=1, count=None, extra=b""):

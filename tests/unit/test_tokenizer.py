@@ -12,7 +12,7 @@ from mpigpt2.formats import tokenizer
 from mpigpt2.base.errors import UserError
 from mpigpt2.formats.tokenizer import EOT, GPT2_VOCAB, gpt2_encoding, load_gpt2_encoding
 
-from conftest import TEXT  # noqa: E402  (honours $MPIGPT2_TEXT)
+from helpers import TEXT  # noqa: E402  (honours $MPIGPT2_TEXT)
 
 
 def test_known_ids_and_constants():

@@ -2,13 +2,14 @@
 import MPI (docs/design.md#layers)."""
 
 import ast
-import pathlib
 import subprocess
 import sys
 
 import pytest
 
-PKG = pathlib.Path(__file__).resolve().parents[1] / "mpigpt2"
+from helpers import REPO
+
+PKG = REPO / "mpigpt2"
 # lower layers never import higher ones; the top-level modules are the commands
 LAYERS = {"base": 0, "model": 1, "formats": 2, "parallel": 3, "observe": 4, "": 5}
 PURE = ["model/*.py", "formats/*.py", "observe/*.py", "base/*.py", "parallel/layout.py",

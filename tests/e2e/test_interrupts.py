@@ -6,15 +6,14 @@ bit — training losses, validation losses and final weights — and nothing may
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import run, mpiexec
-from test_resume import start, finish, descendants, cmdline
-from test_cli import train_cmd
+from helpers import run, mpiexec
+from helpers import start, finish, descendants, cmdline
+from helpers import train_cmd
 
 STEPS = 10
 LAYOUT = ["--pp", "2", "--dp", "2", "--microbatches", "2", "--slice-tokens", "8"]

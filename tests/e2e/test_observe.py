@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from conftest import run, mpiexec
-from test_cli import train_cmd
+from helpers import run, mpiexec
+from helpers import train_cmd
 from mpigpt2.parallel import schedule
 
 PY = sys.executable

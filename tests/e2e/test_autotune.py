@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from conftest import run, mpiexec
-from test_cli import train_cmd
+from helpers import run, mpiexec
+from helpers import train_cmd
 from mpigpt2.parallel import autotune, costs, layout as lay
 from mpigpt2.model.config import GPTConfig, preset
 

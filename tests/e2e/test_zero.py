@@ -7,8 +7,8 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import run, mpiexec
-from test_cli import train_cmd
+from helpers import run, mpiexec
+from helpers import train_cmd
 from tolerances import PARITY_F32
 from mpigpt2.model.config import GPTConfig
 from mpigpt2.parallel.layout import Layout

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run, mpiexec
+from helpers import run, mpiexec
 from torch_ref import to_torch, gpt2_loss
 from mpigpt2.model.config import GPTConfig
 from mpigpt2.model.params import PARAM_NAMES

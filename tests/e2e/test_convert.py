@@ -16,7 +16,7 @@ from safetensors.numpy import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
-from conftest import run, TEXT
+from helpers import run, TEXT
 from mpigpt2.model.config import GPTConfig
 from mpigpt2.formats.models import load_model_source, load_stage_params, model_config
 from mpigpt2.base.errors import UserError

@@ -1,24 +1,16 @@
 """End-to-end command lines: prepare, train, sample; every bad input ends in one line, exit 2."""
 
 import json
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import run, TEXT
+from helpers import PY, run, TEXT, train_cmd
 from mpigpt2.model.config import GPTConfig
 from mpigpt2.formats.llmc import write_model
 from mpigpt2.model.gpt import GPT
 from mpigpt2.formats.shards import write_shard
 
-PY = sys.executable
-
-
-def train_cmd(shards, out, *extra):
-    train, val = shards
-    return [PY, "-m", "mpigpt2.train", "--train-data", str(train), "--val-data", str(val),
-            "--out-dir", str(out), "--batch-size", "4", "--seq-len", "32", *extra]
 
 
 def test_end_to_end(tmp_path, shards):

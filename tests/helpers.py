@@ -1,0 +1,70 @@
+"""Helpers shared by the test folders: running commands with a bound, the MPI launcher, the
+train command line, watching and killing process trees."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TEXT = Path(os.environ.get("MPIGPT2_TEXT") or REPO.parent / "shared/data/tinyshakespeare.txt")
+PY = sys.executable
+
+
+def run(cmd, cwd=None, timeout=240, env=None):
+    """Run cmd in its own process group; kill the group on timeout. Returns CompletedProcess."""
+    e = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    e.update(env or {})
+    p = subprocess.Popen(cmd, cwd=cwd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        raise AssertionError(f"timed out after {timeout}s: {' '.join(map(str, cmd))}\n{out}\n{err}")
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
+def mpiexec(n):
+    """The launcher of the MPI that mpi4py runs on (the venv's, unless MPIEXEC is set)."""
+    from mpigpt2.launch import mpiexec_cmd
+    return mpiexec_cmd(n)
+
+
+def train_cmd(shards, out, *extra):
+    train, val = shards
+    return [PY, "-m", "mpigpt2.train", "--train-data", str(train), "--val-data", str(val),
+            "--out-dir", str(out), "--batch-size", "4", "--seq-len", "32", *extra]
+
+
+def descendants(pid):
+    kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    out = []
+    for k in map(int, kids.split()):
+        out += [k] + descendants(k)
+    return out
+
+
+def cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def start(command, env=None):
+    e = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", **(env or {}))
+    return subprocess.Popen(command, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def finish(proc, timeout=120):
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("timed out")
+    return proc.returncode, out, err
