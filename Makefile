@@ -4,6 +4,7 @@
 #   MPI=system                    : use the system MPI (its mpiexec on PATH or $MPIEXEC)
 #   NP=8                          : ranks for `make train`
 #   TRAIN_ARGS=...                : extra flags for python -m mpigpt2.train
+#   BENCH_ARGS=--quick            : flags for bench/run.py (`make bench BENCH_ARGS=--quick`)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -33,7 +34,7 @@ test: $(VENV)/.test
 	timeout 2400 $(BIN)/python -m pytest -q tests --ignore=tests/mpi
 
 bench: $(VENV)/.test $(DATA)
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 data: $(DATA)
 

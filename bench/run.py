@@ -16,6 +16,7 @@ import resource
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (BENCH_DIR, machine_info, machine_line, mpiexec, parse_lines,  # noqa: E402
@@ -51,14 +52,14 @@ class SubprocessFailed(RuntimeError):
     pass
 
 
-EXTRA_ENV = {}  # --env KEY=VALUE, passed to every sub-benchmark
-QUIET = {"budget_s": 0.0, "waited_s": 0.0, "threshold": 0.10}
+QUIET_THRESHOLD = 0.10  # other processes' share of the CPUs below which we measure
 
 
-def wait_quiet():
+def wait_quiet(ctx):
     """Before a measurement, wait (within a run-wide budget) until other processes use < 10 %
     of the CPUs over one second; returns that last fraction (None when not checked)."""
-    left = QUIET["budget_s"] - QUIET["waited_s"]
+    quiet = ctx["quiet"]
+    left = quiet["budget_s"] - quiet["waited_s"]
     if left <= 0 or _busy_seconds() is None:
         return None
     t0 = time.perf_counter()
@@ -67,24 +68,24 @@ def wait_quiet():
         time.sleep(1.0)
         frac = (_busy_seconds() - b0) / (os.cpu_count() or 1)
         waited = time.perf_counter() - t0
-        if frac < QUIET["threshold"] or waited >= left:
+        if frac < QUIET_THRESHOLD or waited >= left:
             break
-    QUIET["waited_s"] += waited
+    quiet["waited_s"] += waited
     if waited > 1.5:
         log(f"  waited {waited:.0f} s for other load to drop (now {100 * frac:.0f} % of the CPUs)")
     return frac
 
 
-def sub(cmd, timeout, what, attempts=2, env=None):
+def sub(ctx, cmd, timeout, what, attempts=2, env=None):
     """Run one sub-benchmark; return (result lines, info) or raise SubprocessFailed.
 
     A run that fails other than by timing out is retried once (on this shared machine a rank
     has been seen to receive a SIGTERM from someone else's clean-up); info["attempts"] says so.
     """
     for attempt in range(1, attempts + 1):
-        before = wait_quiet()
+        before = wait_quiet(ctx)
         busy0, own0 = _busy_seconds(), _children_cpu()
-        rc, out, err, wall = run_cmd(cmd, timeout, env_extra={**EXTRA_ENV, **(env or {})},
+        rc, out, err, wall = run_cmd(cmd, timeout, env_extra={**ctx["env"], **(env or {})},
                                      log=log)
         busy1, own1 = _busy_seconds(), _children_cpu()
         info = {"wall_s": wall, "cmd": " ".join(cmd), "others_cpu_frac_before": before,
@@ -105,15 +106,50 @@ def sub(cmd, timeout, what, attempts=2, env=None):
         log(f"  failed ({msg.splitlines()[0]}); retrying once")
 
 
-def row(rid, name, config, metric, value, target=None, met=None, notes="", details=None):
+OPS = {"≥": lambda x, v, tol: x >= v, ">": lambda x, v, tol: x > v,
+       "≤": lambda x, v, tol: x <= v, "<": lambda x, v, tol: x < v,
+       "≈": lambda x, v, tol: abs(x - v) <= tol}
+
+
+@dataclass(frozen=True)
+class Target:
+    """A row's goal, declared once where the row is made: `Target("≥", 1.85)`; "≈" takes an
+    absolute tol. note explains the number (shown in brackets); the row checks itself."""
+    op: str
+    value: float
+    tol: float = 0.0
+    note: str = ""
+
+    def __post_init__(self):
+        assert self.op in OPS, self.op
+
+    def check(self, x):
+        return None if x is None else bool(OPS[self.op](x, self.value, self.tol))
+
+    def __str__(self):
+        tol = f" ± {self.tol:g}" if self.op == "≈" and self.tol else ""
+        return f"{self.op} {self.value:g}{tol}" + (f" ({self.note})" if self.note else "")
+
+
+def row(rid, name, config, metric, value, *, target=None, reference=None, judged=None,
+        also=True, notes="", details=None):
+    """One result row. target: a Target the value (or `judged`, when the goal is stated on
+    another number than the one shown) must meet, and `also` (a further condition); reference:
+    a number to compare with by eye when there is no target."""
+    met = None
+    if target is not None:
+        met = bool(target.check(value if judged is None else judged)) and bool(also)
     return {"id": rid, "name": name, "config": config, "metric": metric, "value": value,
-            "target": target, "met": met, "notes": notes, "details": details or {}}
+            "target": str(target) if target is not None else reference, "met": met,
+            "notes": notes, "details": details or {}}
 
 
 def error_row(rid, name, config, err):
     log(f"  FAILED: {err}")
-    return row(rid, name, config, "error", None, None, False, str(err).splitlines()[0],
-               {"error": str(err)})
+    r = row(rid, name, config, "error", None, notes=str(err).splitlines()[0],
+            details={"error": str(err)})
+    r["met"] = False  # a failed measurement never meets its target
+    return r
 
 
 # ------------------------------------------------------------------------------------------------
@@ -122,14 +158,15 @@ def error_row(rid, name, config, err):
 def bench_check(ctx):
     cfg = "L2 NH4 C64 V500/Vp512, B3 T32, float32, same weights and tokens"
     try:
-        (res,), info = sub([python(), "bench/single_step.py", "--check"], 120, "torch check")
+        (res,), info = sub(ctx, [python(), "bench/single_step.py", "--check"], 120, "torch check")
     except SubprocessFailed as e:
         return [error_row("0", "torch baseline == mpigpt2", cfg, e)]
     worst = max(max(res[h]["loss_rel_diff"], res[h]["grad_max_rel_diff"])
                 for h in ("padded", "sliced"))
     return [row("0", "torch baseline == mpigpt2", cfg,
-                "max rel. diff of loss and grads (wte, qkvw, fcw)", worst, "< 1e-4",
-                worst < 1e-4, "both lm_head forms (padded, sliced)", {**res, **info})]
+                "max rel. diff of loss and grads (wte, qkvw, fcw)", worst,
+                target=Target("<", 1e-4), notes="both lm_head forms (padded, sliced)",
+                details={**res, **info})]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,7 +211,7 @@ def bench_single(ctx):
                 cmd = [python(), "bench/single_step.py", "--impl", impl.split("-")[0], "--B",
                        str(B), "--T", str(T), "--warmup", str(warmup), "--steps", str(steps)]
                 try:
-                    (res,), info = sub(cmd + extra, timeout, f"{impl} B{B}T{T}")
+                    (res,), info = sub(ctx, cmd + extra, timeout, f"{impl} B{B}T{T}")
                     raw[impl].append({**res, **info})
                 except SubprocessFailed as e:
                     rows.append(error_row(f"1.B{B}T{T}.{impl}", f"single/{impl}", cfgname, e))
@@ -195,10 +232,10 @@ def bench_single(ctx):
             ratio = ours["tokens_per_s_best"] / fastest["tokens_per_s_best"]
             med = ours["tokens_per_s_median"] / max(r["tokens_per_s_median"] for r in torch_rs)
             rows.append(row(f"1.B{B}T{T}", "single/ratio mpigpt2 ÷ torch", cfgname,
-                            "tokens/s ratio (best ÷ fastest torch best)", ratio, "≥ 1.1",
-                            ratio >= 1.1, f"median ÷ median {med:.2f}; torch lm_head "
-                            f"{fastest['head']}, AdamW {fastest['optimizer']}",
-                            {"median_ratio": med, "others_cpu_frac": max(
+                            "tokens/s ratio (best ÷ fastest torch best)", ratio,
+                            target=Target("≥", 1.1), notes=f"median ÷ median {med:.2f}; torch "
+                            f"lm_head {fastest['head']}, AdamW {fastest['optimizer']}",
+                            details={"median_ratio": med, "others_cpu_frac": max(
                                 r.get("others_cpu_frac", 0.0) for r in got.values())}))
     ctx["single"] = results
     return rows
@@ -210,7 +247,7 @@ def bench_mfu(ctx):
     cfg = PRESETS["gpt2-124m"]
     reps = 3 if ctx["quick"] else 7
     try:
-        (peak,), info = sub([python(), "bench/matmul_peak.py", "--reps", str(reps)], 120,
+        (peak,), info = sub(ctx, [python(), "bench/matmul_peak.py", "--reps", str(reps)], 120,
                             "matmul peak")
     except SubprocessFailed as e:
         return [error_row("2.peak", "mfu/peak", "numpy fp32 matmul, 1 thread", e)]
@@ -226,11 +263,11 @@ def bench_mfu(ctx):
             is_target = impl == "mpigpt2" and (B, T) == (8, 256)
             rows.append(row(f"2.B{B}T{T}.{impl}", f"mfu/{impl}", f"gpt2-124m B={B} T={T}, 1 thread",
                             "MFU (best step) vs measured peak", mfu,
-                            "≥ 0.80" if is_target else None, (mfu >= 0.8) if is_target else None,
-                            f"{fpt / 1e6:.0f} MFLOP/token (V={cfg.vocab_size}) × "
+                            target=Target("≥", 0.80) if is_target else None,
+                            notes=f"{fpt / 1e6:.0f} MFLOP/token (V={cfg.vocab_size}) × "
                             f"{r['tokens_per_s_best']:.1f} tok/s = {fpt * r['tokens_per_s_best'] / 1e9:.1f}"
                             f" GFLOP/s; median-step MFU {fpt * r['tokens_per_s_median'] / P:.2f}",
-                            {"flops_per_token": fpt, "peak_gflops": peak["peak_gflops"],
+                            details={"flops_per_token": fpt, "peak_gflops": peak["peak_gflops"],
                              "others_cpu_frac": max(r.get("others_cpu_frac", 0.0),
                                                     info.get("others_cpu_frac", 0.0))}))
     return rows
@@ -247,9 +284,9 @@ def model_name(m):
     return f"L{m['L']} NH{m['NH']} C{m['C']} V{m['V']}"
 
 
-def pipe_run(n, flags, timeout, what):
+def pipe_run(ctx, n, flags, timeout, what):
     cmd = [mpiexec(), "-n", str(n), python(), "bench/pipe_step.py"] + flags
-    return sub(cmd, timeout, what)
+    return sub(ctx, cmd, timeout, what)
 
 
 def bench_slicing(ctx):
@@ -263,7 +300,7 @@ def bench_slicing(ctx):
                               "--ks", ",".join(map(str, ks)), "--warmup", str(warm),
                               "--steps", str(steps), "--label", "slicing"]
     try:
-        lines, info = pipe_run(2, flags, 900 if not ctx["quick"] else 240, "pp=2 slicing sweep")
+        lines, info = pipe_run(ctx, 2, flags, 900 if not ctx["quick"] else 240, "pp=2 slicing sweep")
     except SubprocessFailed as e:
         return [error_row("3", "pipe-slicing", cfg, e)]
     base = next((r for r in lines if r["k"] == T), None)
@@ -279,15 +316,15 @@ def bench_slicing(ctx):
         label = "T" if n == 1 else f"T/{n}"
         rows.append(row(f"3.k={label}", f"pipe-slicing k={label}", f"{cfg}; k={r['k']}",
                         "speedup vs k=T (best step)", speed,
-                        f"≥ 1.6 (ideal {ideal:.2f})" if is_target else f"ideal {ideal:.2f}",
-                        (speed >= 1.6) if is_target else None,
-                        f"step {r['best_s']:.2f} s (median {r['median_s']:.2f}); busiest rank "
+                        target=Target("≥", 1.6, note=f"ideal {ideal:.2f}") if is_target else None,
+                        reference=f"ideal {ideal:.2f}",
+                        notes=f"step {r['best_s']:.2f} s (median {r['median_s']:.2f}); busiest rank "
                         f"computes {busy:.2f} s/step; utilisation {util:.2f} (ideal "
                         f"{n / (n + p - 1):.2f}); stages {r['layout']['stage_layers']} computing "
                         + " / ".join(f"{x['forward_s_per_step'] + x['backward_s_per_step']:.2f}"
                                      for x in r["ranks"]) + " s/step; CPU/wall per rank "
                         + ", ".join(f"{x['cpu_per_wall']:.2f}" for x in r["ranks"]),
-                        {**r, **info, "ideal_speedup": ideal}))
+                        details={**r, **info, "ideal_speedup": ideal}))
     return rows
 
 
@@ -303,7 +340,7 @@ def bench_dp(ctx):
                                       str(dp), "--M", "1", "--warmup", str(warm), "--steps",
                                       str(steps), "--label", f"dp{dp}"]
             try:
-                (r,), info = pipe_run(dp, flags, 600 if not ctx["quick"] else 180, f"dp={dp}")
+                (r,), info = pipe_run(ctx, dp, flags, 600 if not ctx["quick"] else 180, f"dp={dp}")
                 raw[dp].append({**r, **info})
             except SubprocessFailed as e:
                 rows.append(error_row(f"4.dp{dp}", f"dp-scaling dp={dp}", cfg, e))
@@ -320,9 +357,9 @@ def bench_dp(ctx):
         ratio = got[2]["tokens_per_s_best"] / got[1]["tokens_per_s_best"]
         med = got[2]["tokens_per_s_median"] / got[1]["tokens_per_s_median"]
         rows.append(row("4", "dp-scaling 1→2 ranks", cfg, "tokens/s ratio dp=2 ÷ dp=1 (best)",
-                        ratio, "≥ 1.85", ratio >= 1.85, f"median ÷ median {med:.2f}",
-                        {"others_cpu_frac": max(x.get("others_cpu_frac", 0.0)
-                                                for x in got.values())}))
+                        ratio, target=Target("≥", 1.85), notes=f"median ÷ median {med:.2f}",
+                        details={"others_cpu_frac": max(x.get("others_cpu_frac", 0.0)
+                                                        for x in got.values())}))
     return rows
 
 
@@ -343,7 +380,7 @@ def bench_schedules(ctx):
                                       "--warmup", str(warm), "--steps", str(steps),
                                       "--track-activations", "--label", sched]
             try:
-                (r,), info = pipe_run(2, flags, 600 if not ctx["quick"] else 180, sched)
+                (r,), info = pipe_run(ctx, 2, flags, 600 if not ctx["quick"] else 180, sched)
                 raw[sched].append({**r, **info})
             except SubprocessFailed as e:
                 rows.append(error_row(f"5.{sched}", f"schedule {sched}", cfg, e))
@@ -375,14 +412,14 @@ def bench_schedules(ctx):
         # units of (micro-batch, slice) activations stage 0 holds at most
         pred = min(M * n, n + 2 - 1) / (M * n)  # p = 2 stages
         rows.append(row("5.time", "1F1B ÷ GPipe step time", cfg, "ratio (best steps)", t,
-                        "≤ 1.05 (same bubble)", t <= 1.05, details=oc))
+                        target=Target("≤", 1.05, note="same bubble"), details=oc))
         rows.append(row("5.act", "1F1B ÷ GPipe activations held", cfg,
                         "ratio of peak activation bytes (max rank)", a,
-                        f"< 1 (unit count predicts {pred:.2f})", a < 1.0,
-                        "KV caches are allocated per micro-batch for all T, so they do not "
-                        "shrink with slicing", oc))
+                        target=Target("<", 1.0, note=f"unit count predicts {pred:.2f}"),
+                        notes="KV caches are allocated per micro-batch for all T, so they do not "
+                        "shrink with slicing", details=oc))
         rows.append(row("5.rss", "1F1B ÷ GPipe peak RSS", cfg, "ratio of peak RSS (max rank)", r_,
-                        "< 1", r_ < 1.0, details=oc))
+                        target=Target("<", 1.0), details=oc))
     return rows
 
 
@@ -392,34 +429,34 @@ def bench_schedules(ctx):
 def bench_param_memory(ctx):
     cfg = "default compute-balanced partition for T=1024, float32"
     try:
-        lines, info = sub([python(), "bench/param_memory.py"], 120, "param memory")
+        lines, info = sub(ctx, [python(), "bench/param_memory.py"], 120, "param memory")
     except SubprocessFailed as e:
         return [error_row("6", "param-memory", cfg, e)]
     rows = []
     for r in lines:
         pp, model = r["pp"], r["model"]
         ideal = 1.0 / pp
-        ok = r["max_ratio"] <= 1.15 * ideal
         wte = r["wte_bytes"] / r["full_bytes"]
         rows.append(row(f"6.{model}.pp{pp}", f"param-memory {model} pp={pp}",
                         f"{model}, {cfg}; stages {r['stage_layers']}",
                         "max per-rank param bytes ÷ full model", r["max_ratio"],
-                        f"≈ 1/pp = {ideal:.3f} (within 15 %)", ok,
-                        "per stage " + ", ".join(f"{s['ratio']:.3f}" for s in r["stages"])
+                        target=Target("≤", round(1.15 * ideal, 4),
+                                      note=f"1/pp = {ideal:.3f} plus 15 %"),
+                        notes="per stage " + ", ".join(f"{s['ratio']:.3f}" for s in r["stages"])
                         + f"; mean {r['sum_ratio'] / pp:.3f}; transformer blocks alone: largest "
                         f"stage {r['max_layer_ratio']:.3f} of them; wte is {wte:.3f} of the model"
                         + ("" if pp == 1 else f" and held by the first and the last stage, so no "
                            f"partition gets below (1 + {wte:.3f})/pp = {r['lower_bound']:.3f}"),
-                        {**r, **info}))
+                        details={**r, **info}))
     return rows
 
 
 # ------------------------------------------------------------------------------------------------
 # row 7: ZeRO-1 — optimizer memory per rank and exposed communication with / without overlap
 
-def train_run(n, flags, label, timeout=900, env=None):
+def train_run(ctx, n, flags, label, timeout=900, env=None):
     cmd = [python(), "bench/train_run.py", "-n", str(n), "--label", label, "--"] + flags
-    lines, info = sub(cmd, timeout, label, env=env)
+    lines, info = sub(ctx, cmd, timeout, label, env=env)
     return dict(lines[0], **info)
 
 
@@ -440,23 +477,23 @@ def bench_zero(ctx):
                 flags = base + ["--dp", str(dp), "--zero", zero] + \
                     ([] if overlap else ["--no-overlap"])
                 try:
-                    got[(dp, zero, overlap)] = r = train_run(dp, flags, label)
+                    got[(dp, zero, overlap)] = r = train_run(ctx, dp, flags, label)
                 except SubprocessFailed as e:
                     rows.append(error_row(f"7.{label}", label, cfg, e))
                     continue
                 rows.append(row(f"7.{label}", f"zero/{label} exposed comm", cfg,
                                 "ms per step (median; slowest rank's allreduce + allgather waits)",
-                                r["exposed_comm_ms_median"], None, None,
-                                f"step {r['median_step_ms']:.0f} ms median; optimizer "
-                                f"{max(r['optim_bytes']) / 2**20:.1f} MiB per rank", r))
+                                r["exposed_comm_ms_median"],
+                                notes=f"step {r['median_step_ms']:.0f} ms median; optimizer "
+                                f"{max(r['optim_bytes']) / 2**20:.1f} MiB per rank", details=r))
     for dp in (2, 4):
         if (dp, "0", True) in got and (dp, "1", True) in got:
             z0, z1 = got[(dp, "0", True)], got[(dp, "1", True)]
             ratio = max(z1["optim_bytes"]) / max(z0["optim_bytes"])
             rows.append(row(f"7.mem.dp{dp}", f"zero/optimizer memory per rank dp={dp}", cfg,
                             "ZeRO-1 ÷ ZeRO-0 Adam bytes per rank (max rank)", ratio,
-                            f"≈ 1/dp = {1 / dp:.3f}", abs(ratio - 1 / dp) < 0.01,
-                            f"{max(z1['optim_bytes']) / 2**20:.1f} vs "
+                            target=Target("≈", round(1 / dp, 4), tol=0.01, note="1/dp"),
+                            notes=f"{max(z1['optim_bytes']) / 2**20:.1f} vs "
                             f"{max(z0['optim_bytes']) / 2**20:.1f} MiB"))
     # pp = 2 × dp = 2: the tied wte lives on both stages; ZeRO-1 shards its state over the 4
     # ranks that hold it, so the world keeps one copy of the optimizer state
@@ -467,7 +504,7 @@ def bench_zero(ctx):
     for zero in ("0", "1"):
         label = f"zero{zero} pp2 dp2"
         try:
-            got[("pp2", zero)] = train_run(4, base + ["--pp", "2", "--dp", "2", "--zero", zero,
+            got[("pp2", zero)] = train_run(ctx, 4, base + ["--pp", "2", "--dp", "2", "--zero", zero,
                                                       "--microbatches", "2"], label)
         except SubprocessFailed as e:
             rows.append(error_row(f"7.{label}", label, pcfg, e))
@@ -483,20 +520,24 @@ def bench_zero(ctx):
         shares_ok = all(abs(b - e) <= 0.001 * e for b, e in zip(r1["optim_bytes"], expect))
         rows.append(row("7.mem.pp2dp2", "zero/optimizer memory pp=2 dp=2", pcfg,
                         "Adam bytes per rank ÷ the model's (max rank)", most,
-                        "world total = 1 copy; each rank its stage's share ÷ dp (wte ÷ 2·dp)",
-                        abs(world - 1) < 1e-3 and shares_ok,
-                        "per rank " + ", ".join(f"{b / full:.3f}" for b in r1["optim_bytes"])
+                        reference="world total = 1 copy; each rank its stage's share ÷ dp "
+                        "(wte ÷ 2·dp)", target=Target("≈", 1.0, tol=1e-3, note="world total = 1 "
+                                                      "copy; each rank its stage's share ÷ dp "
+                                                      "(wte ÷ 2·dp)"),
+                        judged=world, also=shares_ok,
+                        notes="per rank " + ", ".join(f"{b / full:.3f}" for b in r1["optim_bytes"])
                         + f" (stage shares follow the compute-balanced partition "
                         f"{r1['layout']['stage_layers']}); sum over the world {world:.4f} of "
                         f"the model's" + (f"; ZeRO-0 per rank " + ", ".join(
-                            f"{b / full:.3f}" for b in z0["optim_bytes"]) if z0 else ""), r1))
+                            f"{b / full:.3f}" for b in z0["optim_bytes"]) if z0 else ""),
+                        details=r1))
     for zero in ("0", "1"):
         a, b = got.get((2, zero, True)), got.get((2, zero, False))
         if a and b and b["exposed_comm_ms_median"] > 0:
             ratio = a["exposed_comm_ms_median"] / b["exposed_comm_ms_median"]
             rows.append(row(f"7.overlap.zero{zero}", f"zero/overlap gain zero={zero} dp=2", cfg,
-                            "exposed comm with overlap ÷ without", ratio, "< 1", ratio < 1,
-                            f"{a['exposed_comm_ms_median']:.1f} vs "
+                            "exposed comm with overlap ÷ without", ratio, target=Target("<", 1.0),
+                            notes=f"{a['exposed_comm_ms_median']:.1f} vs "
                             f"{b['exposed_comm_ms_median']:.1f} ms; steps "
                             f"{a['median_step_ms']:.0f} vs {b['median_step_ms']:.0f} ms"))
     return rows
@@ -513,17 +554,17 @@ def bench_autotune(ctx):
              "--pp", "2", "--microbatches", "2", "--slice-tokens", "auto",
              "--train-data", "data/tinyshakespeare/tiny_shakespeare_train.bin"]
     try:
-        r = train_run(2, flags, "autotune")
+        r = train_run(ctx, 2, flags, "autotune")
     except SubprocessFailed as e:
         return [error_row("8", "autotune", cfg, e)]
     tuned = r["autotune"] or {}
     pred = tuned.get("predicted_step_ms")
     ratio = r["median_step_ms"] / pred if pred else None
     return [row("8", "autotune prediction vs measurement", cfg + f"; chose k={tuned.get('slice_tokens')}",
-                "measured ÷ predicted step time", ratio, "≈ 1 (compute-only prediction)", None,
-                f"predicted {pred} ms, measured {r['median_step_ms']:.1f} ms median; candidates "
+                "measured ÷ predicted step time", ratio,
+                reference="≈ 1 (compute-only prediction)", notes=f"predicted {pred} ms, measured {r['median_step_ms']:.1f} ms median; candidates "
                 + ", ".join(f"k={c['k']}: {c['predicted_step_ms']:.0f}"
-                            for c in tuned.get("candidates", [])), r)]
+                            for c in tuned.get("candidates", [])), details=r)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -548,7 +589,7 @@ def bench_oversubscribed(ctx):
         what = f"{n} rank(s) {' '.join(flags) or 'default layout'}" + (
             ", MPICH's blocking waits" if env else "")
         try:
-            got[rid] = r = train_run(n, base + flags, rid, env=env)
+            got[rid] = r = train_run(ctx, n, base + flags, rid, env=env)
         except SubprocessFailed as e:
             rows.append(error_row(f"9.{rid}", rid, cfg, e))
             continue
@@ -560,8 +601,8 @@ def bench_oversubscribed(ctx):
     if "n8" in got and "n2" in got:
         ratio = got["n8"]["tps"] / got["n2"]["tps"]
         rows.append(row("9", "oversubscribed/8 ranks ÷ 2 ranks on 2 cores", cfg,
-                        "tokens/s ratio (best steps)", ratio, None, None,
-                        "no target: dp 8 repeats the whole AdamW update on every replica (8× "
+                        "tokens/s ratio (best steps)", ratio,
+                        notes="no target: dp 8 repeats the whole AdamW update on every replica (8× "
                         "the update work of one rank on the same 2 cores) and allreduces over 8 "
                         "ranks; whether waiting wastes cores is what the polled ÷ blocking rows "
                         "measure"))
@@ -570,8 +611,8 @@ def bench_oversubscribed(ctx):
             ratio = got[rid]["tps"] / got[rid + ".blocking"]["tps"]
             rows.append(row(f"9.polling.{rid}", f"oversubscribed/polled ÷ blocking waits, {what}",
                             cfg, "tokens/s ratio (best steps)", ratio,
-                            "> 1" if target else None, (ratio > 1.0) if target else None,
-                            "MPIGPT2_BLOCKING_WAITS=1 switches every wait to MPICH's "
+                            target=Target(">", 1.0) if target else None,
+                            notes="MPIGPT2_BLOCKING_WAITS=1 switches every wait to MPICH's "
                             "busy-spinning Waitall (diagnostic only); " + (
                                 "waiting stages spin on the cores the computing stage needs"
                                 if target else "in pure data parallelism every rank waits in "
@@ -622,8 +663,8 @@ def write_markdown(path, rows, machine, mline, meta):
         "of the CPUs while the sub-benchmarks ran (from /proc/stat minus this suite's own CPU "
         "time; column *others' CPU*, and `details.others_cpu_frac` in results.json). "
         f"Before each measurement the suite waited for that load to fall below "
-        f"{100 * QUIET['threshold']:.0f} % (at most {QUIET['budget_s']:.0f} s in total; waited "
-        f"{QUIET['waited_s']:.0f} s).",
+        f"{100 * QUIET_THRESHOLD:.0f} % (at most {meta['quiet']['budget_s']:.0f} s in total; "
+        f"waited {meta['quiet']['waited_s']:.0f} s).",
         "",
         "| # | name | config | metric | value | target | met | notes | others' CPU | machine |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -659,9 +700,10 @@ def main():
                    f", {machine['blas']['internal_api']} {machine['blas']['version']} "
                    f"[{machine['blas']['architecture']}]")
     log(machine_line(machine))
-    ctx = {"quick": args.quick}
-    EXTRA_ENV.update(kv.split("=", 1) for kv in args.env)
-    QUIET["budget_s"] = args.quiet_budget if args.quiet_budget is not None else (
+    # the run's context, passed to every row group: sizes, --env, the quiet-wait budget
+    ctx = {"quick": args.quick, "env": dict(kv.split("=", 1) for kv in args.env),
+           "quiet": {"waited_s": 0.0}}
+    ctx["quiet"]["budget_s"] = args.quiet_budget if args.quiet_budget is not None else (
         0.0 if args.quick else 150.0)
     if args.quick:
         ctx.update(pipe_model={"L": 4, "NH": 8, "C": 512, "V": 8192}, pipe_B=4, pipe_T=128)
@@ -684,7 +726,7 @@ def main():
     full_line = machine_line(machine)
     fracs = [r["details"].get("others_cpu_frac") for r in rows
              if r["details"].get("others_cpu_frac") is not None]
-    meta = {"quick": args.quick, "extra_env": EXTRA_ENV, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    meta = {"quick": args.quick, "extra_env": ctx["env"], "quiet": ctx["quiet"], "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "wall_s": time.perf_counter() - T0,
             "others_cpu_frac_mean": sum(fracs) / len(fracs) if fracs else 0.0,
             "others_cpu_frac_max": max(fracs) if fracs else 0.0}

@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 
+from mpigpt2.base.argtypes import nonneg, nonneg_int
 from mpigpt2.base.errors import UserError
 
 
@@ -65,9 +66,9 @@ def main(argv=None):
                    help="llm.c .bin model file, or Hugging Face GPT-2 directory / .safetensors")
     p.add_argument("--prompt", default="", help="text to continue (default: <|endoftext|>)")
     p.add_argument("--tokens", type=int, default=64, help="tokens to generate")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--temperature", type=nonneg, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest (0 = all)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="sampling seed")
     p.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
     args = p.parse_args(argv)
     if args.tokens < 0 or args.top_k < 0:
