@@ -4,6 +4,9 @@ Runs N ranks with the mpiexec of the MPI that mpi4py uses (the venv's pip wheel,
 the one on PATH for a system MPI), adds what that MPI needs to oversubscribe a small machine
 (Open MPI: --oversubscribe, and --allow-run-as-root as root), and sets BLAS/OpenMP threads per
 rank to cores / ranks-per-host (at least 1), unless --threads says otherwise.
+
+`python -m mpigpt2.launch slurm [--dry-run] -- [train flags]` is the mode for one attempt of a
+Slurm batch job (what slurm/train.sbatch runs; mpigpt2/slurmjob.py).
 """
 
 import argparse
@@ -70,6 +73,10 @@ def thread_env(n_local, threads=None):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["slurm"]:  # (imported only here: the local launcher needs none of it)
+        from mpigpt2 import slurmjob
+        return slurmjob.main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m mpigpt2.launch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-n", "--ranks", type=int, default=8, help="number of MPI ranks")

@@ -9,7 +9,8 @@ with the fallback to mpiexec after a failed plugin probe (and a user --resume PA
 apply to the first attempt only); after a second warning; and with the other layout and a user
 --out-dir. The jobs of each group run at the same time (the node declares 16 CPUs, each job
 takes 4) to keep the wall time down. The dry-run tests at the end need no Slurm: they check
-how the script turns its arguments and environment into the launch command.
+how the script turns its arguments and environment into the launch command, and how it finds
+the Python (tests/test_slurmjob.py tests the module behind it piece by piece).
 """
 
 import json
@@ -309,7 +310,8 @@ def dry_run(cwd, *args, env=None):
     """Run train.sbatch outside Slurm with MPIGPT2_DRY_RUN=1: (status, output, train argv)."""
     e = {k: v for k, v in os.environ.items()
          if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_", "MPIGPT2_"))}
-    e.update(MPIGPT2_VENV=str(VENV), MPIGPT2_DRY_RUN="1", **(env or {}))
+    e.update(MPIGPT2_VENV=str(VENV), MPIGPT2_DRY_RUN="1")
+    e.update(env or {})
     r = subprocess.run(["bash", str(SCRIPT), *args], cwd=cwd, env=e, capture_output=True,
                        text=True, timeout=60)
     out = r.stdout + r.stderr
@@ -369,3 +371,18 @@ def test_dry_run_user_resume_path_applies_to_the_first_attempt_only(tmp_path):
     later = str(old.parent / "step_00000008")
     rc, out, argv = dry_run(tmp_path, "--out-dir", "out", f"--resume={later}")
     assert rc == 0 and argv[-1] == f"--resume={later}", out
+
+
+def test_dry_run_finds_the_python_or_says_how_to(tmp_path):
+    # MPIGPT2_VENV=none: python3 from PATH (here the venv's, as after `module load`)
+    path = f"{VENV / 'bin'}:{os.environ['PATH']}"
+    rc, out, argv = dry_run(tmp_path, "--steps", "1", env={"MPIGPT2_VENV": "none", "PATH": path})
+    assert rc == 0 and argv[-2:] == ["--steps", "1"], out
+    # no virtualenv there, or a python3 without mpigpt2: status 2 and what to set
+    for i, env in enumerate(({"MPIGPT2_VENV": str(tmp_path / "novenv")},
+                             {"MPIGPT2_VENV": "none", "PATH": "/usr/bin:/bin"})):
+        (tmp_path / str(i)).mkdir()
+        rc, out, argv = dry_run(tmp_path / str(i), env=env)
+        assert rc == 2 and argv is None, out
+        assert "error: cannot import mpigpt2 with " in out and "set MPIGPT2_VENV" in out, out
+        assert os.listdir(tmp_path / str(i)) == [], out
