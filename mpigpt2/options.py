@@ -5,7 +5,7 @@ import argparse
 import os
 
 from mpigpt2.parallel.autotune import parse_slice_tokens
-from mpigpt2.base.argtypes import fraction, nonneg, nonneg_int, positive
+from mpigpt2.base.argtypes import check_number
 from mpigpt2.base.errors import UserError
 
 DEFAULT_VAL = "data/tinyshakespeare/tiny_shakespeare_val.bin"
@@ -46,16 +46,16 @@ def parse_args(argv=None):
     a("--batch-size", type=int, default=8, help="B: sequences per optimizer step (global)")
     a("--seq-len", type=int, default=64, help="T: tokens per sequence")
     a("--steps", type=int, default=300, help="optimizer steps")
-    a("--lr", type=nonneg, default=1e-4, help="peak learning rate")
-    a("--beta1", type=nonneg, default=0.9, help="AdamW beta1")
-    a("--beta2", type=nonneg, default=0.999, help="AdamW beta2")
-    a("--eps", type=positive, default=1e-8, help="AdamW epsilon (added after the sqrt)")
-    a("--weight-decay", type=nonneg, default=0.0, help="decoupled weight decay (all parameters)")
+    a("--lr", type=float, default=1e-4, help="peak learning rate")
+    a("--beta1", type=float, default=0.9, help="AdamW beta1")
+    a("--beta2", type=float, default=0.999, help="AdamW beta2")
+    a("--eps", type=float, default=1e-8, help="AdamW epsilon (added after the sqrt)")
+    a("--weight-decay", type=float, default=0.0, help="decoupled weight decay (all parameters)")
     a("--warmup-steps", type=int, default=0, help="linear lr warm-up steps")
     a("--lr-schedule", choices=("constant", "cosine"), default="constant", help="lr after warm-up")
-    a("--min-lr-frac", type=fraction, default=0.0, help="cosine floor as a fraction of --lr")
-    a("--grad-clip", type=nonneg, default=0.0, help="clip the global gradient norm (0 = off)")
-    a("--seed", type=nonneg_int, default=1337, help="seed of the random init and data shuffling")
+    a("--min-lr-frac", type=float, default=0.0, help="cosine floor as a fraction of --lr")
+    a("--grad-clip", type=float, default=0.0, help="clip the global gradient norm (0 = off)")
+    a("--seed", type=int, default=1337, help="seed of the random init and data shuffling")
     a("--shuffle", nargs="?", const="seeded", default=None, choices=("seeded", "llmc"),
       help="shuffle windows and shards each epoch: bare --shuffle = seeded by --seed (numpy), "
            "'llmc' = llm.c's single-process train order (MT19937 seed 42; --seed ignored)")
@@ -87,12 +87,12 @@ def parse_args(argv=None):
       "or a checkpoint directory")
     a("--no-final-checkpoint", action="store_true", help="no checkpoint at the end of the run")
     a("--trace", action="store_true", help="write OUT/trace.json (Chrome trace, all ranks)")
-    a("--peak-gflops", type=positive, default=None, help="per-core float32 peak for MFU "
+    a("--peak-gflops", type=float, default=None, help="per-core float32 peak for MFU "
       "(default: a one-off matmul probe, cached)")
     a("--warmup-report", type=int, default=2, help="steps left out of the end-of-run summary")
-    a("--stall-seconds", type=positive, default=60.0, help="report waits longer than this")
+    a("--stall-seconds", type=float, default=60.0, help="report waits longer than this")
     a("--stall-abort", action="store_true", help="abort the job when a wait stalls")
-    a("--wait-timeout", type=positive, default=1800.0, help="abort the job when any single wait "
+    a("--wait-timeout", type=float, default=1800.0, help="abort the job when any single wait "
       "for a message or collective exceeds this (a peer died unnoticed)")
     a("--debug", action="store_true", help="show tracebacks for input errors")
     a("--inject-error", default=None, help=argparse.SUPPRESS)  # "RANK:STEP", for failure tests
@@ -110,12 +110,20 @@ def check_args(args):
                  "checkpoint_every", "keep_checkpoints", "warmup_report"):
         if getattr(args, flag) < 0:
             raise UserError(f"--{flag.replace('_', '-')} must be ≥ 0, got {getattr(args, flag)}")
-    if args.lr < 0 or not (0 <= args.beta1 < 1) or not (0 <= args.beta2 < 1) or args.eps <= 0:
-        raise UserError("optimizer flags out of range: need --lr ≥ 0, 0 ≤ --beta1/--beta2 < 1, "
-                        "--eps > 0")
-    if args.stall_seconds <= 0 or args.wait_timeout <= 0 or \
-            (args.peak_gflops is not None and args.peak_gflops <= 0):
-        raise UserError("--stall-seconds, --wait-timeout and --peak-gflops must be > 0")
+    for flag, lo, lo_open, hi in (("lr", 0, False, None), ("beta1", 0, False, None),
+                                  ("beta2", 0, False, None), ("eps", 0, True, None),
+                                  ("weight_decay", 0, False, None), ("grad_clip", 0, False, None),
+                                  ("min_lr_frac", 0, False, 1), ("stall_seconds", 0, True, None),
+                                  ("wait_timeout", 0, True, None), ("peak_gflops", 0, True, None)):
+        try:
+            check_number("--" + flag.replace("_", "-"), getattr(args, flag), lo, lo_open, hi)
+        except UserError as e:
+            optimizer = flag in ("lr", "beta1", "beta2", "eps")
+            raise UserError(f"optimizer flags out of range: {e}" if optimizer else str(e))
+    if not (args.beta1 < 1 and args.beta2 < 1):
+        raise UserError("optimizer flags out of range: need 0 ≤ --beta1/--beta2 < 1")
+    if args.seed < 0:
+        raise UserError(f"--seed must be ≥ 0, got {args.seed}")
     for flag, spec, n in (("--inject-error", args.inject_error, 2),
                           ("--inject-delay", args.inject_delay, 3)):
         if spec is not None and len(spec.split(":")) != n:

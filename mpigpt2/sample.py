@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 
-from mpigpt2.base.argtypes import nonneg, nonneg_int
+from mpigpt2.base.argtypes import check_number
 from mpigpt2.base.errors import UserError
 
 
@@ -66,13 +66,16 @@ def main(argv=None):
                    help="llm.c .bin model file, or Hugging Face GPT-2 directory / .safetensors")
     p.add_argument("--prompt", default="", help="text to continue (default: <|endoftext|>)")
     p.add_argument("--tokens", type=int, default=64, help="tokens to generate")
-    p.add_argument("--temperature", type=nonneg, default=1.0, help="0 = greedy")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest (0 = all)")
-    p.add_argument("--seed", type=nonneg_int, default=0, help="sampling seed")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
     args = p.parse_args(argv)
     if args.tokens < 0 or args.top_k < 0:
         raise UserError("--tokens and --top-k must be ≥ 0")
+    check_number("--temperature", args.temperature, 0)
+    if args.seed < 0:
+        raise UserError(f"--seed must be ≥ 0, got {args.seed}")
     from mpigpt2.formats.models import model_config, load_stage_params
     from mpigpt2.model.gpt import GPT
     from mpigpt2.model.params import full_spec

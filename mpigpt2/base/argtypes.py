@@ -1,55 +1,25 @@
-"""argparse types for numeric flags: finite floats with a range, non-negative ints. A NaN or an
-infinity is never a meaningful setting (and NaN passes every `<` check), so none gets through."""
+"""Range checks for numeric flags: a NaN or an infinity is never a meaningful setting (and NaN
+passes every `<` check), so each float flag is checked for being finite and in its range, with
+one clear line (UserError, status 2)."""
 
-import argparse
 import math
 
+from mpigpt2.base.errors import UserError
 
-def _float(text):
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+def check_number(flag, x, lo=None, lo_open=False, hi=None):
+    """Raise UserError unless x is finite and lo ≤ x (lo < x if lo_open) and x ≤ hi."""
+    if x is None:
+        return
+    rng = []
+    if lo is not None:
+        rng.append(f"{'>' if lo_open else '≥'} {lo:g}")
+    if hi is not None:
+        rng.append(f"≤ {hi:g}")
+    want = f"{flag} must be a finite number" + (f" {' and '.join(rng)}" if rng else "")
     if not math.isfinite(x):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return x
-
-
-def finite(text):
-    """Any finite float."""
-    return _float(text)
-
-
-def nonneg(text):
-    """A finite float ≥ 0."""
-    x = _float(text)
-    if x < 0:
-        raise argparse.ArgumentTypeError(f"must be ≥ 0, got {text}")
-    return x
-
-
-def positive(text):
-    """A finite float > 0."""
-    x = _float(text)
-    if x <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return x
-
-
-def fraction(text):
-    """A finite float in [0, 1]."""
-    x = _float(text)
-    if not 0 <= x <= 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return x
-
-
-def nonneg_int(text):
-    """An int ≥ 0."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be ≥ 0, got {text}")
-    return n
+        raise UserError(f"{want}, got {x}")
+    if lo is not None and (x <= lo if lo_open else x < lo):
+        raise UserError(f"{flag} must be {rng[0]}, got {x:g}")
+    if hi is not None and x > hi:
+        raise UserError(f"{flag} must be ≤ {hi:g}, got {x:g}")
