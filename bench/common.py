@@ -93,6 +93,13 @@ def machine_line(m):
             f"{blas.get('version')} [{blas.get('architecture')}]; {env}")
 
 
+def machine_short(m):
+    """The machine in a few words, for the machine column of results.md."""
+    blas = m["blas"]
+    return (f"{m['cpu']['model_name']} ×{m['cores']}, numpy {m['numpy']}, "
+            f"{blas['internal_api']} {blas['version']} [{blas['architecture']}]")
+
+
 def run_cmd(cmd, timeout, env_extra=None, log=None):
     """Run cmd in its own process group; kill the whole group on timeout.
 

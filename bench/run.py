@@ -3,12 +3,14 @@
     python bench/run.py [--quick] [--out bench/results.json] [--only 1,3]
 
 Every measurement runs as a subprocess (its own process group, killed on timeout), prints one
-BENCH_JSON line per result, and becomes rows {name, config, metric, value, target, met,
-machine, notes, details} in results.json and a markdown table in results.md next to it.
-See bench/README.md for what each row means.
+BENCH_JSON line per result, and becomes rows {id, name, config, metric, value, target, met,
+notes, machine, run, details} in results.json and a markdown table in results.md next to it.
+A row's target is declared once, where the row is made (`Target(">=", 1.85)`), and the row
+judges itself by it. See bench/README.md for what each row means.
 """
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -16,13 +18,15 @@ import resource
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (BENCH_DIR, machine_info, machine_line, mpiexec, parse_lines,  # noqa: E402
-                    python, run_cmd, summary)
+from common import (BENCH_DIR, machine_info, machine_line, machine_short,  # noqa: E402
+                    mpiexec, parse_lines, python, run_cmd, summary)
 
-T0 = time.perf_counter()
+T0 = time.perf_counter()  # the suite's start; log lines and wall_s count from it
+QUIET_THRESHOLD = 0.10  # other processes' share of the CPUs below which we measure
+TRAIN_DATA = "data/tinyshakespeare/tiny_shakespeare_train.bin"
 
 
 def log(msg):
@@ -30,7 +34,80 @@ def log(msg):
 
 
 # ------------------------------------------------------------------------------------------------
-# running sub-benchmarks, with a measure of how much CPU other processes took meanwhile
+# targets and rows: a row is judged by the Target it is made with
+
+OPS = {"≥": lambda x, v, tol: x >= v, ">": lambda x, v, tol: x > v,
+       "≤": lambda x, v, tol: x <= v, "<": lambda x, v, tol: x < v,
+       "≈": lambda x, v, tol: abs(x - v) <= tol}
+ASCII_OPS = {">=": "≥", "<=": "≤", "~=": "≈"}
+
+
+def _num(v):
+    """A target's number as results.md shows it: 1.85, 0.2875, 1e-4."""
+    if v and abs(v) < 1e-3:
+        mantissa, exponent = f"{v:.0e}".split("e")
+        return f"{mantissa}e{int(exponent)}"
+    return f"{v:g}"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A row's goal, e.g. `Target(">=", 1.85)`, shown in results.md as "≥ 1.85".
+
+    op: < <= > >= ~= (or ≤ ≥ ≈); "~=" is |x − value| ≤ tol. on: the number judged, when it is
+    not the row's value (shown first); note: why this number (shown in brackets)."""
+    op: str
+    value: float
+    tol: float = 0.0
+    on: str = ""
+    note: str = ""
+
+    def __post_init__(self):
+        object.__setattr__(self, "op", ASCII_OPS.get(self.op, self.op))
+        if self.op not in OPS:
+            raise ValueError(f"unknown target operator {self.op!r}")
+        if self.op == "≈" and not self.tol > 0:
+            raise ValueError("a '~=' target needs tol > 0")
+
+    def check(self, x):
+        """Whether x meets the goal; a missing number never does."""
+        return x is not None and bool(OPS[self.op](x, self.value, self.tol))
+
+    def __str__(self):
+        text = f"{self.on} " if self.on else ""
+        text += f"{self.op} {_num(self.value)}"
+        if self.op == "≈":
+            text += f" ± {_num(self.tol)}"
+        return text + (f" ({self.note})" if self.note else "")
+
+
+def row(rid, name, *, config, metric, value, target=None, checks=(), reference=None, notes="",
+        details=None):
+    """One result row, judged by itself.
+
+    target: the Target the value must meet. checks: (Target, number) pairs that must all hold,
+    for a goal stated on other numbers than the one shown (each Target names its number with
+    on=). reference: text to read the value against, shown only when there is no target."""
+    if target is not None:
+        assert not checks, "give a target or checks, not both"
+        checks = [(target, value)]
+    met = all(t.check(x) for t, x in checks) if checks else None
+    shown = "; ".join(str(t) for t, _ in checks) if checks else reference
+    return {"id": rid, "name": name, "config": config, "metric": metric, "value": value,
+            "target": shown, "met": met, "notes": notes, "details": details or {}}
+
+
+def error_row(rid, name, config, err):
+    """The row of a measurement that failed: it never meets a target."""
+    log(f"  FAILED: {err}")
+    r = row(rid, name, config=config, metric="error", value=None,
+            notes=str(err).splitlines()[0], details={"error": str(err)})
+    r["met"] = False
+    return r
+
+
+# ------------------------------------------------------------------------------------------------
+# the run's context, passed to every row group (no module state changes during a run)
 
 def _busy_seconds():
     """CPU seconds all processes spent busy so far (from /proc/stat), or None."""
@@ -48,45 +125,86 @@ def _children_cpu():
     return r.ru_utime + r.ru_stime
 
 
+@dataclass
+class QuietWait:
+    """The run-wide budget for waiting, before each measurement, until other processes use
+    < 10 % of the CPUs over one second; waited_s adds up over the run."""
+    budget_s: float
+    waited_s: float = 0.0
+
+    def wait(self):
+        """Wait while budget is left; return the last fraction of the CPUs that others used
+        (None when not checked)."""
+        left = self.budget_s - self.waited_s
+        if left <= 0 or _busy_seconds() is None:
+            return None
+        t0 = time.perf_counter()
+        while True:
+            b0 = _busy_seconds()
+            time.sleep(1.0)
+            frac = (_busy_seconds() - b0) / (os.cpu_count() or 1)
+            waited = time.perf_counter() - t0
+            if frac < QUIET_THRESHOLD or waited >= left:
+                break
+        self.waited_s += waited
+        if waited > 1.5:
+            log(f"  waited {waited:.0f} s for other load to drop (now {100 * frac:.0f} % of the "
+                "CPUs)")
+        return frac
+
+
+@dataclass(frozen=True)
+class PipeShape:
+    """The model and batch of rows 3-5 (bench/pipe_step.py)."""
+    L: int
+    NH: int
+    C: int
+    V: int
+    B: int
+    T: int
+
+    def model_flags(self):
+        return ["--L", str(self.L), "--NH", str(self.NH), "--C", str(self.C), "--V", str(self.V)]
+
+    @property
+    def model_name(self):
+        return f"L{self.L} NH{self.NH} C{self.C} V{self.V}"
+
+
+PIPE_QUICK = PipeShape(L=4, NH=8, C=512, V=8192, B=4, T=128)
+# two stages of equal cost (5 layers + embedding | 4 layers + a 6400-row head), so that row 3
+# measures slicing, not partition imbalance (its ideal 16/9 assumes equal stages)
+PIPE_FULL = PipeShape(L=9, NH=8, C=512, V=6400, B=8, T=256)
+
+
+@dataclass
+class Run:
+    """What every row group is given: the run's options, the quiet-wait budget, and row 1's
+    results, which row 2 reads."""
+    quick: bool
+    env: dict  # --env KEY=VALUE, added to every sub-benchmark's environment
+    quiet: QuietWait
+    pipe: PipeShape
+    single: dict = field(default_factory=dict)  # (B, T) -> {impl: pooled row-1 result}
+
+
+# ------------------------------------------------------------------------------------------------
+# running sub-benchmarks, with a measure of how much CPU other processes took meanwhile
+
 class SubprocessFailed(RuntimeError):
     pass
 
 
-QUIET_THRESHOLD = 0.10  # other processes' share of the CPUs below which we measure
-
-
-def wait_quiet(ctx):
-    """Before a measurement, wait (within a run-wide budget) until other processes use < 10 %
-    of the CPUs over one second; returns that last fraction (None when not checked)."""
-    quiet = ctx["quiet"]
-    left = quiet["budget_s"] - quiet["waited_s"]
-    if left <= 0 or _busy_seconds() is None:
-        return None
-    t0 = time.perf_counter()
-    while True:
-        b0 = _busy_seconds()
-        time.sleep(1.0)
-        frac = (_busy_seconds() - b0) / (os.cpu_count() or 1)
-        waited = time.perf_counter() - t0
-        if frac < QUIET_THRESHOLD or waited >= left:
-            break
-    quiet["waited_s"] += waited
-    if waited > 1.5:
-        log(f"  waited {waited:.0f} s for other load to drop (now {100 * frac:.0f} % of the CPUs)")
-    return frac
-
-
-def sub(ctx, cmd, timeout, what, attempts=2, env=None):
+def sub(run, cmd, *, timeout, what, env=None, attempts=2):
     """Run one sub-benchmark; return (result lines, info) or raise SubprocessFailed.
 
     A run that fails other than by timing out is retried once (on this shared machine a rank
     has been seen to receive a SIGTERM from someone else's clean-up); info["attempts"] says so.
     """
     for attempt in range(1, attempts + 1):
-        before = wait_quiet(ctx)
+        before = run.quiet.wait()
         busy0, own0 = _busy_seconds(), _children_cpu()
-        rc, out, err, wall = run_cmd(cmd, timeout, env_extra={**ctx["env"], **(env or {})},
-                                     log=log)
+        rc, out, err, wall = run_cmd(cmd, timeout, env_extra={**run.env, **(env or {})}, log=log)
         busy1, own1 = _busy_seconds(), _children_cpu()
         info = {"wall_s": wall, "cmd": " ".join(cmd), "others_cpu_frac_before": before,
                 "attempts": attempt}
@@ -106,67 +224,40 @@ def sub(ctx, cmd, timeout, what, attempts=2, env=None):
         log(f"  failed ({msg.splitlines()[0]}); retrying once")
 
 
-OPS = {"≥": lambda x, v, tol: x >= v, ">": lambda x, v, tol: x > v,
-       "≤": lambda x, v, tol: x <= v, "<": lambda x, v, tol: x < v,
-       "≈": lambda x, v, tol: abs(x - v) <= tol}
+def pipe_run(run, n, flags, *, timeout, what):
+    """bench/pipe_step.py under `mpiexec -n n`."""
+    cmd = [mpiexec(), "-n", str(n), python(), "bench/pipe_step.py"] + flags
+    return sub(run, cmd, timeout=timeout, what=what)
 
 
-@dataclass(frozen=True)
-class Target:
-    """A row's goal, declared once where the row is made: `Target("≥", 1.85)`; "≈" takes an
-    absolute tol. note explains the number (shown in brackets); the row checks itself."""
-    op: str
-    value: float
-    tol: float = 0.0
-    note: str = ""
-
-    def __post_init__(self):
-        assert self.op in OPS, self.op
-
-    def check(self, x):
-        return None if x is None else bool(OPS[self.op](x, self.value, self.tol))
-
-    def __str__(self):
-        tol = f" ± {self.tol:g}" if self.op == "≈" and self.tol else ""
-        return f"{self.op} {self.value:g}{tol}" + (f" ({self.note})" if self.note else "")
+def train_run(run, n, flags, *, label, timeout=900, env=None):
+    """`python -m mpigpt2.train` on n ranks (bench/train_run.py): its metrics summary."""
+    cmd = [python(), "bench/train_run.py", "-n", str(n), "--label", label, "--"] + flags
+    lines, info = sub(run, cmd, timeout=timeout, what=label, env=env)
+    return dict(lines[0], **info)
 
 
-def row(rid, name, config, metric, value, *, target=None, reference=None, judged=None,
-        also=True, notes="", details=None):
-    """One result row. target: a Target the value (or `judged`, when the goal is stated on
-    another number than the one shown) must meet, and `also` (a further condition); reference:
-    a number to compare with by eye when there is no target."""
-    met = None
-    if target is not None:
-        met = bool(target.check(value if judged is None else judged)) and bool(also)
-    return {"id": rid, "name": name, "config": config, "metric": metric, "value": value,
-            "target": str(target) if target is not None else reference, "met": met,
-            "notes": notes, "details": details or {}}
-
-
-def error_row(rid, name, config, err):
-    log(f"  FAILED: {err}")
-    r = row(rid, name, config, "error", None, notes=str(err).splitlines()[0],
-            details={"error": str(err)})
-    r["met"] = False  # a failed measurement never meets its target
-    return r
+def others_max(results):
+    """The largest share of the CPUs other processes took during any of these measurements."""
+    return max(r.get("others_cpu_frac", 0.0) for r in results)
 
 
 # ------------------------------------------------------------------------------------------------
 # row 0: the torch baseline computes the same function
 
-def bench_check(ctx):
+def bench_check(run):
+    name = "torch baseline == mpigpt2"
     cfg = "L2 NH4 C64 V500/Vp512, B3 T32, float32, same weights and tokens"
     try:
-        (res,), info = sub(ctx, [python(), "bench/single_step.py", "--check"], 120, "torch check")
+        (res,), info = sub(run, [python(), "bench/single_step.py", "--check"], timeout=120,
+                           what="torch check")
     except SubprocessFailed as e:
-        return [error_row("0", "torch baseline == mpigpt2", cfg, e)]
+        return [error_row("0", name, cfg, e)]
     worst = max(max(res[h]["loss_rel_diff"], res[h]["grad_max_rel_diff"])
                 for h in ("padded", "sliced"))
-    return [row("0", "torch baseline == mpigpt2", cfg,
-                "max rel. diff of loss and grads (wte, qkvw, fcw)", worst,
-                target=Target("<", 1e-4), notes="both lm_head forms (padded, sliced)",
-                details={**res, **info})]
+    return [row("0", name, config=cfg, metric="max rel. diff of loss and grads (wte, qkvw, fcw)",
+                value=worst, target=Target("<", 1e-4),
+                notes="both lm_head forms (padded, sliced)", details={**res, **info})]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -177,8 +268,7 @@ def pool(results):
     steps = [t for r in results for t in r["steps_s"]]
     tokens = results[-1]["B"] * results[-1]["T"]
     out = dict(results[-1])
-    out.update(summary(steps), rounds=len(results),
-               others_cpu_frac=max(r.get("others_cpu_frac", 0.0) for r in results),
+    out.update(summary(steps), rounds=len(results), others_cpu_frac=others_max(results),
                tokens_per_s_best=tokens / min(steps),
                tokens_per_s_median=tokens / statistics.median(steps))
     if "phases_median_s" in out:
@@ -192,18 +282,17 @@ def pool(results):
     return out
 
 
-def bench_single(ctx):
-    quick = ctx["quick"]
+def bench_single(run):
     # (B, T, warm-up, timed steps, rounds): rounds alternate the implementations so that a burst
     # of other load on the shared machine hits both, not one
-    configs = [(4, 64, 1, 2, 1)] if quick else [(4, 64, 1, 3, 2), (8, 256, 1, 2, 1)]
-    rows, results = [], {}
+    configs = [(4, 64, 1, 2, 1)] if run.quick else [(4, 64, 1, 3, 2), (8, 256, 1, 2, 1)]
+    rows = []
     for B, T, warmup, steps, rounds in configs:
-        cfgname = (f"gpt2-124m B={B} T={T}, 1 thread, fp32, {rounds} round(s) of warm-up "
-                   f"{warmup} + {steps} timed steps")
+        cfg = (f"gpt2-124m B={B} T={T}, 1 thread, fp32, {rounds} round(s) of warm-up "
+               f"{warmup} + {steps} timed steps")
         timeout = 120 + (warmup + steps) * (30 if T <= 64 else 120)
         impls = [("mpigpt2", []), ("torch", ["--torch-head", "sliced"])]
-        if not quick and T == 64:
+        if not run.quick and T == 64:
             impls.append(("torch-padded", ["--torch-head", "padded"]))
         raw = {impl: [] for impl, _ in impls}
         for _ in range(rounds):
@@ -211,225 +300,234 @@ def bench_single(ctx):
                 cmd = [python(), "bench/single_step.py", "--impl", impl.split("-")[0], "--B",
                        str(B), "--T", str(T), "--warmup", str(warmup), "--steps", str(steps)]
                 try:
-                    (res,), info = sub(ctx, cmd + extra, timeout, f"{impl} B{B}T{T}")
+                    (res,), info = sub(run, cmd + extra, timeout=timeout, what=f"{impl} B{B}T{T}")
                     raw[impl].append({**res, **info})
                 except SubprocessFailed as e:
-                    rows.append(error_row(f"1.B{B}T{T}.{impl}", f"single/{impl}", cfgname, e))
-        got = {impl: pool(rs) for impl, rs in raw.items() if rs}
-        results[(B, T)] = got
-        for impl, r in got.items():
-            note = (f"median {r['tokens_per_s_median']:.1f} tok/s; phases (median s) "
-                    + ", ".join(f"{k} {v:.2f}" for k, v in r["phases_median_s"].items()))
-            if "optimizer" in r:
-                note += f"; AdamW {r['optimizer']}, lm_head {r['head']}"
-            note += f"; CPU/wall {r['cpu_per_wall']:.2f}"
-            rows.append(row(f"1.B{B}T{T}.{impl}", f"single/{impl} tokens/s", cfgname,
-                            "tokens/s (best step)", r["tokens_per_s_best"], notes=note, details=r))
-        torch_rs = [r for k, r in got.items() if k.startswith("torch")]
-        if "mpigpt2" in got and torch_rs:
-            ours = got["mpigpt2"]
-            fastest = max(torch_rs, key=lambda r: r["tokens_per_s_best"])
-            ratio = ours["tokens_per_s_best"] / fastest["tokens_per_s_best"]
-            med = ours["tokens_per_s_median"] / max(r["tokens_per_s_median"] for r in torch_rs)
-            rows.append(row(f"1.B{B}T{T}", "single/ratio mpigpt2 ÷ torch", cfgname,
-                            "tokens/s ratio (best ÷ fastest torch best)", ratio,
-                            target=Target("≥", 1.1), notes=f"median ÷ median {med:.2f}; torch "
-                            f"lm_head {fastest['head']}, AdamW {fastest['optimizer']}",
-                            details={"median_ratio": med, "others_cpu_frac": max(
-                                r.get("others_cpu_frac", 0.0) for r in got.values())}))
-    ctx["single"] = results
+                    rows.append(error_row(f"1.B{B}T{T}.{impl}", f"single/{impl}", cfg, e))
+        got = run.single[(B, T)] = {impl: pool(rs) for impl, rs in raw.items() if rs}
+        rows += single_rows(f"1.B{B}T{T}", cfg, got)
     return rows
 
 
-def bench_mfu(ctx):
+def single_rows(rid, cfg, got):
+    """Row 1's rows of one (B, T): tokens/s of each implementation, then ours ÷ torch's."""
+    rows = []
+    for impl, r in got.items():
+        note = (f"median {r['tokens_per_s_median']:.1f} tok/s; phases (median s) "
+                + ", ".join(f"{k} {v:.2f}" for k, v in r["phases_median_s"].items()))
+        if "optimizer" in r:
+            note += f"; AdamW {r['optimizer']}, lm_head {r['head']}"
+        note += f"; CPU/wall {r['cpu_per_wall']:.2f}"
+        rows.append(row(f"{rid}.{impl}", f"single/{impl} tokens/s", config=cfg,
+                        metric="tokens/s (best step)", value=r["tokens_per_s_best"], notes=note,
+                        details=r))
+    torch_rs = [r for k, r in got.items() if k.startswith("torch")]
+    if "mpigpt2" in got and torch_rs:
+        ours = got["mpigpt2"]
+        fastest = max(torch_rs, key=lambda r: r["tokens_per_s_best"])
+        ratio = ours["tokens_per_s_best"] / fastest["tokens_per_s_best"]
+        med = ours["tokens_per_s_median"] / max(r["tokens_per_s_median"] for r in torch_rs)
+        rows.append(row(rid, "single/ratio mpigpt2 ÷ torch", config=cfg,
+                        metric="tokens/s ratio (best ÷ fastest torch best)", value=ratio,
+                        target=Target(">=", 1.1),
+                        notes=f"median ÷ median {med:.2f}; torch lm_head {fastest['head']}, "
+                        f"AdamW {fastest['optimizer']}",
+                        details={"median_ratio": med, "others_cpu_frac": others_max(got.values())}))
+    return rows
+
+
+def bench_mfu(run):
     from mpigpt2.model.config import PRESETS
     from mpigpt2.observe.metrics import flops_per_token
     cfg = PRESETS["gpt2-124m"]
-    reps = 3 if ctx["quick"] else 7
+    reps = 3 if run.quick else 7
     try:
-        (peak,), info = sub(ctx, [python(), "bench/matmul_peak.py", "--reps", str(reps)], 120,
-                            "matmul peak")
+        (peak,), info = sub(run, [python(), "bench/matmul_peak.py", "--reps", str(reps)],
+                            timeout=120, what="matmul peak")
     except SubprocessFailed as e:
         return [error_row("2.peak", "mfu/peak", "numpy fp32 matmul, 1 thread", e)]
     P = peak["peak_gflops"] * 1e9
-    rows = [row("2.peak", "mfu/matmul peak", "numpy float32 matmul, 1 BLAS thread, GPT-2 shapes "
-                f"at 2048 tokens, best of {reps}", "GFLOP/s (best shape)", peak["peak_gflops"],
+    rows = [row("2.peak", "mfu/matmul peak", config="numpy float32 matmul, 1 BLAS thread, GPT-2 "
+                f"shapes at 2048 tokens, best of {reps}", metric="GFLOP/s (best shape)",
+                value=peak["peak_gflops"],
                 notes="; ".join(f"{k}: {v:.0f}" for k, v in peak["gflops_per_shape"].items()),
                 details={**peak, **info})]
-    for (B, T), got in ctx.get("single", {}).items():
+    for (B, T), got in run.single.items():
         fpt = flops_per_token(cfg, T)  # the issue's 6·(12·L·C² + V·C) + 12·L·T·C
         for impl, r in got.items():
-            mfu = fpt * r["tokens_per_s_best"] / P
-            is_target = impl == "mpigpt2" and (B, T) == (8, 256)
-            rows.append(row(f"2.B{B}T{T}.{impl}", f"mfu/{impl}", f"gpt2-124m B={B} T={T}, 1 thread",
-                            "MFU (best step) vs measured peak", mfu,
-                            target=Target("≥", 0.80) if is_target else None,
-                            notes=f"{fpt / 1e6:.0f} MFLOP/token (V={cfg.vocab_size}) × "
-                            f"{r['tokens_per_s_best']:.1f} tok/s = {fpt * r['tokens_per_s_best'] / 1e9:.1f}"
-                            f" GFLOP/s; median-step MFU {fpt * r['tokens_per_s_median'] / P:.2f}",
-                            details={"flops_per_token": fpt, "peak_gflops": peak["peak_gflops"],
-                             "others_cpu_frac": max(r.get("others_cpu_frac", 0.0),
-                                                    info.get("others_cpu_frac", 0.0))}))
+            tps = r["tokens_per_s_best"]
+            rows.append(row(
+                f"2.B{B}T{T}.{impl}", f"mfu/{impl}", config=f"gpt2-124m B={B} T={T}, 1 thread",
+                metric="MFU (best step) vs measured peak", value=fpt * tps / P,
+                target=Target(">=", 0.80) if (impl, B, T) == ("mpigpt2", 8, 256) else None,
+                notes=f"{fpt / 1e6:.0f} MFLOP/token (V={cfg.vocab_size}) × {tps:.1f} tok/s = "
+                f"{fpt * tps / 1e9:.1f} GFLOP/s; median-step MFU "
+                f"{fpt * r['tokens_per_s_median'] / P:.2f}",
+                details={"flops_per_token": fpt, "peak_gflops": peak["peak_gflops"],
+                         "others_cpu_frac": others_max([r, info])}))
     return rows
 
 
 # ------------------------------------------------------------------------------------------------
 # rows 3-5: the MPI runtime (bench/pipe_step.py under mpiexec)
 
-def model_flags(m):
-    return ["--L", str(m["L"]), "--NH", str(m["NH"]), "--C", str(m["C"]), "--V", str(m["V"])]
+def compute_s(rank):
+    """A rank's forward + backward seconds per step."""
+    return rank["forward_s_per_step"] + rank["backward_s_per_step"]
 
 
-def model_name(m):
-    return f"L{m['L']} NH{m['NH']} C{m['C']} V{m['V']}"
-
-
-def pipe_run(ctx, n, flags, timeout, what):
-    cmd = [mpiexec(), "-n", str(n), python(), "bench/pipe_step.py"] + flags
-    return sub(ctx, cmd, timeout, what)
-
-
-def bench_slicing(ctx):
-    m, B, T = ctx["pipe_model"], ctx["pipe_B"], ctx["pipe_T"]
-    divs = (1, 8) if ctx["quick"] else (1, 2, 4, 8, 16)
-    ks = [T // d for d in divs]
-    warm, steps = (1, 2) if ctx["quick"] else (1, 3)
-    cfg = (f"{model_name(m)}, B={B} T={T}, pp=2 dp=1 M=1, 1 thread/rank, "
+def bench_slicing(run):
+    s, p = run.pipe, 2
+    ks = [s.T // d for d in ((1, 8) if run.quick else (1, 2, 4, 8, 16))]
+    warm, steps = (1, 2) if run.quick else (1, 3)
+    cfg = (f"{s.model_name}, B={s.B} T={s.T}, pp=2 dp=1 M=1, 1 thread/rank, "
            f"warm-up {warm} + {steps} steps")
-    flags = model_flags(m) + ["--B", str(B), "--T", str(T), "--pp", "2", "--dp", "1", "--M", "1",
-                              "--ks", ",".join(map(str, ks)), "--warmup", str(warm),
-                              "--steps", str(steps), "--label", "slicing"]
+    flags = s.model_flags() + ["--B", str(s.B), "--T", str(s.T), "--pp", "2", "--dp", "1",
+                               "--M", "1", "--ks", ",".join(map(str, ks)), "--warmup", str(warm),
+                               "--steps", str(steps), "--label", "slicing"]
     try:
-        lines, info = pipe_run(ctx, 2, flags, 900 if not ctx["quick"] else 240, "pp=2 slicing sweep")
+        lines, info = pipe_run(run, 2, flags, timeout=240 if run.quick else 900,
+                               what="pp=2 slicing sweep")
     except SubprocessFailed as e:
         return [error_row("3", "pipe-slicing", cfg, e)]
-    base = next((r for r in lines if r["k"] == T), None)
-    rows, p = [], 2
+    base = next((r for r in lines if r["k"] == s.T), None)
+    rows = []
     for r in lines:
         n = r["n_slices"]
         ideal = p * n / (n + p - 1)  # M = 1: step ∝ (n + p − 1)/n slices of the whole stage
-        speed = base["best_s"] / r["best_s"] if base else None
-        busy = max(x["forward_s_per_step"] + x["backward_s_per_step"] for x in r["ranks"])
-        util = sum(x["forward_s_per_step"] + x["backward_s_per_step"] for x in r["ranks"]) / (
-            p * r["median_s"])
-        is_target = n == 8
-        label = "T" if n == 1 else f"T/{n}"
-        rows.append(row(f"3.k={label}", f"pipe-slicing k={label}", f"{cfg}; k={r['k']}",
-                        "speedup vs k=T (best step)", speed,
-                        target=Target("≥", 1.6, note=f"ideal {ideal:.2f}") if is_target else None,
-                        reference=f"ideal {ideal:.2f}",
-                        notes=f"step {r['best_s']:.2f} s (median {r['median_s']:.2f}); busiest rank "
-                        f"computes {busy:.2f} s/step; utilisation {util:.2f} (ideal "
-                        f"{n / (n + p - 1):.2f}); stages {r['layout']['stage_layers']} computing "
-                        + " / ".join(f"{x['forward_s_per_step'] + x['backward_s_per_step']:.2f}"
-                                     for x in r["ranks"]) + " s/step; CPU/wall per rank "
-                        + ", ".join(f"{x['cpu_per_wall']:.2f}" for x in r["ranks"]),
-                        details={**r, **info, "ideal_speedup": ideal}))
+        util = sum(compute_s(x) for x in r["ranks"]) / (p * r["median_s"])
+        label, ideal_text = ("T" if n == 1 else f"T/{n}"), f"ideal {ideal:.2f}"
+        rows.append(row(
+            f"3.k={label}", f"pipe-slicing k={label}", config=f"{cfg}; k={r['k']}",
+            metric="speedup vs k=T (best step)",
+            value=base["best_s"] / r["best_s"] if base else None,
+            target=Target(">=", 1.6, note=ideal_text) if n == 8 else None,
+            reference=ideal_text,
+            notes=f"step {r['best_s']:.2f} s (median {r['median_s']:.2f}); busiest rank computes "
+            f"{max(compute_s(x) for x in r['ranks']):.2f} s/step; utilisation {util:.2f} (ideal "
+            f"{n / (n + p - 1):.2f}); stages {r['layout']['stage_layers']} computing "
+            + " / ".join(f"{compute_s(x):.2f}" for x in r["ranks"]) + " s/step; CPU/wall per "
+            "rank " + ", ".join(f"{x['cpu_per_wall']:.2f}" for x in r["ranks"]),
+            details={**r, **info, "ideal_speedup": ideal}))
     return rows
 
 
-def bench_dp(ctx):
-    m, b, T = ctx["pipe_model"], ctx["pipe_B"], ctx["pipe_T"]
-    warm, steps, rounds = (1, 2, 1) if ctx["quick"] else (1, 2, 2)
-    cfg = (f"{model_name(m)}, T={T}, {b} sequences per rank, pp=1 M=1, 1 thread/rank, "
+def bench_dp(run):
+    s, b = run.pipe, run.pipe.B  # b sequences per rank
+    warm, steps, rounds = (1, 2, 1) if run.quick else (1, 2, 2)
+    cfg = (f"{s.model_name}, T={s.T}, {b} sequences per rank, pp=1 M=1, 1 thread/rank, "
            f"{rounds} alternating round(s) of warm-up {warm} + {steps} steps")
     raw, rows = {1: [], 2: []}, []
     for _ in range(rounds):
         for dp in (1, 2):
-            flags = model_flags(m) + ["--B", str(b * dp), "--T", str(T), "--pp", "1", "--dp",
-                                      str(dp), "--M", "1", "--warmup", str(warm), "--steps",
-                                      str(steps), "--label", f"dp{dp}"]
+            flags = s.model_flags() + ["--B", str(b * dp), "--T", str(s.T), "--pp", "1", "--dp",
+                                       str(dp), "--M", "1", "--warmup", str(warm), "--steps",
+                                       str(steps), "--label", f"dp{dp}"]
             try:
-                (r,), info = pipe_run(ctx, dp, flags, 600 if not ctx["quick"] else 180, f"dp={dp}")
+                (r,), info = pipe_run(run, dp, flags, timeout=180 if run.quick else 600,
+                                      what=f"dp={dp}")
                 raw[dp].append({**r, **info})
             except SubprocessFailed as e:
                 rows.append(error_row(f"4.dp{dp}", f"dp-scaling dp={dp}", cfg, e))
     got = {dp: pool(rs) for dp, rs in raw.items() if rs}
     for dp, r in got.items():
         waits = max(sum(x["wait_s_per_step"].values()) for x in r["ranks"])
-        rows.append(row(f"4.dp{dp}", f"dp-scaling dp={dp} tokens/s", cfg + f"; B={b * dp}",
-                        "tokens/s (best step)", r["tokens_per_s_best"], notes=(
-                            f"step {r['best_s']:.2f} s (median {r['median_s']:.2f}); waiting "
-                            f"{waits:.2f} s/step on the slowest rank; CPU/wall per rank "
-                            + ", ".join(f"{x['cpu_per_wall']:.2f}" for x in r["ranks"])),
-                        details=r))
+        rows.append(row(f"4.dp{dp}", f"dp-scaling dp={dp} tokens/s", config=cfg + f"; B={b * dp}",
+                        metric="tokens/s (best step)", value=r["tokens_per_s_best"],
+                        notes=f"step {r['best_s']:.2f} s (median {r['median_s']:.2f}); waiting "
+                        f"{waits:.2f} s/step on the slowest rank; CPU/wall per rank "
+                        + ", ".join(f"{x['cpu_per_wall']:.2f}" for x in r["ranks"]), details=r))
     if len(got) == 2:
-        ratio = got[2]["tokens_per_s_best"] / got[1]["tokens_per_s_best"]
         med = got[2]["tokens_per_s_median"] / got[1]["tokens_per_s_median"]
-        rows.append(row("4", "dp-scaling 1→2 ranks", cfg, "tokens/s ratio dp=2 ÷ dp=1 (best)",
-                        ratio, target=Target("≥", 1.85), notes=f"median ÷ median {med:.2f}",
-                        details={"others_cpu_frac": max(x.get("others_cpu_frac", 0.0)
-                                                        for x in got.values())}))
+        rows.append(row("4", "dp-scaling 1→2 ranks", config=cfg,
+                        metric="tokens/s ratio dp=2 ÷ dp=1 (best)",
+                        value=got[2]["tokens_per_s_best"] / got[1]["tokens_per_s_best"],
+                        target=Target(">=", 1.85), notes=f"median ÷ median {med:.2f}",
+                        details={"others_cpu_frac": others_max(got.values())}))
     return rows
 
 
-def bench_schedules(ctx):
-    m, T = ctx["pipe_model"], ctx["pipe_T"]
-    M = 4 if ctx["quick"] else 8
-    B = 2 * M  # two sequences per micro-batch
-    k = T // 4
-    warm, steps, rounds = (1, 1, 1) if ctx["quick"] else (1, 2, 2)
-    cfg = (f"{model_name(m)}, B={B} T={T}, pp=2 dp=1 M={M} (b=2), k=T/4={k}, 1 thread/rank, "
+def bench_schedules(run):
+    s = run.pipe
+    M = 4 if run.quick else 8
+    B, k = 2 * M, s.T // 4  # two sequences per micro-batch
+    warm, steps, rounds = (1, 1, 1) if run.quick else (1, 2, 2)
+    cfg = (f"{s.model_name}, B={B} T={s.T}, pp=2 dp=1 M={M} (b=2), k=T/4={k}, 1 thread/rank, "
            f"{rounds} alternating round(s) of warm-up {warm} + {steps} steps, own processes "
            "per schedule")
     raw, rows = {"gpipe": [], "1f1b": []}, []
     for _ in range(rounds):
         for sched in ("gpipe", "1f1b"):
-            flags = model_flags(m) + ["--B", str(B), "--T", str(T), "--pp", "2", "--dp", "1",
-                                      "--M", str(M), "--ks", str(k), "--schedule", sched,
-                                      "--warmup", str(warm), "--steps", str(steps),
-                                      "--track-activations", "--label", sched]
+            flags = s.model_flags() + ["--B", str(B), "--T", str(s.T), "--pp", "2", "--dp", "1",
+                                       "--M", str(M), "--ks", str(k), "--schedule", sched,
+                                       "--warmup", str(warm), "--steps", str(steps),
+                                       "--track-activations", "--label", sched]
             try:
-                (r,), info = pipe_run(ctx, 2, flags, 600 if not ctx["quick"] else 180, sched)
+                (r,), info = pipe_run(run, 2, flags, timeout=180 if run.quick else 600,
+                                      what=sched)
                 raw[sched].append({**r, **info})
             except SubprocessFailed as e:
                 rows.append(error_row(f"5.{sched}", f"schedule {sched}", cfg, e))
-    got = {s: pool(rs) for s, rs in raw.items() if rs}
+    got = {sched: pool(rs) for sched, rs in raw.items() if rs}
     for sched, r in got.items():
-        act = [x["peak_activation_bytes"] / 2**20 for x in r["ranks"]]
-        rss = [x["max_rss_mb"] for x in r["ranks"]]
-        state = [x["state_bytes"] / 2**20 for x in r["ranks"]]
-        rows.append(row(f"5.{sched}.time", f"schedule {sched} step time", cfg, "s (best step)",
-                        r["best_s"], notes=f"median {r['median_s']:.2f} s", details=r))
-        rows.append(row(f"5.{sched}.act", f"schedule {sched} activations held", cfg,
-                        "peak MiB per rank (max over ranks)", max(act),
-                        notes="per rank " + ", ".join(f"{a:.0f}" for a in act)
-                        + " MiB (KV caches + dK/dV + saved slice activations)",
-                        details={"others_cpu_frac": r.get("others_cpu_frac")}))
-        rows.append(row(f"5.{sched}.rss", f"schedule {sched} peak RSS", cfg,
-                        "peak RSS MiB per rank (max over ranks)", max(rss),
-                        notes="per rank " + ", ".join(f"{a:.0f}" for a in rss) + " MiB; params+"
-                        "grads+Adam " + ", ".join(f"{a:.0f}" for a in state) + " MiB",
-                        details={"others_cpu_frac": r.get("others_cpu_frac")}))
+        rows += schedule_rows(sched, cfg, r)
     if len(got) == 2:
-        g, f = got["gpipe"], got["1f1b"]
-        oc = {"others_cpu_frac": max(x.get("others_cpu_frac", 0.0) for x in got.values())}
-        t = f["best_s"] / g["best_s"]
-        a = max(x["peak_activation_bytes"] for x in f["ranks"]) / max(
-            x["peak_activation_bytes"] for x in g["ranks"])
-        r_ = max(x["max_rss_mb"] for x in f["ranks"]) / max(x["max_rss_mb"] for x in g["ranks"])
-        n = T // k
-        # units of (micro-batch, slice) activations stage 0 holds at most
-        pred = min(M * n, n + 2 - 1) / (M * n)  # p = 2 stages
-        rows.append(row("5.time", "1F1B ÷ GPipe step time", cfg, "ratio (best steps)", t,
-                        target=Target("≤", 1.05, note="same bubble"), details=oc))
-        rows.append(row("5.act", "1F1B ÷ GPipe activations held", cfg,
-                        "ratio of peak activation bytes (max rank)", a,
-                        target=Target("<", 1.0, note=f"unit count predicts {pred:.2f}"),
-                        notes="KV caches are allocated per micro-batch for all T, so they do not "
-                        "shrink with slicing", details=oc))
-        rows.append(row("5.rss", "1F1B ÷ GPipe peak RSS", cfg, "ratio of peak RSS (max rank)", r_,
-                        target=Target("<", 1.0), details=oc))
+        rows += schedule_ratio_rows(cfg, got["gpipe"], got["1f1b"], n=s.T // k, M=M)
     return rows
+
+
+def schedule_rows(sched, cfg, r):
+    """Row 5's rows of one schedule: best step, activations held, peak RSS."""
+    act = [x["peak_activation_bytes"] / 2**20 for x in r["ranks"]]
+    rss = [x["max_rss_mb"] for x in r["ranks"]]
+    state = [x["state_bytes"] / 2**20 for x in r["ranks"]]
+    oc = {"others_cpu_frac": r.get("others_cpu_frac")}
+    return [
+        row(f"5.{sched}.time", f"schedule {sched} step time", config=cfg, metric="s (best step)",
+            value=r["best_s"], notes=f"median {r['median_s']:.2f} s", details=r),
+        row(f"5.{sched}.act", f"schedule {sched} activations held", config=cfg,
+            metric="peak MiB per rank (max over ranks)", value=max(act),
+            notes="per rank " + ", ".join(f"{a:.0f}" for a in act)
+            + " MiB (KV caches + dK/dV + saved slice activations)", details=oc),
+        row(f"5.{sched}.rss", f"schedule {sched} peak RSS", config=cfg,
+            metric="peak RSS MiB per rank (max over ranks)", value=max(rss),
+            notes="per rank " + ", ".join(f"{a:.0f}" for a in rss) + " MiB; params+grads+Adam "
+            + ", ".join(f"{a:.0f}" for a in state) + " MiB", details=oc),
+    ]
+
+
+def schedule_ratio_rows(cfg, g, f, *, n, M):
+    """Row 5's 1F1B ÷ GPipe rows (g: GPipe's pooled result, f: 1F1B's; n slices, M
+    micro-batches)."""
+    def peak(r, key):
+        return max(x[key] for x in r["ranks"])
+    oc = {"others_cpu_frac": others_max([g, f])}
+    # units of (micro-batch, slice) activations stage 0 holds at most, p = 2 stages
+    pred = min(M * n, n + 2 - 1) / (M * n)
+    return [
+        row("5.time", "1F1B ÷ GPipe step time", config=cfg, metric="ratio (best steps)",
+            value=f["best_s"] / g["best_s"], target=Target("<=", 1.05, note="same bubble"),
+            details=oc),
+        row("5.act", "1F1B ÷ GPipe activations held", config=cfg,
+            metric="ratio of peak activation bytes (max rank)",
+            value=peak(f, "peak_activation_bytes") / peak(g, "peak_activation_bytes"),
+            target=Target("<", 1.0, note=f"unit count predicts {pred:.2f}"),
+            notes="KV caches are allocated per micro-batch for all T, so they do not shrink "
+            "with slicing", details=oc),
+        row("5.rss", "1F1B ÷ GPipe peak RSS", config=cfg, metric="ratio of peak RSS (max rank)",
+            value=peak(f, "max_rss_mb") / peak(g, "max_rss_mb"), target=Target("<", 1.0),
+            details=oc),
+    ]
 
 
 # ------------------------------------------------------------------------------------------------
 # row 6: parameter bytes per stage
 
-def bench_param_memory(ctx):
+def bench_param_memory(run):
     cfg = "default compute-balanced partition for T=1024, float32"
     try:
-        lines, info = sub(ctx, [python(), "bench/param_memory.py"], 120, "param memory")
+        lines, info = sub(run, [python(), "bench/param_memory.py"], timeout=120,
+                          what="param memory")
     except SubprocessFailed as e:
         return [error_row("6", "param-memory", cfg, e)]
     rows = []
@@ -437,186 +535,191 @@ def bench_param_memory(ctx):
         pp, model = r["pp"], r["model"]
         ideal = 1.0 / pp
         wte = r["wte_bytes"] / r["full_bytes"]
-        rows.append(row(f"6.{model}.pp{pp}", f"param-memory {model} pp={pp}",
-                        f"{model}, {cfg}; stages {r['stage_layers']}",
-                        "max per-rank param bytes ÷ full model", r["max_ratio"],
-                        target=Target("≤", round(1.15 * ideal, 4),
-                                      note=f"1/pp = {ideal:.3f} plus 15 %"),
-                        notes="per stage " + ", ".join(f"{s['ratio']:.3f}" for s in r["stages"])
-                        + f"; mean {r['sum_ratio'] / pp:.3f}; transformer blocks alone: largest "
-                        f"stage {r['max_layer_ratio']:.3f} of them; wte is {wte:.3f} of the model"
-                        + ("" if pp == 1 else f" and held by the first and the last stage, so no "
-                           f"partition gets below (1 + {wte:.3f})/pp = {r['lower_bound']:.3f}"),
-                        details={**r, **info}))
+        rows.append(row(
+            f"6.{model}.pp{pp}", f"param-memory {model} pp={pp}",
+            config=f"{model}, {cfg}; stages {r['stage_layers']}",
+            metric="max per-rank param bytes ÷ full model", value=r["max_ratio"],
+            target=Target("<=", 1.15 * ideal, note=f"1/pp = {ideal:.3f} plus 15 %"),
+            notes="per stage " + ", ".join(f"{x['ratio']:.3f}" for x in r["stages"])
+            + f"; mean {r['sum_ratio'] / pp:.3f}; transformer blocks alone: largest stage "
+            f"{r['max_layer_ratio']:.3f} of them; wte is {wte:.3f} of the model"
+            + ("" if pp == 1 else " and held by the first and the last stage, so no partition "
+               f"gets below (1 + {wte:.3f})/pp = {r['lower_bound']:.3f}"),
+            details={**r, **info}))
     return rows
 
 
 # ------------------------------------------------------------------------------------------------
 # row 7: ZeRO-1 — optimizer memory per rank and exposed communication with / without overlap
 
-def train_run(ctx, n, flags, label, timeout=900, env=None):
-    cmd = [python(), "bench/train_run.py", "-n", str(n), "--label", label, "--"] + flags
-    lines, info = sub(ctx, cmd, timeout, label, env=env)
-    return dict(lines[0], **info)
-
-
-def bench_zero(ctx):
-    steps = "5" if ctx["quick"] else "8"
-    B, T = ("4", "32") if ctx["quick"] else ("8", "64")
-    model = "gpt2-tiny" if ctx["quick"] else "gpt2-124m"
+def bench_zero(run):
+    steps = "5" if run.quick else "8"
+    B, T = ("4", "32") if run.quick else ("8", "64")
+    model = "gpt2-tiny" if run.quick else "gpt2-124m"
     base = ["--model", model, "--batch-size", B, "--seq-len", T, "--steps", steps,
-            "--train-data", "data/tinyshakespeare/tiny_shakespeare_train.bin"]
+            "--train-data", TRAIN_DATA]
     cfg = f"{model} B={B} T={T}, pp=1, 1 thread/rank, {steps} steps (2 warm-up excluded)"
-    rows, got = [], {}
-    for dp in (2, 4):
-        for zero in ("0", "1"):
-            for overlap in (True, False):
-                if dp == 4 and not overlap:
-                    continue
-                label = f"zero{zero} dp{dp}" + ("" if overlap else " no-overlap")
-                flags = base + ["--dp", str(dp), "--zero", zero] + \
-                    ([] if overlap else ["--no-overlap"])
-                try:
-                    got[(dp, zero, overlap)] = r = train_run(ctx, dp, flags, label)
-                except SubprocessFailed as e:
-                    rows.append(error_row(f"7.{label}", label, cfg, e))
-                    continue
-                rows.append(row(f"7.{label}", f"zero/{label} exposed comm", cfg,
-                                "ms per step (median; slowest rank's allreduce + allgather waits)",
-                                r["exposed_comm_ms_median"],
-                                notes=f"step {r['median_step_ms']:.0f} ms median; optimizer "
-                                f"{max(r['optim_bytes']) / 2**20:.1f} MiB per rank", details=r))
+    rows, got = zero_dp_runs(run, base, cfg)
     for dp in (2, 4):
         if (dp, "0", True) in got and (dp, "1", True) in got:
             z0, z1 = got[(dp, "0", True)], got[(dp, "1", True)]
-            ratio = max(z1["optim_bytes"]) / max(z0["optim_bytes"])
-            rows.append(row(f"7.mem.dp{dp}", f"zero/optimizer memory per rank dp={dp}", cfg,
-                            "ZeRO-1 ÷ ZeRO-0 Adam bytes per rank (max rank)", ratio,
-                            target=Target("≈", round(1 / dp, 4), tol=0.01, note="1/dp"),
+            rows.append(row(f"7.mem.dp{dp}", f"zero/optimizer memory per rank dp={dp}",
+                            config=cfg, metric="ZeRO-1 ÷ ZeRO-0 Adam bytes per rank (max rank)",
+                            value=max(z1["optim_bytes"]) / max(z0["optim_bytes"]),
+                            target=Target("~=", 1 / dp, tol=0.01, note="1/dp"),
                             notes=f"{max(z1['optim_bytes']) / 2**20:.1f} vs "
                             f"{max(z0['optim_bytes']) / 2**20:.1f} MiB"))
-    # pp = 2 × dp = 2: the tied wte lives on both stages; ZeRO-1 shards its state over the 4
-    # ranks that hold it, so the world keeps one copy of the optimizer state
-    from mpigpt2.model.config import PRESETS
-    from mpigpt2.model.params import num_parameters
-    full = 2 * 4 * num_parameters(PRESETS[model])  # fp32 m and v of the whole model
-    pcfg = f"{model} B={B} T={T}, pp=2 dp=2 M=2, 1 thread/rank, {steps} steps"
-    for zero in ("0", "1"):
-        label = f"zero{zero} pp2 dp2"
-        try:
-            got[("pp2", zero)] = train_run(ctx, 4, base + ["--pp", "2", "--dp", "2", "--zero", zero,
-                                                      "--microbatches", "2"], label)
-        except SubprocessFailed as e:
-            rows.append(error_row(f"7.{label}", label, pcfg, e))
-    if ("pp2", "1") in got:
-        r1 = got[("pp2", "1")]
-        world, most = sum(r1["optim_bytes"]) / full, max(r1["optim_bytes"]) / full
-        z0 = got.get(("pp2", "0"))
-        # each rank: its stage's parameters but wte ÷ dp, plus wte ÷ (2·dp) (pp 2: both
-        # stages hold wte), two fp32 moments
-        from mpigpt2.model.config import PRESETS as P
-        wte = P[model].padded_vocab_size * P[model].channels * 4
-        expect = [2 * ((pb - wte) / 2 + wte / 4) for pb in r1["param_bytes"]]
-        shares_ok = all(abs(b - e) <= 0.001 * e for b, e in zip(r1["optim_bytes"], expect))
-        rows.append(row("7.mem.pp2dp2", "zero/optimizer memory pp=2 dp=2", pcfg,
-                        "Adam bytes per rank ÷ the model's (max rank)", most,
-                        reference="world total = 1 copy; each rank its stage's share ÷ dp "
-                        "(wte ÷ 2·dp)", target=Target("≈", 1.0, tol=1e-3, note="world total = 1 "
-                                                      "copy; each rank its stage's share ÷ dp "
-                                                      "(wte ÷ 2·dp)"),
-                        judged=world, also=shares_ok,
-                        notes="per rank " + ", ".join(f"{b / full:.3f}" for b in r1["optim_bytes"])
-                        + f" (stage shares follow the compute-balanced partition "
-                        f"{r1['layout']['stage_layers']}); sum over the world {world:.4f} of "
-                        f"the model's" + (f"; ZeRO-0 per rank " + ", ".join(
-                            f"{b / full:.3f}" for b in z0["optim_bytes"]) if z0 else ""),
-                        details=r1))
+    rows += zero_pp2(run, base, model=model,
+                     cfg=f"{model} B={B} T={T}, pp=2 dp=2 M=2, 1 thread/rank, {steps} steps")
     for zero in ("0", "1"):
         a, b = got.get((2, zero, True)), got.get((2, zero, False))
         if a and b and b["exposed_comm_ms_median"] > 0:
-            ratio = a["exposed_comm_ms_median"] / b["exposed_comm_ms_median"]
-            rows.append(row(f"7.overlap.zero{zero}", f"zero/overlap gain zero={zero} dp=2", cfg,
-                            "exposed comm with overlap ÷ without", ratio, target=Target("<", 1.0),
+            rows.append(row(f"7.overlap.zero{zero}", f"zero/overlap gain zero={zero} dp=2",
+                            config=cfg, metric="exposed comm with overlap ÷ without",
+                            value=a["exposed_comm_ms_median"] / b["exposed_comm_ms_median"],
+                            target=Target("<", 1.0),
                             notes=f"{a['exposed_comm_ms_median']:.1f} vs "
                             f"{b['exposed_comm_ms_median']:.1f} ms; steps "
                             f"{a['median_step_ms']:.0f} vs {b['median_step_ms']:.0f} ms"))
     return rows
 
 
+def zero_dp_runs(run, base, cfg):
+    """Row 7 at pp=1: dp 2 with and without overlap, dp 4 with; both zero modes. Returns the
+    exposed-communication rows and the summaries by (dp, zero, overlap)."""
+    rows, got = [], {}
+    for dp in (2, 4):
+        for zero in ("0", "1"):
+            for overlap in (True, False) if dp == 2 else (True,):
+                label = f"zero{zero} dp{dp}" + ("" if overlap else " no-overlap")
+                flags = base + ["--dp", str(dp), "--zero", zero]
+                flags += [] if overlap else ["--no-overlap"]
+                try:
+                    got[(dp, zero, overlap)] = r = train_run(run, dp, flags, label=label)
+                except SubprocessFailed as e:
+                    rows.append(error_row(f"7.{label}", label, cfg, e))
+                    continue
+                rows.append(row(f"7.{label}", f"zero/{label} exposed comm", config=cfg,
+                                metric="ms per step (median; slowest rank's allreduce + "
+                                "allgather waits)", value=r["exposed_comm_ms_median"],
+                                notes=f"step {r['median_step_ms']:.0f} ms median; optimizer "
+                                f"{max(r['optim_bytes']) / 2**20:.1f} MiB per rank", details=r))
+    return rows, got
+
+
+def zero_pp2(run, base, *, model, cfg):
+    """Row 7 at pp = 2 × dp = 2: the tied wte lives on both stages; ZeRO-1 shards its state over
+    the 4 ranks that hold it, so the world keeps one copy of the optimizer state."""
+    from mpigpt2.model.config import PRESETS
+    from mpigpt2.model.params import num_parameters
+    rows, got = [], {}
+    for zero in ("0", "1"):
+        label = f"zero{zero} pp2 dp2"
+        flags = base + ["--pp", "2", "--dp", "2", "--zero", zero, "--microbatches", "2"]
+        try:
+            got[zero] = train_run(run, 4, flags, label=label)
+        except SubprocessFailed as e:
+            rows.append(error_row(f"7.{label}", label, cfg, e))
+    if "1" not in got:
+        return rows
+    r1, z0 = got["1"], got.get("0")
+    full = 2 * 4 * num_parameters(PRESETS[model])  # fp32 m and v of the whole model
+    world = sum(r1["optim_bytes"]) / full
+    # each rank: its stage's parameters but wte ÷ dp, plus wte ÷ (2·dp) (pp 2: both stages
+    # hold wte), two fp32 moments
+    wte = PRESETS[model].padded_vocab_size * PRESETS[model].channels * 4
+    expect = [2 * ((pb - wte) / 2 + wte / 4) for pb in r1["param_bytes"]]
+    worst = max(abs(b - e) / e for b, e in zip(r1["optim_bytes"], expect))
+    rows.append(row(
+        "7.mem.pp2dp2", "zero/optimizer memory pp=2 dp=2", config=cfg,
+        metric="Adam bytes per rank ÷ the model's (max rank)",
+        value=max(r1["optim_bytes"]) / full,
+        checks=[(Target("~=", 1.0, tol=1e-3, on="world total", note="1 copy"), world),
+                (Target("<=", 1e-3, on="each rank vs its stage's share ÷ dp (wte ÷ 2·dp), rel. "
+                        "error"), worst)],
+        notes="per rank " + ", ".join(f"{b / full:.3f}" for b in r1["optim_bytes"])
+        + " (stage shares follow the compute-balanced partition "
+        f"{r1['layout']['stage_layers']}); sum over the world {world:.4f} of the model's"
+        + ("; ZeRO-0 per rank " + ", ".join(f"{b / full:.3f}" for b in z0["optim_bytes"])
+           if z0 else ""),
+        details=r1))
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------
 # row 8: --slice-tokens auto — its predicted step time against the measured one
 
-def bench_autotune(ctx):
-    m, B, T = ctx["pipe_model"], ctx["pipe_B"], ctx["pipe_T"]
-    steps = "5" if ctx["quick"] else "8"
+def bench_autotune(run):
+    steps = "5" if run.quick else "8"
     cfg = f"gpt2-tiny, B=8 T=64, pp=2 dp=1 M=2, --slice-tokens auto, {steps} steps"
     flags = ["--model", "gpt2-tiny", "--batch-size", "8", "--seq-len", "64", "--steps", steps,
              "--pp", "2", "--microbatches", "2", "--slice-tokens", "auto",
-             "--train-data", "data/tinyshakespeare/tiny_shakespeare_train.bin"]
+             "--train-data", TRAIN_DATA]
     try:
-        r = train_run(ctx, 2, flags, "autotune")
+        r = train_run(run, 2, flags, label="autotune")
     except SubprocessFailed as e:
         return [error_row("8", "autotune", cfg, e)]
     tuned = r["autotune"] or {}
     pred = tuned.get("predicted_step_ms")
-    ratio = r["median_step_ms"] / pred if pred else None
-    return [row("8", "autotune prediction vs measurement", cfg + f"; chose k={tuned.get('slice_tokens')}",
-                "measured ÷ predicted step time", ratio,
-                reference="≈ 1 (compute-only prediction)", notes=f"predicted {pred} ms, measured {r['median_step_ms']:.1f} ms median; candidates "
-                + ", ".join(f"k={c['k']}: {c['predicted_step_ms']:.0f}"
-                            for c in tuned.get("candidates", [])), details=r)]
+    return [row("8", "autotune prediction vs measurement",
+                config=cfg + f"; chose k={tuned.get('slice_tokens')}",
+                metric="measured ÷ predicted step time",
+                value=r["median_step_ms"] / pred if pred else None,
+                reference="≈ 1 (compute-only prediction)",
+                notes=f"predicted {pred} ms, measured {r['median_step_ms']:.1f} ms median; "
+                "candidates " + ", ".join(f"k={c['k']}: {c['predicted_step_ms']:.0f}"
+                                          for c in tuned.get("candidates", [])),
+                details=r)]
 
 
 # ------------------------------------------------------------------------------------------------
 # row 9: more ranks than cores (the default `mpirun -n 8` on 2 cores) stays efficient
 
-def bench_oversubscribed(ctx):
-    steps = "5" if ctx["quick"] else "8"
-    B = "16"
-    base = ["--model", "gpt2-tiny", "--batch-size", B, "--seq-len", "64", "--steps", steps,
-            "--train-data", "data/tinyshakespeare/tiny_shakespeare_train.bin"]
+BLOCKING = {"MPIGPT2_BLOCKING_WAITS": "1"}
+PP4 = ["--pp", "4", "--microbatches", "4", "--slice-tokens", "16"]
+# polled ÷ blocking waits: (run id, layout, target, why)
+POLLING = [("n8.pp4", "pp 4 × dp 2", Target(">", 1.0),
+            "waiting stages spin on the cores the computing stage needs"),
+           ("n8", "dp 8", None, "in pure data parallelism every rank waits in the same "
+            "collective, where spinning costs little")]
+
+
+def bench_oversubscribed(run):
+    steps, B = ("5" if run.quick else "8"), 16
+    base = ["--model", "gpt2-tiny", "--batch-size", str(B), "--seq-len", "64", "--steps", steps,
+            "--train-data", TRAIN_DATA]
     cfg = f"gpt2-tiny B={B} T=64, {steps} steps (2 warm-up excluded), {os.cpu_count()} cores"
-    pp4 = ["--pp", "4", "--microbatches", "4", "--slice-tokens", "16"]
-    blocking = {"MPIGPT2_BLOCKING_WAITS": "1"}
     runs = [("n1", 1, ["--threads", str(os.cpu_count() or 1)], None),
-            ("n2", 2, ["--dp", "2"], None),
-            ("n8", 8, [], None),
-            ("n8.blocking", 8, [], blocking),
-            ("n8.pp4", 8, pp4, None),
-            ("n8.pp4.blocking", 8, pp4, blocking)]
-    rows, got = [], {}
+            ("n2", 2, ["--dp", "2"], None), ("n8", 8, [], None), ("n8.blocking", 8, [], BLOCKING),
+            ("n8.pp4", 8, PP4, None), ("n8.pp4.blocking", 8, PP4, BLOCKING)]
+    rows, tps = [], {}
     for rid, n, flags, env in runs:
         what = f"{n} rank(s) {' '.join(flags) or 'default layout'}" + (
             ", MPICH's blocking waits" if env else "")
         try:
-            got[rid] = r = train_run(ctx, n, base + flags, rid, env=env)
+            r = train_run(run, n, base + flags, label=rid, env=env)
         except SubprocessFailed as e:
             rows.append(error_row(f"9.{rid}", rid, cfg, e))
             continue
-        tps = int(B) * 64 / (r["best_step_ms"] / 1000)
-        rows.append(row(f"9.{rid}", f"oversubscribed/{what}", cfg, "tokens/s (best step)", tps,
+        tps[rid] = B * 64 / (r["best_step_ms"] / 1000)
+        rows.append(row(f"9.{rid}", f"oversubscribed/{what}", config=cfg,
+                        metric="tokens/s (best step)", value=tps[rid],
                         notes=f"layout pp {r['layout']['pp']} × dp {r['layout']['dp']}; median "
-                        f"step {r['median_step_ms']:.0f} ms", details=r))
-        r["tps"] = tps
-    if "n8" in got and "n2" in got:
-        ratio = got["n8"]["tps"] / got["n2"]["tps"]
-        rows.append(row("9", "oversubscribed/8 ranks ÷ 2 ranks on 2 cores", cfg,
-                        "tokens/s ratio (best steps)", ratio,
-                        notes="no target: dp 8 repeats the whole AdamW update on every replica (8× "
-                        "the update work of one rank on the same 2 cores) and allreduces over 8 "
-                        "ranks; whether waiting wastes cores is what the polled ÷ blocking rows "
-                        "measure"))
-    for rid, what, target in (("n8.pp4", "pp 4 × dp 2", True), ("n8", "dp 8", False)):
-        if rid in got and rid + ".blocking" in got:
-            ratio = got[rid]["tps"] / got[rid + ".blocking"]["tps"]
+                        f"step {r['median_step_ms']:.0f} ms", details={**r, "tps": tps[rid]}))
+    if "n8" in tps and "n2" in tps:
+        rows.append(row("9", "oversubscribed/8 ranks ÷ 2 ranks on 2 cores", config=cfg,
+                        metric="tokens/s ratio (best steps)", value=tps["n8"] / tps["n2"],
+                        notes="no target: dp 8 repeats the whole AdamW update on every replica "
+                        "(8× the update work of one rank on the same 2 cores) and allreduces "
+                        "over 8 ranks; whether waiting wastes cores is what the polled ÷ "
+                        "blocking rows measure"))
+    for rid, what, target, why in POLLING:
+        if rid in tps and rid + ".blocking" in tps:
             rows.append(row(f"9.polling.{rid}", f"oversubscribed/polled ÷ blocking waits, {what}",
-                            cfg, "tokens/s ratio (best steps)", ratio,
-                            target=Target(">", 1.0) if target else None,
+                            config=cfg, metric="tokens/s ratio (best steps)",
+                            value=tps[rid] / tps[rid + ".blocking"], target=target,
                             notes="MPIGPT2_BLOCKING_WAITS=1 switches every wait to MPICH's "
-                            "busy-spinning Waitall (diagnostic only); " + (
-                                "waiting stages spin on the cores the computing stage needs"
-                                if target else "in pure data parallelism every rank waits in "
-                                "the same collective, where spinning costs little")))
+                            "busy-spinning Waitall (diagnostic only); " + why))
     return rows
 
 
@@ -639,7 +742,7 @@ def fmt_value(r):
     return str(v)
 
 
-def write_markdown(path, rows, machine, mline, meta):
+def write_markdown(path, rows, *, machine, meta):
     m = machine
     lines = [
         f"# mpigpt2 benchmarks ({'quick' if meta['quick'] else 'full'} mode)",
@@ -655,25 +758,26 @@ def write_markdown(path, rows, machine, mline, meta):
         f"({m['cores_usable']} usable); Python {m['python']}; numpy {m['numpy']} with "
         f"{m['blas']['internal_api']} {m['blas']['version']} (kernels {m['blas']['architecture']}, "
         f"{m['blas']['threading_layer']}); torch {m['torch']}; {m['mpi']}; environment "
-        + ", ".join(f"{k}={v}" for k, v in m["env"].items()) + f"; load average at start "
+        + ", ".join(f"{k}={v}" for k, v in m["env"].items()) + "; load average at start "
         + ", ".join(f"{x:.2f}" for x in m["loadavg_start"]) + ".",
         "",
         f"**Other load:** the machine is shared; other processes used on average "
-        f"{100 * meta['others_cpu_frac_mean']:.0f} % (max {100 * meta['others_cpu_frac_max']:.0f} %) "
-        "of the CPUs while the sub-benchmarks ran (from /proc/stat minus this suite's own CPU "
-        "time; column *others' CPU*, and `details.others_cpu_frac` in results.json). "
-        f"Before each measurement the suite waited for that load to fall below "
-        f"{100 * QUIET_THRESHOLD:.0f} % (at most {meta['quiet']['budget_s']:.0f} s in total; "
-        f"waited {meta['quiet']['waited_s']:.0f} s).",
+        f"{100 * meta['others_cpu_frac_mean']:.0f} % (max "
+        f"{100 * meta['others_cpu_frac_max']:.0f} %) of the CPUs while the sub-benchmarks ran "
+        "(from /proc/stat minus this suite's own CPU time; column *others' CPU*, and "
+        "`details.others_cpu_frac` in results.json). Before each measurement the suite waited "
+        f"for that load to fall below {100 * QUIET_THRESHOLD:.0f} % (at most "
+        f"{meta['quiet']['budget_s']:.0f} s in total; waited {meta['quiet']['waited_s']:.0f} s).",
         "",
         "| # | name | config | metric | value | target | met | notes | others' CPU | machine |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    short = machine_short(machine)
     for r in rows:
         met = "—" if r["met"] is None else ("yes" if r["met"] else "**no**")
         oc = r["details"].get("others_cpu_frac")
         cells = [r["id"], r["name"], r["config"], r["metric"], fmt_value(r), r["target"] or "",
-                 met, r["notes"], "" if oc is None else f"{100 * oc:.0f} %", mline]
+                 met, r["notes"], "" if oc is None else f"{100 * oc:.0f} %", short]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ")
                                        for c in cells) + " |")
     lines.append("")
@@ -681,7 +785,7 @@ def write_markdown(path, rows, machine, mline, meta):
     atomic_write_text(path, "\n".join(lines))
 
 
-def main():
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small configs, ≲ 2 minutes")
@@ -694,55 +798,61 @@ def main():
                     help="extra environment for every sub-benchmark (repeatable), e.g. "
                          "MALLOC_MMAP_THRESHOLD_=33554432; recorded in results.md")
     ap.add_argument("--only", default=None, help="comma-separated row groups, e.g. 0,3,6")
-    args = ap.parse_args()
-    machine = machine_info()
-    mline_short = (f"{machine['cpu']['model_name']} ×{machine['cores']}, numpy {machine['numpy']}"
-                   f", {machine['blas']['internal_api']} {machine['blas']['version']} "
-                   f"[{machine['blas']['architecture']}]")
-    log(machine_line(machine))
-    # the run's context, passed to every row group: sizes, --env, the quiet-wait budget
-    ctx = {"quick": args.quick, "env": dict(kv.split("=", 1) for kv in args.env),
-           "quiet": {"waited_s": 0.0}}
-    ctx["quiet"]["budget_s"] = args.quiet_budget if args.quiet_budget is not None else (
-        0.0 if args.quick else 150.0)
-    if args.quick:
-        ctx.update(pipe_model={"L": 4, "NH": 8, "C": 512, "V": 8192}, pipe_B=4, pipe_T=128)
-    else:
-        # two stages of equal cost (5 layers + embedding | 4 layers + a 6400-row head), so that
-        # row 3 measures slicing, not partition imbalance (its ideal 16/9 assumes equal stages)
-        ctx.update(pipe_model={"L": 9, "NH": 8, "C": 512, "V": 6400}, pipe_B=8, pipe_T=256)
-    only = set(args.only.split(",")) if args.only else None
+    return ap.parse_args(argv)
+
+
+def make_run(args):
+    """The run's context from the command line."""
+    budget = args.quiet_budget
+    if budget is None:
+        budget = 0.0 if args.quick else 150.0
+    return Run(quick=args.quick, env=dict(kv.split("=", 1) for kv in args.env),
+               quiet=QuietWait(budget_s=budget), pipe=PIPE_QUICK if args.quick else PIPE_FULL)
+
+
+def run_groups(run, only):
+    """Every row group (or those in `only`), in order; a group that crashes becomes an error
+    row, so that a bug in the suite itself does not lose the other rows."""
     rows = []
     for gid, fn in BENCHES:
         if only and gid not in only:
             continue
         log(f"row group {gid}: {fn.__name__}")
         try:
-            rows += fn(ctx)
-        except Exception as e:  # a bug in the suite itself must not lose the other rows
+            rows += fn(run)
+        except Exception as e:  # noqa: BLE001
             import traceback
             traceback.print_exc()
             rows.append(error_row(gid, fn.__name__, "", f"{type(e).__name__}: {e}"))
-    full_line = machine_line(machine)
-    fracs = [r["details"].get("others_cpu_frac") for r in rows
+    return rows
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    machine = machine_info()
+    log(machine_line(machine))
+    run = make_run(args)
+    rows = run_groups(run, set(args.only.split(",")) if args.only else None)
+    fracs = [r["details"]["others_cpu_frac"] for r in rows
              if r["details"].get("others_cpu_frac") is not None]
-    meta = {"quick": args.quick, "extra_env": ctx["env"], "quiet": ctx["quiet"], "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    meta = {"quick": run.quick, "extra_env": run.env, "quiet": dataclasses.asdict(run.quiet),
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "wall_s": time.perf_counter() - T0,
             "others_cpu_frac_mean": sum(fracs) / len(fracs) if fracs else 0.0,
             "others_cpu_frac_max": max(fracs) if fracs else 0.0}
+    for r in rows:  # every row names the machine and the run it came from
+        r["machine"] = machine_line(machine)
+        r["run"] = meta
     out = os.path.abspath(args.out)
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    for r in rows:  # every row names the machine and the run it came from
-        r["machine"] = full_line
-        r["run"] = meta
     from mpigpt2.formats.atomic import atomic_write_text
     atomic_write_text(out, json.dumps(rows, indent=1, default=str))
     md = os.path.splitext(out)[0] + ".md"
-    write_markdown(md, rows, machine, mline_short, meta)
+    write_markdown(md, rows, machine=machine, meta=meta)
     log(f"wrote {out} and {md} ({len(rows)} rows, {meta['wall_s']:.0f} s)")
-    bad = [r for r in rows if r["met"] is False]
-    for r in bad:
-        log(f"  target not met: {r['id']} {r['name']}: {fmt_value(r)} (target {r['target']})")
+    for r in rows:
+        if r["met"] is False:
+            log(f"  target not met: {r['id']} {r['name']}: {fmt_value(r)} (target {r['target']})")
     return 0
 
 
