@@ -5,7 +5,6 @@ bad flag ends every rank with one line and status 2.
 """
 
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Optional
 
@@ -16,6 +15,7 @@ from mpigpt2.formats.data import DataLoader
 from mpigpt2.formats.models import load_config
 from mpigpt2.model.config import GPTConfig
 from mpigpt2.options import check_args
+from mpigpt2.outputs import check_out_dir, check_writable
 from mpigpt2.parallel import layout as lay
 
 DEFAULT_VAL = "data/tinyshakespeare/tiny_shakespeare_val.bin"
@@ -60,10 +60,11 @@ def plan(args, world, ranks_per_node=1):
     notes = []
     val = validation_loader(args, cfg, notes)
     resume = find_resume(args, cfg, train, notes) if args.resume else None
-    check_writable(args.out_dir, "--out-dir")
+    check_out_dir(args.out_dir)
     if args.save:
-        if os.path.isdir(args.save):
-            raise UserError(f"--save {args.save} is a directory; give a file name like model.bin")
+        if os.path.lexists(args.save) and not os.path.isfile(args.save):
+            raise UserError(f"--save {args.save} exists and is not a regular file; give a file "
+                            f"name like model.bin")
         check_writable(os.path.dirname(os.path.abspath(args.save)), "--save")
     return Plan(cfg, layout, train, val, resume, notes)
 
@@ -104,17 +105,3 @@ def find_resume(args, cfg, train, notes):
                      f"continued run will differ from an uninterrupted one")
     train.set_state(state["data"]["loader"])
     return rs.Resume(path, state)
-
-
-def check_writable(path, flag):
-    """path (a directory, maybe not yet created) can be created and written; nothing made."""
-    p = os.path.abspath(path)
-    while not os.path.exists(p):
-        p = os.path.dirname(p)
-    try:
-        if not os.path.isdir(p):
-            raise OSError
-        with tempfile.TemporaryFile(dir=p):  # access() says yes to root even on /proc
-            pass
-    except OSError:
-        raise UserError(f"{flag} {path}: {p} is not a writable directory")

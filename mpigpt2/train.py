@@ -18,10 +18,10 @@ import numpy as np
 from mpi4py import MPI
 from threadpoolctl import threadpool_limits
 
-from mpigpt2 import faults
+from mpigpt2 import faults, outputs
 from mpigpt2.base import malloc
 from mpigpt2.base.errors import run_cli
-from mpigpt2.formats import checkpoint as ck
+from mpigpt2.formats import checkpoint as ck, lineage
 from mpigpt2.formats.llmc import write_model
 from mpigpt2.formats.models import load_stage_params
 from mpigpt2.model.config import PRESETS
@@ -122,6 +122,7 @@ class Run:
     peak: tuple = (0.0, "")        # (GFLOP/s per core, source), rank 0 only
     cores: int = 1
     history: list = dataclasses.field(default_factory=list)
+    lineage: list = None           # this session's checkpoint lineage, rank 0 only
     val_done_at_start: bool = False
 
     @property
@@ -178,13 +179,11 @@ def open_outputs(run, threads, ranks_per_node, tuned):
                   "threads_per_rank": threads, "args": vars(args)}
         if tuned is not None:
             config["autotune"] = tuned
+        run.lineage = lineage.new_session(plan.resume and plan.resume.state, plan.start_step)
+        plan.notes += outputs.keep_earlier(args.out_dir, plan.resume and plan.resume.state,
+                                           run.lineage)
         run.log = RunLog(args.out_dir, config, plan.start_step)
         kept_val = run.log.validated_at(plan.start_step) if plan.start_step else False
-        if plan.resume is None:
-            moved = ck.move_aside(os.path.join(args.out_dir, ck.SUBDIR))
-            if moved:
-                run.print0(f"note: {args.out_dir} held checkpoints of an earlier run (not "
-                           f"resumed): moved them to {moved}")
     # validation done at start_step before the interruption (it follows the checkpoint); a
     # polled broadcast: rank 0 may still be probing the matmul peak
     flag = np.array([kept_val], dtype=np.int8)
@@ -338,7 +337,7 @@ def save_checkpoint(run, step):
             return None
         state = {"model": plan.cfg.as_dict(), "dtype": args.dtype,
                  "batch_size": args.batch_size, "seq_len": args.seq_len, "seed": args.seed,
-                 "layout": plan.layout.as_dict(), "args": vars(args),
+                 "layout": plan.layout.as_dict(), "args": vars(args), "lineage": run.lineage,
                  "data": {"train": ck.data_identity(plan.train.paths),
                           "loader": plan.train.state()}}
         path = ck.write(os.path.join(args.out_dir, ck.SUBDIR), step, plan.cfg, params, m, v,

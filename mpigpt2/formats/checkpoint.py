@@ -3,8 +3,9 @@
 OUT/checkpoints/step_00000010/ holds model.bin (fp32, loadable by llm.c and by --model),
 adam_m.bin and adam_v.bin (the Adam moments in the same tensor layout as the model, so they are
 keyed by parameter name and offset, not by rank), params64.bin for float64 runs, state.json
-(step, data position, seed, resolved config, sizes and sha256 of every file) and DONE, the
-completion marker. Files are written into a hidden temp directory, fsynced, then DONE, then the
+(step, data position, seed, resolved config, lineage, sizes and sha256 of every file) and DONE,
+the completion marker, which holds the step and the sha256 of state.json (so state.json is
+covered too). Files are written into a hidden temp directory, fsynced, then DONE, then the
 directory is renamed into place: a checkpoint without DONE never counts.
 (docs/design.md#checkpoints)
 """
@@ -15,6 +16,8 @@ import os
 import shutil
 
 from mpigpt2.base.errors import UserError
+from mpigpt2.base.files import open_regular
+from mpigpt2.formats import lineage as lin
 from mpigpt2.formats.atomic import atomic_write_text, publish_dir
 from mpigpt2.formats.llmc import write_model, read_header, load_params
 
@@ -51,7 +54,8 @@ def sha256(path):
 
 
 def write(root, step, cfg, params, m, v, state, keep, fp64):
-    """Write one checkpoint from global tensors (rank 0 only); prune to the newest keep.
+    """Write one checkpoint from global tensors (rank 0 only); prune the run's own lineage
+    (state["lineage"]) to its newest keep; other checkpoints are never touched.
 
     Raises UserError (after removing the partial temp directory) if the disk refuses.
     """
@@ -70,29 +74,26 @@ def write(root, step, cfg, params, m, v, state, keep, fp64):
             name: {"bytes": os.path.getsize(os.path.join(tmp, name)),
                    "sha256": sha256(os.path.join(tmp, name))} for name in files})
         atomic_write_text(os.path.join(tmp, "state.json"), json.dumps(state, indent=1))
-        atomic_write_text(os.path.join(tmp, DONE), f"{step}\n")
+        atomic_write_text(os.path.join(tmp, DONE),
+                          f"{step} {sha256(os.path.join(tmp, 'state.json'))}\n")
         publish_dir(tmp, final)  # a repeated step: the old one stays until the new is in place
     except (OSError, UserError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         what = getattr(e, "strerror", None) or str(e)
         raise UserError(f"checkpoint {final} could not be written ({what}); earlier checkpoints "
                         f"are untouched — free space or fix --out-dir and resume")
-    for _, old in complete(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    prune(root, state["lineage"], keep)
     return final
 
 
-def move_aside(root):
-    """A fresh run (no --resume) into a directory holding complete checkpoints of an earlier
-    run: move them to root.prev-N so that neither pruning nor a later --resume auto mixes
-    the two runs, and nothing is lost. Returns the new path, or None if there was nothing."""
-    if not complete(root):
-        return None
-    n = 1
-    while os.path.exists(f"{root}.prev-{n}"):
-        n += 1
-    os.replace(root, f"{root}.prev-{n}")
-    return f"{root}.prev-{n}"
+def prune(root, lineage, keep):
+    """Delete all but the newest `keep` complete checkpoints of this lineage (0: keep all)."""
+    if keep <= 0:
+        return
+    mine = [path for _, path in complete(root)
+            if lin.belongs(lineage, lin.read_state_quietly(path))]
+    for old in mine[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def find(out_dir, resume):
@@ -115,8 +116,8 @@ def read_state(path):
     try:
         if os.path.getsize(sp) > MAX_STATE_BYTES:
             raise UserError(f"{sp} is implausibly large; not a mpigpt2 checkpoint")
-        with open(sp, encoding="utf-8") as f:
-            state = json.load(f)
+        with open_regular(sp, "checkpoint state", "rb") as f:
+            state = json.loads(f.read(MAX_STATE_BYTES + 1).decode("utf-8"))
     except (OSError, ValueError) as e:
         raise UserError(f"checkpoint state {sp} is unreadable ({e}); pick another checkpoint")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
@@ -125,6 +126,7 @@ def read_state(path):
         raise UserError(f"{sp} has checkpoint version {state.get('version')}; this mpigpt2 "
                         f"reads version {VERSION}")
     _check_schema(state, sp)
+    _check_done(path, state)
     for name, info in state["files"].items():
         fp = os.path.join(path, name)
         if not os.path.exists(fp) or os.path.getsize(fp) != info["bytes"]:
@@ -135,6 +137,26 @@ def read_state(path):
             raise UserError(f"checkpoint file {fp} holds a different model shape than its "
                             f"state.json; the checkpoint is damaged")
     return state
+
+
+def _check_done(path, state):
+    """DONE holds the step and the sha256 of state.json (older checkpoints: the step alone);
+    both, and a step_N directory name, must agree with state.json."""
+    sp, dp = os.path.join(path, "state.json"), os.path.join(path, DONE)
+    try:
+        with open_regular(dp, "checkpoint marker", "rb") as f:
+            words = f.read(200).decode("ascii").split()
+    except (OSError, ValueError):
+        words = []
+    step = state["step"]
+    if not words or words[0] != str(step) or len(words) > 2 or \
+            (len(words) == 2 and words[1] != sha256(sp)):
+        raise UserError(f"{sp} does not match its {DONE} marker (edited or damaged: step or "
+                        f"sha256 differ); the checkpoint is damaged — resume from another one")
+    name = os.path.basename(os.path.normpath(path))
+    if name.startswith("step_") and name[5:].isdigit() and int(name[5:]) != step:
+        raise UserError(f"checkpoint {path} holds step {step}, not the step its name says; "
+                        f"it was renamed or edited — resume from another one")
 
 
 FILE_NAMES = ("model.bin", "adam_m.bin", "adam_v.bin", "params64.bin")
@@ -172,6 +194,13 @@ def _check_schema(state, sp):
         bad("data must hold the train file list and the loader's epoch, shard and position")
     if "args" in state and not isinstance(state["args"], dict):
         bad("args must be an object")
+    if "seed" in state and not (isinstance(state["seed"], int) and
+                                not isinstance(state["seed"], bool)):
+        bad("seed must be an integer")
+    if "layout" in state and not isinstance(state["layout"], dict):
+        bad("layout must be an object")
+    if "lineage" in state and not lin.valid(state["lineage"]):
+        bad("lineage must be a list of [session id, start step] pairs")
 
 
 def verify_hashes(path, state):

@@ -1,6 +1,7 @@
 """Malformed checkpoints and resume mismatches: one line naming the file or flag, exit 2,
 no traceback, nothing written, earlier checkpoints untouched."""
 
+import hashlib
 import json
 import shutil
 
@@ -20,10 +21,19 @@ def saved(tmp_path_factory, shards):
     return out
 
 
-def edit_json(path, fn):
+def edit_json(path, fn, reseal=True):
+    """Edit state.json; reseal=True also writes its new sha256 into DONE (as a consistent
+    forgery would), so that the checks behind the DONE marker's are reached."""
     d = json.loads(path.read_text())
     fn(d)
     path.write_text(json.dumps(d))
+    if reseal:
+        sha = hashlib.sha256(path.read_bytes()).hexdigest()
+        (path.parent / "DONE").write_text(f"{d.get('step')} {sha}\n")
+
+
+def rename(o, new):
+    (o / CK).rename(o / "checkpoints" / new)
 
 
 def flip_byte(path, offset=5000):
@@ -69,6 +79,20 @@ CASES = [
     ("state loader position", lambda o: edit_json(o / CK / "state.json", lambda d: d["data"][
         "loader"].update(position=7)), [], "does not fit these shards"),
     ("other data order", lambda o: None, ["--shuffle"], "the data order would change"),
+    ("state step edited", lambda o: edit_json(o / CK / "state.json", lambda d: d.update(step=1),
+                                              reseal=False), [], "does not match its DONE"),
+    ("state lr edited", lambda o: edit_json(o / CK / "state.json", lambda d: d["args"].update(
+        lr=1.0), reseal=False), [], "does not match its DONE"),
+    ("DONE emptied", lambda o: (o / CK / "DONE").write_text(""), [], "does not match its DONE"),
+    ("DONE other step", lambda o: (o / CK / "DONE").write_text("3\n"), [],
+     "does not match its DONE"),
+    ("dir renamed", lambda o: rename(o, "step_00000003"), [], "not the step its name says"),
+    ("state step resealed", lambda o: edit_json(o / CK / "state.json", lambda d: d.update(
+        step=1)), [], "not the step its name says"),
+    ("state seed text", lambda o: edit_json(o / CK / "state.json", lambda d: d.update(
+        seed="abc")), [], "seed must be an integer"),
+    ("state lineage bad", lambda o: edit_json(o / CK / "state.json", lambda d: d.update(
+        lineage=[["x", 5]])), [], "lineage must be"),
 ]
 
 
@@ -119,13 +143,19 @@ def test_changed_hyperparameters_are_named(tmp_path, shards, saved):
     assert "changed hyperparameters (--lr 0.0001 -> 0.0005)" in r.stdout, r.stdout
 
 
-def test_fresh_run_moves_earlier_checkpoints_aside(tmp_path, shards, saved):
-    """Without --resume, checkpoints of an earlier run in --out-dir are kept, not mixed in."""
+def test_fresh_run_moves_earlier_run_aside(tmp_path, shards, saved):
+    """Without --resume, an earlier run's checkpoints, metrics.jsonl and config.json in
+    --out-dir are kept (moved to OUT/prev-1), not mixed in or overwritten."""
     out = tmp_path / "out"
     shutil.copytree(saved, out)
-    before = (out / CK / "model.bin").read_bytes()
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert {"metrics.jsonl", "config.json"} <= {str(p) for p in before}
     r = run(train_cmd(shards, out, "--steps", "1", "--sample-tokens", "0", "--val-steps", "1"))
     assert r.returncode == 0, r.stderr
     assert "moved them to" in r.stdout
-    assert (out / "checkpoints.prev-1" / CK.split("/")[1] / "model.bin").read_bytes() == before
+    kept = {p.relative_to(out / "prev-1"): p.read_bytes()
+            for p in (out / "prev-1").rglob("*") if p.is_file()}
+    assert kept == before
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000001"]
+    r = run(train_cmd(shards, out, "--steps", "1", "--sample-tokens", "0", "--val-steps", "1"))
+    assert r.returncode == 0 and (out / "prev-2" / "metrics.jsonl").is_file(), r.stderr
