@@ -7,6 +7,7 @@ parallel machinery underneath.
 """
 
 import dataclasses
+import math
 import os
 import resource
 import sys
@@ -59,6 +60,7 @@ def main(argv=None):
     if args.print_schedule:
         return print_schedule(plan, args.seq_len, print0)
     threadpool_limits(threads, user_api="blas")
+    np.seterr(all="ignore")  # overflow in a diverging run is caught per step (stop_diverged)
     signals.install()
     run = start(args, plan, world, print0)
     open_outputs(run, threads, local.Get_size(), tuned)
@@ -123,6 +125,7 @@ class Run:
     cores: int = 1
     history: list = dataclasses.field(default_factory=list)
     lineage: list = None           # this session's checkpoint lineage, rank 0 only
+    last_checkpoint: str = None    # the newest good checkpoint (the resumed one at first)
     val_done_at_start: bool = False
 
     @property
@@ -164,7 +167,8 @@ def start(args, plan, world, print0):
     runner = Runner(grid, stage, layout, args.seq_len, b, tracer, reducer=opt.reducer,
                     overlap=not args.no_overlap)
     faults.install_checkpoint_crash()
-    return Run(args, plan, world, grid, stage, opt, runner, tracer, print0)
+    return Run(args, plan, world, grid, stage, opt, runner, tracer, print0,
+               last_checkpoint=plan.resume and plan.resume.path)
 
 
 def open_outputs(run, threads, ranks_per_node, tuned):
@@ -183,6 +187,9 @@ def open_outputs(run, threads, ranks_per_node, tuned):
         plan.notes += outputs.keep_earlier(args.out_dir, plan.resume and plan.resume.state,
                                            run.lineage)
         run.log = RunLog(args.out_dir, config, plan.start_step)
+        if run.log.damaged:
+            plan.notes.append(f"note: {run.log.path} had lines that do not parse; the file as "
+                              f"it was is kept in {run.log.damaged}")
         kept_val = run.log.validated_at(plan.start_step) if plan.start_step else False
     # validation done at start_step before the interruption (it follows the checkpoint); a
     # polled broadcast: rank 0 may still be probing the matmul peak
@@ -205,7 +212,8 @@ def open_outputs(run, threads, ranks_per_node, tuned):
 
 # -- the training loop ----------------------------------------------------------------------------
 def train(run):
-    """Steps start_step..steps-1; returns 0, or EXIT_PREEMPTED after a signal's checkpoint."""
+    """Steps start_step..steps-1; returns 0, EXIT_PREEMPTED after a signal's checkpoint, or
+    EXIT_DIVERGED at a non-finite loss or gradient norm."""
     args, plan, print0 = run.args, run.plan, run.print0
     dloss = 1.0 / (args.batch_size * args.seq_len)
     next_batch = faults.wrap_batches(lambda step: run.batch(plan.train), args, run.rank)
@@ -224,9 +232,12 @@ def train(run):
         x, y = next_batch(step)
         result = train_step(run.runner, run.opt, x, y, step + 1, lr, dloss, args.grad_clip,
                             norm=True)
-        log_step(run, step, lr, result, t0, progress)
+        loss = log_step(run, step, lr, result, t0, progress)
         done = step + 1
-        stop = signals.agree(run.world, run.grid.waiter)
+        stop, diverged = signals.agree(run.world, run.grid.waiter,
+                                       not finite(loss, result.loss_sum, result.grad_norm))
+        if diverged:
+            return stop_diverged(run, step, loss, result.grad_norm)
         if stop:
             print0(f"signal {stop} received: checkpointing at step {done} and exiting "
                    f"(status {signals.EXIT_PREEMPTED}: requeue me)")
@@ -241,6 +252,23 @@ def train(run):
             sample(run, done)
             malloc.release()
     return 0
+
+
+def finite(*values):
+    return all(v is None or math.isfinite(v) for v in values)
+
+
+def stop_diverged(run, step, loss, grad_norm):
+    """A non-finite loss or gradient norm on any rank: stop at once, saving nothing (the
+    update of that step was skipped if the gradient was the non-finite one)."""
+    last = run.last_checkpoint
+    if run.rank == 0:
+        print(f"error: non-finite values at step {step + 1}/{run.args.steps} (loss {loss}, "
+              f"gradient norm {grad_norm}): stopped without saving; the last good checkpoint is "
+              f"{last or 'none (no checkpoint was written)'} — resume from it with a lower "
+              f"--lr or a --grad-clip", file=sys.stderr, flush=True)
+        run.log.close()
+    return signals.EXIT_DIVERGED
 
 
 def every(n, done, steps):
@@ -260,14 +288,15 @@ def resume_eval(run):
 
 
 def log_step(run, step, lr, result, t0, progress):
-    """Gather every rank's phase times and loss on rank 0; print the step line, log the row."""
+    """Gather every rank's phase times and loss on rank 0; print the step line, log the row.
+    Returns the mean loss on rank 0 (None elsewhere)."""
     args, layout = run.args, run.plan.layout
     BT = args.batch_size * args.seq_len
     per_rank, loss_sum = gather_rows(run.world, mx.PHASES,
                                      [result.times.get(k, 0.0) for k in mx.PHASES],
                                      result.loss_sum, run.grid.stage, run.grid.waiter)
     if run.rank != 0:
-        return
+        return None
     dt = time.perf_counter() - t0
     loss = loss_sum / BT
     mfu = mx.flops_per_token(run.plan.cfg, args.seq_len) * BT / dt / (
@@ -279,8 +308,7 @@ def log_step(run, step, lr, result, t0, progress):
     run.history.append(rec)
     run.print0(mx.step_line(rec, args.steps, layout.pp, progress))
     run.log.log(rec)
-    if not np.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss} at step {step}; lower --lr or clip")
+    return loss
 
 
 # -- validation, samples, checkpoints ---------------------------------------------------------------
@@ -343,6 +371,7 @@ def save_checkpoint(run, step):
         path = ck.write(os.path.join(args.out_dir, ck.SUBDIR), step, plan.cfg, params, m, v,
                         state, args.keep_checkpoints, run.stage.dtype == np.float64)
         run.print0(f"checkpoint {path}")
+        run.last_checkpoint = path
         return path
     return agree(run.world, write, args.debug, run.grid.waiter)
 

@@ -1,4 +1,5 @@
-"""Preemption: SIGTERM, SIGUSR1 and SIGINT set a flag that all ranks agree on at step ends.
+"""Preemption: SIGTERM, SIGUSR1 and SIGINT set a flag that all ranks agree on at step ends
+(together with a non-finite loss or gradient norm seen by any rank).
 
 The first signal asks for a checkpoint and a clean exit with EXIT_PREEMPTED ("requeue me", used
 by the Slurm scripts); a second signal exits at once. The same signal arriving twice within a
@@ -16,6 +17,7 @@ from mpi4py import MPI
 
 
 EXIT_PREEMPTED = 3
+EXIT_DIVERGED = 5  # a non-finite loss or gradient norm: stopped without saving
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 _state = {"signal": 0, "at": 0.0}
 DUPLICATE_SECONDS = 1.0
@@ -42,9 +44,10 @@ def received():
     return _state["signal"]
 
 
-def agree(comm, waiter):
-    """The largest signal number any rank received (0 if none): one tiny polled allreduce."""
-    buf = np.array([_state["signal"]], dtype=np.int64)
+def agree(comm, waiter, diverged=False):
+    """(the largest signal number any rank received or 0, whether any rank saw a non-finite
+    loss or gradient norm): one tiny polled allreduce at every step's end."""
+    buf = np.array([_state["signal"], int(bool(diverged))], dtype=np.int64)
     waiter.wait([comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.MAX)], "allreduce",
-             lambda: "preemption-flag agreement")
-    return int(buf[0])
+                lambda: "step-end agreement (signals, non-finite values)")
+    return int(buf[0]), bool(buf[1])

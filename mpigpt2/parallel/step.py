@@ -1,6 +1,7 @@
 """One training step: the only one. mpigpt2.train, the MPI parity matrix and the benchmarks
 all call train_step (docs/design.md#schedules-as-data for what Runner.run executes)."""
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -12,6 +13,7 @@ from mpigpt2.model.optim import clip_scale
 class StepResult:
     loss_sum: float             # this rank's sum of per-token losses (last stage; 0 elsewhere)
     grad_norm: Optional[float]  # global gradient norm before clipping (None: not asked for)
+                                # non-finite: the update was skipped
     scale: float                # the clipping multiplier applied (1: none)
     times: dict                 # seconds by phase (observe.metrics.PHASES)
     waits: dict                 # seconds spent waiting, by kind (waiting.Waiter)
@@ -31,9 +33,11 @@ def train_step(runner, opt, tokens, targets, t, lr, dloss, grad_clip=0.0, norm=F
     runner.take_times()  # (validation between steps is not this step's time)
     loss_sum = runner.run(tokens, targets, dloss)
     grad_norm = opt.grad_norm() if grad_clip > 0 or norm else None
-    scale = clip_scale(grad_norm, grad_clip) if grad_clip > 0 else 1.0
+    finite = grad_norm is None or math.isfinite(grad_norm)
+    scale = clip_scale(grad_norm, grad_clip) if grad_clip > 0 and finite else 1.0
     t_up = time.perf_counter()
-    opt.step(t, lr, scale)
+    if finite:  # a NaN/inf gradient never reaches the weights (the caller stops the run)
+        opt.step(t, lr, scale)
     t_done = time.perf_counter()
     if runner.tracer is not None:
         runner.tracer.span("update", "update", t_up, t_done)
