@@ -6,11 +6,16 @@ log, checkpoint / validate / sample), then the end of the run. docs/design.md ex
 parallel machinery underneath.
 """
 
-import dataclasses
+import sys
+
+if __name__ == "__main__":  # bound MPI_Init (mpi4py's import below) against a stopped peer
+    from mpigpt2.base.watchdog import guard_init
+    guard_init(sys.argv[1:])
+
+import dataclasses  # noqa: E402 (the rest as usual, after the guard)
 import math
 import os
 import resource
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -22,6 +27,7 @@ from threadpoolctl import threadpool_limits
 from mpigpt2 import faults, outputs
 from mpigpt2.base import malloc
 from mpigpt2.base.errors import run_cli
+from mpigpt2.base.watchdog import cancel_init_guard
 from mpigpt2.formats import checkpoint as ck, lineage
 from mpigpt2.formats.llmc import write_model
 from mpigpt2.formats.models import load_stage_params
@@ -46,23 +52,26 @@ from mpigpt2.setup import Plan, plan as make_plan
 
 
 def main(argv=None):
+    cancel_init_guard()  # MPI_Init is done
     args = parse_args(argv)
     world = MPI.COMM_WORLD
     install_excepthook(world)
     malloc.tune()  # keep big freed temporaries mapped: no page faults every step
-    local = world.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks sharing this node
+    waiter = make_waiter(args)  # every wait from here to the end is bounded by it
+    with waiter.bounded("the node's ranks (Comm_split_type, set-up)"):
+        local = world.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks sharing this node
     print0 = print_on_rank0(world.Get_rank())
     # -- set-up: checked on every rank, agreed, before any compute ----------------------------
     plan = agree(world, lambda: make_plan(args, grid_size(args, world), local.Get_size()),
-                 args.debug)
+                 args.debug, waiter)
     threads = args.threads or max(1, (os.cpu_count() or 1) // local.Get_size())
-    plan, tuned = resolve_slices(args, plan, world, threads, print0)
+    plan, tuned = resolve_slices(args, plan, world, threads, print0, waiter)
     if args.print_schedule:
         return print_schedule(plan, args.seq_len, print0)
     threadpool_limits(threads, user_api="blas")
     np.seterr(all="ignore")  # overflow in a diverging run is caught per step (stop_diverged)
     signals.install()
-    run = start(args, plan, world, print0)
+    run = start(args, plan, world, print0, waiter)
     open_outputs(run, threads, local.Get_size(), tuned)
     status = train(run)
     if status == 0:
@@ -71,6 +80,15 @@ def main(argv=None):
 
 
 # -- set-up ---------------------------------------------------------------------------------------
+def make_waiter(args):
+    """The run's one Waiter. Made before the flags are checked (set-up waits need it), so a
+    value check_args will refuse falls back to the default here."""
+    def valid(v, default):
+        return v if isinstance(v, float) and math.isfinite(v) and v > 0 else default
+    return Waiter(stall_seconds=valid(args.stall_seconds, 60.0), abort=args.stall_abort,
+                  timeout=valid(args.wait_timeout, 1800.0))
+
+
 def print_on_rank0(rank):
     return (lambda *a, **k: print(*a, **k, flush=True)) if rank == 0 else (lambda *a, **k: None)
 
@@ -82,7 +100,7 @@ def grid_size(args, world):
     return world.Get_size()
 
 
-def resolve_slices(args, plan, world, threads, print0):
+def resolve_slices(args, plan, world, threads, print0, waiter):
     """--slice-tokens auto: keep the checkpoint's k when resuming the same layout (bit-exact
     resume), else rank 0 times the candidates and every rank takes its choice."""
     if args.slice_tokens != "auto":
@@ -94,7 +112,7 @@ def resolve_slices(args, plan, world, threads, print0):
         print0(f"autotune: k={k} kept from the checkpoint's layout")
         return dataclasses.replace(plan, layout=dataclasses.replace(layout, slice_tokens=k)), None
     layout, tuned = autotune.agree(world, plan.cfg, layout, args.batch_size, args.seq_len,
-                                   args.dtype, threads)
+                                   args.dtype, threads, waiter=waiter)
     print0(autotune.describe(tuned))
     return dataclasses.replace(plan, layout=layout), tuned
 
@@ -141,11 +159,9 @@ class Run:
         return x.reshape(M, rows // M, T), y.reshape(M, rows // M, T)
 
 
-def start(args, plan, world, print0):
+def start(args, plan, world, print0, waiter):
     """The grid, this rank's stage with its weights, the optimizer and the runner."""
     layout = plan.layout
-    waiter = Waiter(stall_seconds=args.stall_seconds, abort=args.stall_abort,
-                    timeout=args.wait_timeout)
     grid = make_grid(world, layout.pp, layout.dp, waiter)
     spec = layout.spec(grid.stage)
     stage = Stage(plan.cfg, spec, np.dtype(args.dtype))
@@ -393,8 +409,9 @@ def finish(run):
     if not args.no_final_checkpoint and start_step < args.steps:
         save_checkpoint(run, args.steps)
     if run.tracer is not None:
-        evs = run.world.gather(((run.rank, run.grid.stage, run.grid.replica),
-                                run.tracer.chrome_events()), root=0)
+        with run.grid.waiter.bounded("the trace events (gather)"):
+            evs = run.world.gather(((run.rank, run.grid.stage, run.grid.replica),
+                                    run.tracer.chrome_events()), root=0)
         if run.rank == 0:
             meta = {"layout": run.plan.layout.as_dict()}
             run.print0(f"trace {merge(evs, trace_path(args.out_dir), meta)}")
@@ -404,12 +421,12 @@ def finish(run):
 def report_summary(run):
     """Per-rank memory (parameters, gradients, Adam moments, peak RSS) and the step summary."""
     stage, opt = run.stage, run.opt
-    mem = run.world.gather({"rank": run.rank, "stage": run.grid.stage,
-                            "replica": run.grid.replica, "param_bytes": int(stage.flat.nbytes),
-                            "optim_bytes": int(opt.nbytes),
-                            "state_bytes": int(stage.flat.nbytes * 2 + opt.nbytes),
-                            "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                            / 1024}, root=0)
+    row = {"rank": run.rank, "stage": run.grid.stage, "replica": run.grid.replica,
+           "param_bytes": int(stage.flat.nbytes), "optim_bytes": int(opt.nbytes),
+           "state_bytes": int(stage.flat.nbytes * 2 + opt.nbytes),
+           "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    with run.grid.waiter.bounded("the memory summary (gather)"):
+        mem = run.world.gather(row, root=0)
     if run.rank != 0:
         return
     summ = mx.summary(run.history, run.args.warmup_report)

@@ -196,7 +196,7 @@ def describe(info):
             f"[{info['source']}]; candidates (ms) {others}")
 
 
-def agree(comm, cfg, layout, B, T, dtype=np.float32, threads=1, cache=True):
+def agree(comm, cfg, layout, B, T, dtype=np.float32, threads=1, cache=True, waiter=None):
     """Resolve `--slice-tokens auto` on every rank: rank 0 measures (the others poll-wait,
     leaving it the cores), then broadcasts. Returns (layout with slice_tokens set, info)."""
     from dataclasses import replace
@@ -207,8 +207,11 @@ def agree(comm, cfg, layout, B, T, dtype=np.float32, threads=1, cache=True):
     if comm.Get_rank() == 0:
         _, info = choose(cfg, layout, B, T, dtype, threads, cache)
     from mpigpt2.parallel.waiting import Waiter
+    waiter = waiter or Waiter()
     # poll: a blocking bcast would spin on the cores rank 0 is measuring with; a long
-    # measurement is not a stall
-    Waiter(stall_seconds=float("inf")).wait([comm.Ibarrier()], "setup")
-    info = comm.bcast(info, root=0)  # set-up metadata: the pickle path is fine
+    # measurement is not a stall (but it is bounded by the wait timeout)
+    Waiter(stall_seconds=float("inf"), timeout=waiter.timeout).wait(
+        [comm.Ibarrier()], "setup", lambda: "rank 0's --slice-tokens auto measurement")
+    with waiter.bounded("the autotune result (bcast)"):  # set-up metadata: pickle is fine
+        info = comm.bcast(info, root=0)
     return replace(layout, slice_tokens=info["slice_tokens"]), info

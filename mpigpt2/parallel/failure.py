@@ -43,8 +43,10 @@ def agree(comm, fn, debug=False, waiter=None):
         if debug:
             traceback.print_exc()
         err, result = str(e), None
-    (waiter or Waiter()).wait([comm.Ibarrier()], "setup")  # polled: slow ranks (e.g. rank 0 writing) keep a core
-    errors = comm.allgather(err)  # set-up metadata only: the lowercase pickle path is fine
+    waiter = waiter or Waiter()
+    waiter.wait([comm.Ibarrier()], "setup", lambda: "the other ranks' set-up checks")
+    with waiter.bounded("the set-up error exchange (allgather)"):  # metadata: pickle is fine
+        errors = comm.allgather(err)
     failed = [(r, e) for r, e in enumerate(errors) if e is not None]
     if failed:
         if comm.Get_rank() == 0:

@@ -49,8 +49,10 @@ def make_grid(world, pp, dp, waiter=None):
     assert world.Get_size() == pp * dp
     rank = world.Get_rank()
     stage, replica = rank % pp, rank // pp
-    pipe = world.Split(color=replica, key=stage)
-    data = world.Split(color=stage, key=replica)
+    waiter = waiter or Waiter()
     holds_wte = stage in (0, pp - 1)
-    embed = world.Split(color=0 if holds_wte else MPI.UNDEFINED, key=rank)
-    return Grid(world, pipe, data, embed, pp, dp, stage, replica, waiter or Waiter())
+    with waiter.bounded("the grid's communicator splits (Comm_split, set-up)"):
+        pipe = world.Split(color=replica, key=stage)
+        data = world.Split(color=stage, key=replica)
+        embed = world.Split(color=0 if holds_wte else MPI.UNDEFINED, key=rank)
+    return Grid(world, pipe, data, embed, pp, dp, stage, replica, waiter)

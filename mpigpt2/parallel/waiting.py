@@ -4,8 +4,10 @@ MPICH's blocking waits spin at 100 % CPU; with more ranks than cores they starve
 compute (docs/design.md#waiting). Every wait in the runtime goes through here.
 """
 
+import contextlib
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -89,9 +91,44 @@ class Waiter:
         if self.trace is not None and kind in TRACED_KINDS:
             self.trace(kind, what() if what else kind, t0, t1)
 
+    @contextlib.contextmanager
+    def bounded(self, what):
+        """Around a call MPI gives no nonblocking form of (communicator splits, the pickled
+        set-up collectives): a watchdog thread aborts the job with this rank and `what` if
+        the call outlasts the timeout (a stopped or dead peer), instead of hanging forever."""
+        t0 = time.perf_counter()
+
+        def expire():
+            self._report(time.perf_counter() - t0, "setup", lambda: what,
+                         "gave up (--wait-timeout)")
+            hard_exit_later(ABORT_BACKSTOP_SECONDS)
+            abort(MPI.COMM_WORLD, 4)
+        timer = threading.Timer(self.timeout, expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+
     def _report(self, waited, kind, what, verdict):
         desc = what() if what else kind
         rank = MPI.COMM_WORLD.Get_rank()
         print(f"[rank {rank}] {verdict} after {waited:.0f}s waiting for {desc}"
               + (f" at step {self.step}" if self.step is not None else ""),
               file=sys.stderr, flush=True)
+
+
+ABORT_BACKSTOP_SECONDS = 10.0
+
+
+def hard_exit_later(seconds, code=4):
+    """Exit the process (status code) after `seconds` from a daemon thread, whatever the main
+    thread is blocked in: the backstop when MPI's own Abort or Finalize cannot finish."""
+    def expire():
+        sys.stderr.flush()
+        os._exit(code)
+    t = threading.Timer(seconds, expire)
+    t.daemon = True
+    t.start()
+    return t

@@ -1,0 +1,84 @@
+"""A stopped peer never hangs the job (issue 12.2): rank 1 gets SIGSTOP at some moment from
+before MPI_Init to mid-training, and the job ends within --wait-timeout plus a margin, with a
+line naming a waiting rank and what it waited for, and no process left behind. Where the stop
+lands depends on timing; every place must be bounded, so every delay must pass."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from helpers import PY, cmdline, descendants, mpiexec, start
+
+TIMEOUT = 5  # --wait-timeout
+MARGIN = 20  # the launcher's clean-up, the abort grace
+
+
+def rank_pid(proc, rank, marker):
+    for pid in descendants(proc.pid):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if f"PMI_RANK={rank}".encode() in env and marker.encode() in cmdline(pid):
+            return pid
+    return None
+
+
+def train_args(shards, out):
+    train, _ = shards
+    return ["-m", "mpigpt2.train", "--train-data", str(train), "--val-data=", "--out-dir",
+            str(out), "--batch-size", "4", "--seq-len", "32", "--steps", "40", "--pp", "2",
+            "--sample-tokens", "0", "--wait-timeout", str(TIMEOUT)]
+
+
+def ends_bounded(proc, out, victim=None):
+    t0 = time.time()
+    try:
+        _, err = proc.communicate(timeout=TIMEOUT + MARGIN)
+    except Exception:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"no end within {TIMEOUT + MARGIN}s of the stop")
+    finally:
+        if victim:
+            try:
+                os.kill(victim, signal.SIGKILL)  # (the launcher should have done so)
+            except ProcessLookupError:
+                pass
+    assert proc.returncode != 0
+    assert "gave up (--wait-timeout)" in err and "[rank " in err and "waiting for" in err, err
+    assert time.time() - t0 < TIMEOUT + MARGIN
+    time.sleep(0.5)
+    left = [p for p in os.listdir("/proc") if p.isdigit() and str(out).encode() in cmdline(p)]
+    assert not left, f"processes left behind: {left}"
+    return err
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("delay", [0.1, 0.5, 1.0, 2.0, 4.0])
+def test_sigstop_on_one_rank_ends_the_job(tmp_path, shards, delay):
+    out = tmp_path / "o"
+    proc = start(mpiexec(4) + [PY] + train_args(shards, out))
+    time.sleep(delay)
+    victim = None
+    for _ in range(200):
+        victim = rank_pid(proc, 1, str(out))
+        if victim or proc.poll() is not None:
+            break
+        time.sleep(0.01)
+    assert victim, "rank 1 not found"
+    os.kill(victim, signal.SIGSTOP)
+    ends_bounded(proc, out, victim)
+
+
+@pytest.mark.timeout(120)
+def test_rank_stopped_before_mpi_init(tmp_path, shards):
+    """Rank 1 stops itself before Python starts: the others wait in MPI_Init, which holds the
+    GIL; the forked watchdog (base/watchdog.py) still ends them."""
+    out = tmp_path / "o"
+    script = ('[ "$PMI_RANK" = 1 ] && kill -STOP $$; exec "$0" "$@"')
+    proc = start(mpiexec(4) + ["sh", "-c", script, PY] + train_args(shards, out))
+    err = ends_bounded(proc, out)
+    assert "waiting for MPI_Init" in err
