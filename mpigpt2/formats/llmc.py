@@ -6,6 +6,7 @@ import numpy as np
 
 from mpigpt2.model.config import GPTConfig
 from mpigpt2.base.errors import UserError
+from mpigpt2.base.files import open_regular
 from mpigpt2.formats.atomic import atomic_write
 from mpigpt2.model.params import PARAM_NAMES, LAYER_NAMES, tensor_shapes
 
@@ -18,12 +19,13 @@ VERSION_FP64 = 64  # mpigpt2's own extension, for float64 training state; llm.c 
 
 def read_header(path, allow_fp64=False):
     """Validate the header and file length of an llm.c model file; return (GPTConfig, version)."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+    with _open(path) as f:
+        try:
+            size = os.fstat(f.fileno()).st_size
             raw = f.read(HEADER_BYTES)
-    except OSError as e:
-        raise UserError(f"cannot read model file {path}: {e.strerror} (check --model)")
+        except OSError as e:
+            raise UserError(f"cannot read model file {path}: {e.strerror} (check --model)") \
+                from None
     if len(raw) < HEADER_BYTES:
         raise UserError(f"model file {path} is truncated: {size} bytes, shorter than the "
                         f"{HEADER_BYTES}-byte llm.c header")
@@ -51,6 +53,18 @@ def read_header(path, allow_fp64=False):
     return cfg, version
 
 
+def _open(path):
+    """The model file opened for reading, after checking it is a regular file (a FIFO or a
+    device given as --model would block open() or read forever)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise UserError(f"cannot read model file {path}: no such file (check --model)")
+    try:
+        return open_regular(path, "model file")
+    except UserError as e:
+        raise UserError(f"{e} (check --model)") from None
+
+
 def _tensor_offsets(cfg):
     """Element offset of each global tensor inside the file's parameter block."""
     offs, off = {}, 0
@@ -64,8 +78,16 @@ def load_params(path, spec, views, allow_fp64=False):
     """Copy the tensors a stage owns (layers spec.l0..l1) from an llm.c file into views."""
     cfg, version = read_header(path, allow_fp64)
     dt = {VERSION_FP32: "<f4", VERSION_BF16: "<u2", VERSION_FP64: "<f8"}[version]
-    raw = np.memmap(path, dtype=dt, mode="r", offset=HEADER_BYTES)
-    for n, (off, shape) in _tensor_offsets(cfg).items():
+    with _open(path) as f:  # the file checked, mapped through the same descriptor
+        try:
+            raw = np.memmap(f, dtype=dt, mode="r", offset=HEADER_BYTES)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot map model file {path} ({e}); did it change while being "
+                            f"read?") from None
+    offsets = _tensor_offsets(cfg)
+    if raw.size != sum(int(np.prod(shape)) for _, shape in offsets.values()):
+        raise UserError(f"model file {path} changed size while being read; read it again")
+    for n, (off, shape) in offsets.items():
         if n not in views:
             continue
         full = raw[off:off + int(np.prod(shape))].reshape(shape)

@@ -6,6 +6,7 @@ import os
 import numpy as np
 
 from mpigpt2.base.errors import UserError
+from mpigpt2.base.files import open_regular
 from mpigpt2.formats.atomic import AtomicFile
 
 MAGIC = 20240520  # llm.c's GPT-2 (uint16) token shard
@@ -91,14 +92,26 @@ def write_shard(path, tokens):
 def read_shard(path, vocab_size=None):
     """Validate an llm.c shard and return its tokens as a read-only uint16 memmap."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise UserError(f"token shard {path} does not exist — check the path or {_HINT}")
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+    f = open_regular(path, "token shard")  # a FIFO or device is refused, never opened blocking
+    with f:
+        try:
+            size = os.fstat(f.fileno()).st_size
             raw = f.read(HEADER_BYTES)
-    except OSError as e:
-        raise UserError(f"cannot read token shard {path} ({e.strerror})") from None
+        except OSError as e:
+            raise UserError(f"cannot read token shard {path} ({e.strerror})") from None
+        tokens = _tokens(f, path, raw, size)
+    if vocab_size is not None and len(tokens):
+        top = int(tokens.max())
+        if top >= vocab_size:
+            raise UserError(f"{path}: token id {top} is outside the model's vocab size "
+                            f"{vocab_size} — made with another tokenizer? {_HINT}")
+    return tokens
+
+
+def _tokens(f, path, raw, size):
+    """The tokens of the open shard f after checking its header against its size."""
     if size < HEADER_BYTES:
         raise UserError(f"{path}: only {size} bytes, shorter than the {HEADER_BYTES}-byte "
                         f"llm.c header — {_HINT}")
@@ -115,21 +128,20 @@ def read_shard(path, vocab_size=None):
         raise UserError(f"{path}: {size - want} trailing bytes after the {count} tokens the "
                         f"header announces — {_HINT}")
     if count == 0:
-        tokens = np.zeros(0, dtype=np.uint16)  # mmap refuses empty regions
-    else:
-        tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
-    if vocab_size is not None and count:
-        top = int(tokens.max())
-        if top >= vocab_size:
-            raise UserError(f"{path}: token id {top} is outside the model's vocab size "
-                            f"{vocab_size} — made with another tokenizer? {_HINT}")
-    return tokens
+        return np.zeros(0, dtype=np.uint16)  # mmap refuses empty regions
+    try:  # mapped through the descriptor that was checked
+        return np.memmap(f, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot map token shard {path} ({e}); did it change while being "
+                        f"read?") from None
 
 
 def shard_paths(pattern, flag="--train-data"):
     """Sorted shard files matching a glob; UserError naming `flag` when nothing matches."""
     paths = sorted(glob.glob(os.path.expanduser(os.fspath(pattern))))
-    paths = [p for p in paths if os.path.isfile(p)]
+    # directories a glob matches are skipped; anything else (a FIFO, a dangling symlink) is
+    # kept, so that read_shard names it instead of "matches no files"
+    paths = [p for p in paths if not os.path.isdir(p)]
     if not paths:
         raise UserError(f"{flag} {pattern!s} matches no files — run `python -m mpigpt2.prepare` "
                         f"or fix the path/glob")
