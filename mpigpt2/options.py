@@ -86,6 +86,8 @@ def parse_args(argv=None):
     a("--resume", default=None, help="'auto' (newest complete checkpoint in --out-dir, if any) "
       "or a checkpoint directory")
     a("--no-final-checkpoint", action="store_true", help="no checkpoint at the end of the run")
+    a("--no-memory-check", action="store_true", help="start even when the memory estimate "
+      "exceeds what the node has left (MPIGPT2_NODE_MEMORY=BYTES sets that amount)")
     a("--trace", action="store_true", help="write OUT/trace.json (Chrome trace, all ranks)")
     a("--peak-gflops", type=float, default=None, help="per-core float32 peak for MFU "
       "(default: a one-off matmul probe, cached)")

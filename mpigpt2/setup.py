@@ -16,7 +16,8 @@ from mpigpt2.formats.models import load_config
 from mpigpt2.model.config import GPTConfig
 from mpigpt2.options import check_args
 from mpigpt2.outputs import check_out_dir, check_writable
-from mpigpt2.parallel import layout as lay
+from mpigpt2.base.machine import available_memory_bytes
+from mpigpt2.parallel import layout as lay, memory as mem
 
 DEFAULT_VAL = "data/tinyshakespeare/tiny_shakespeare_val.bin"
 
@@ -43,8 +44,9 @@ def node_memory_bytes():
         return None
 
 
-def plan(args, world, ranks_per_node=1):
-    """Check the flags and files and resolve them into a Plan (world: the grid's size)."""
+def plan(args, world, node_ranks=(0,)):
+    """Check the flags and files and resolve them into a Plan (world: the grid's size,
+    node_ranks: the world ranks on this rank's node)."""
     check_args(args)
     cfg = load_config(args.model)
     B, T = args.batch_size, args.seq_len
@@ -54,12 +56,14 @@ def plan(args, world, ranks_per_node=1):
     layout = lay.resolve(world, cfg, B, T, args.pp, args.dp, args.stage_layers,
                          args.microbatches,
                          None if args.slice_tokens == "auto" else args.slice_tokens, args.schedule,
-                         node_memory_bytes(), ranks_per_node)
+                         node_memory_bytes(), len(node_ranks))
     train = DataLoader(args.train_data, B, T, vocab_size=cfg.vocab_size, flag="--train-data",
                        shuffle=args.shuffle, seed=args.seed)
     notes = []
     val = validation_loader(args, cfg, notes)
     resume = find_resume(args, cfg, train, notes) if args.resume else None
+    if not (args.print_schedule or args.no_memory_check):
+        check_memory(args, cfg, layout, world, node_ranks)
     check_out_dir(args.out_dir)
     if args.save:
         if os.path.lexists(args.save) and not os.path.isfile(args.save):
@@ -105,3 +109,24 @@ def find_resume(args, cfg, train, notes):
                      f"continued run will differ from an uninterrupted one")
     train.set_state(state["data"]["loader"])
     return rs.Resume(path, state)
+
+
+def check_memory(args, cfg, layout, world, node_ranks):
+    """Refuse a run whose estimated peak (parallel/memory.py) exceeds what this node has left,
+    naming the estimate and a layout that would fit."""
+    limit = available_memory_bytes()
+    if limit is None:
+        return
+    itemsize = 8 if args.dtype == "float64" else 4
+    B, T = args.batch_size, args.seq_len
+    need, worst, rank = mem.node_estimate(cfg, layout, node_ranks, B, T, itemsize, args.zero)
+    if need <= limit:
+        return
+    fit = mem.suggest(cfg, layout, world, node_ranks, B, T, itemsize, args.zero, limit)
+    hint = (f"try {fit[0][0]} (~{mem.size(fit[0][1])})" if fit else
+            "no layout of these ranks fits: use more nodes, or a smaller model or batch")
+    raise UserError(f"not enough memory: this run needs ~{mem.size(need)} on this node "
+                    f"({len(node_ranks)} rank(s); rank {rank}: state {mem.size(worst.state)}, "
+                    f"activations {mem.size(worst.activations)}, checkpoint gather "
+                    f"{mem.size(worst.checkpoint)}), {mem.size(limit)} are available; {hint} "
+                    f"(or --no-memory-check)")

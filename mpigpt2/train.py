@@ -60,9 +60,10 @@ def main(argv=None):
     waiter = make_waiter(args)  # every wait from here to the end is bounded by it
     with waiter.bounded("the node's ranks (Comm_split_type, set-up)"):
         local = world.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks sharing this node
+        node_ranks = local.allgather(world.Get_rank())
     print0 = print_on_rank0(world.Get_rank())
     # -- set-up: checked on every rank, agreed, before any compute ----------------------------
-    plan = agree(world, lambda: make_plan(args, grid_size(args, world), local.Get_size()),
+    plan = agree(world, lambda: make_plan(args, grid_size(args, world), node_ranks),
                  args.debug, waiter)
     threads = args.threads or max(1, (os.cpu_count() or 1) // local.Get_size())
     plan, tuned = resolve_slices(args, plan, world, threads, print0, waiter)

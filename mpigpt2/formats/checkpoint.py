@@ -118,7 +118,7 @@ def read_state(path):
             raise UserError(f"{sp} is implausibly large; not a mpigpt2 checkpoint")
         with open_regular(sp, "checkpoint state", "rb") as f:
             state = json.loads(f.read(MAX_STATE_BYTES + 1).decode("utf-8"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise UserError(f"checkpoint state {sp} is unreadable ({e}); pick another checkpoint")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{sp} is not a mpigpt2 checkpoint state file")
@@ -146,7 +146,7 @@ def _check_done(path, state):
     try:
         with open_regular(dp, "checkpoint marker", "rb") as f:
             words = f.read(200).decode("ascii").split()
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         words = []
     step = state["step"]
     if not words or words[0] != str(step) or len(words) > 2 or \

@@ -67,7 +67,7 @@ def read_state_quietly(path):
         with open(os.path.join(path, "state.json"), "rb") as f:
             state = json.loads(f.read(1 << 20).decode("utf-8"))
         return state if isinstance(state, dict) else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 

@@ -57,7 +57,7 @@ def read_rows(path):
     for i, line in enumerate(lines):
         try:
             r = json.loads(line.decode("utf-8"))
-        except ValueError:  # (UnicodeDecodeError is one)
+        except (ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError)
             damaged += bool(line.strip()) and i < len(lines) - 1
             continue
         if isinstance(r, dict) and r.get("summary"):

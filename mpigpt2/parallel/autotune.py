@@ -15,6 +15,7 @@ keyed by model shape, stage, b, T, M, pp, dtype, threads and CPU, so a rerun doe
 """
 
 import json
+import math
 import os
 import time
 
@@ -122,12 +123,30 @@ def profile_key(cfg, spec, b, T, M, pp, dtype, threads):
 
 
 def _read_cache(path):
+    """The cache as a dict; anything unreadable (not a small regular file, not JSON, not an
+    object) counts as empty: it is only a cache, rebuilt by measuring."""
     try:
-        with open(path) as f:
-            data = json.load(f)
+        if not os.path.isfile(path) or os.path.getsize(path) > 1 << 24:
+            return {}
+        with open(path, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
         return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
+
+
+def _cached_profile(data, key):
+    """{k: seconds} of one cache entry when every k is a positive integer and every time a
+    finite positive number, else {} (a damaged entry is measured again)."""
+    entry = data.get(key)
+    if not isinstance(entry, dict):
+        return {}
+    try:
+        hit = {int(k): float(v) for k, v in entry.items()}
+    except (TypeError, ValueError, OverflowError):
+        return {}
+    ok = all(k > 0 and math.isfinite(v) and v > 0 for k, v in hit.items())
+    return hit if ok else {}
 
 
 def profile(cfg, spec, b, T, M, pp, dtype=np.float32, threads=1, ks=None, cache=True):
@@ -138,7 +157,7 @@ def profile(cfg, spec, b, T, M, pp, dtype=np.float32, threads=1, ks=None, cache=
     key = profile_key(cfg, spec, b, T, M, pp, dtype, threads)
     path = cache_path()
     if cache:
-        hit = {int(k): v for k, v in (_read_cache(path).get(key) or {}).items()}
+        hit = _cached_profile(_read_cache(path), key)
         if ks[0] in hit and set(hit) <= set(ks):
             return hit, "cache"
     best, worse = [float("inf")], [0]

@@ -103,3 +103,37 @@ def test_diverging_run_stops_naming_the_last_good_checkpoint(tmp_path, shards):
 def test_diverging_run_stops_every_rank(tmp_path, shards):
     out = tmp_path / "o"
     check_diverged(run(mpiexec(4) + diverging(shards, out, "--pp", "2", "--dp", "2")), out)
+
+
+# -- the memory estimate before any allocation (issue 12.5) ----------------------------------
+def with_memory(limit):
+    return {"MPIGPT2_NODE_MEMORY": str(int(limit))}
+
+
+@pytest.mark.parametrize("extra,limit", [
+    (["--model", "gpt2-1558m", "--seq-len", "64"], 24 << 30),  # state alone is 23 GiB
+    (["--batch-size", "4096", "--seq-len", "64"], 24 << 30),  # logits of 4096·64 tokens
+])
+def test_too_big_is_refused_before_allocating(tmp_path, shards, extra, limit):
+    out = tmp_path / "o"
+    r = run(train_cmd(shards, out, *C, *extra), env=with_memory(limit), timeout=60)
+    refused(r, "not enough memory")
+    assert "GiB are available" in r.stderr and not out.exists()
+
+
+def test_the_suggested_layout_runs(tmp_path, shards):
+    """Refused under a small budget with a suggestion; the suggestion passes the same check
+    and trains."""
+    env = with_memory(550 << 20)
+    flags = ("--batch-size", "16", "--seq-len", "64")
+    r = run(mpiexec(2) + train_cmd(shards, tmp_path / "a", *C, *flags), env=env)
+    refused(r, "not enough memory")
+    hint = r.stderr.split("try ", 1)[1].split(" (~")[0].split()
+    assert hint and hint[0].startswith("--"), r.stderr
+    r = run(mpiexec(2) + train_cmd(shards, tmp_path / "b", *C, *flags, *hint), env=env)
+    assert r.returncode == 0, (hint, r.stderr)
+
+
+def test_no_memory_check_starts_anyway(tmp_path, shards):
+    r = run(train_cmd(shards, tmp_path / "o", *C, "--no-memory-check"), env=with_memory(1))
+    assert r.returncode == 0, r.stderr

@@ -13,6 +13,8 @@ Run under MPI: `mpiexec -n 8 python -m pytest --with-mpi tests/mpi`. Each case t
 pp·dp ranks of the world; the verdict is agreed by all ranks so none fails alone.
 """
 
+import tracemalloc
+
 import numpy as np
 import pytest
 from mpi4py import MPI
@@ -24,6 +26,7 @@ from mpigpt2.model.params import init_params
 from mpigpt2.model.stage import Stage
 from mpigpt2.parallel.collectives import gather_model
 from mpigpt2.parallel.grid import make_grid
+from mpigpt2.parallel.memory import rank_estimate
 from mpigpt2.parallel.layout import resolve
 from mpigpt2.parallel.optimizer import make_optimizer
 from mpigpt2.parallel.runtime import Runner
@@ -146,10 +149,19 @@ def test_parity(pp, dp, k, M, sched, split, dtype, zero, overlap, clip):
     lay = resolve(pp * dp, CFG, B, T, pp, dp, split, M, k, sched)
     inside = world.Get_rank() < pp * dp
     comm = world.Split(0 if inside else MPI.UNDEFINED, world.Get_rank())
-    verdict = None
+    verdict, memory = None, None
     if inside:
+        measure = dtype == np.float32  # (tracing costs time: the float32 rows suffice)
+        if measure:
+            tracemalloc.start()  # numpy reports its buffers: the real peak, for the estimate
         losses, params, grads, tied_equal, norms = train_layout(comm, lay, dtype, zero, overlap,
                                                                 clip)
+        if measure:
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            est = rank_estimate(CFG, lay, comm.Get_rank() % pp, B, T, 4, zero,
+                                rank0=comm.Get_rank() == 0)
+            memory = (world.Get_rank(), peak, est.total)
         comm.Free()
         if world.Get_rank() == 0:
             if (dtype, clip) not in _REF:
@@ -178,5 +190,8 @@ def test_parity(pp, dp, k, M, sched, split, dtype, zero, overlap, clip):
                         if not e <= PARITY_F32_ADAM})
             if bad or not tied_equal:
                 verdict = f"relative errors over {tol}: {bad}; tied wte equal: {tied_equal}"
+    over = [m for m in world.gather(memory, root=0) or [] if m and m[1] > m[2]]
+    if world.Get_rank() == 0 and over and verdict is None:
+        verdict = f"memory estimate below the measured peak (rank, peak, estimate): {over}"
     verdict = world.bcast(verdict, root=0)
     assert verdict is None, verdict

@@ -826,3 +826,43 @@ def test_peak_cache(scratch, entry):
                 assert cache.is_file() and not cache.is_symlink()
                 assert json.loads(cache.read_text()) == {"key": key, "gflops": PROBED}
                 assert peak.read_cache(key, str(cache)) == PROBED
+
+
+# -- the slice-profile cache of --slice-tokens auto (parallel/autotune.py) ---------------------
+
+@st.composite
+def slices_cache(draw):
+    from mpigpt2.parallel import autotune
+    key = "KEY"
+    good = {"32": 0.01, "16": 0.006, "8": 0.004}
+    kind = draw(st.sampled_from(["record", "record", "json", "bytes", "fifo", "dir"]))
+    if kind == "record":
+        entry = draw(st.one_of(st.just(good), json_edit(good), JSON))
+        return "file", dumps({key: entry}).encode(), autotune
+    if kind == "json":
+        return "file", dumps(draw(JSON)).encode(), autotune
+    if kind == "bytes":
+        return "file", draw(st.binary(max_size=64)), autotune
+    return kind, None, autotune
+
+
+@fuzz(80)
+@given(entry=slices_cache())
+def test_slice_profile_cache(scratch, entry):
+    """A damaged cache entry is measured again, never a traceback; a usable one is used."""
+    kind, data, autotune = entry
+    with case(scratch) as d:
+        cache = d / "slices.json"
+        if kind == "file":
+            cache.write_bytes(data)
+        elif kind == "fifo":
+            os.mkfifo(cache)
+        elif kind == "dir":
+            cache.mkdir()
+        measured = {32: 0.02, 16: 0.01, 8: 0.009}
+        with mock.patch.object(autotune, "cache_path", return_value=str(cache)), \
+                mock.patch.object(autotune, "profile_key", return_value="KEY"), \
+                mock.patch.object(autotune, "measure", return_value=measured), alarm():
+            prof, source = autotune.profile(None, None, 1, 32, 1, 2, ks=[32, 16, 8])
+        assert all(isinstance(v, float) and v > 0 for v in prof.values())
+        assert source == "measured" and prof == measured or source == "cache"

@@ -1,0 +1,129 @@
+"""The memory a training run will allocate, estimated per rank before anything is allocated,
+and a layout that would fit when the flags' one does not (pure; docs/design.md#memory).
+
+Per rank (bytes of the training dtype, P = the stage's parameters, wte counted on the first
+and on the last stage):
+- parameters and gradients 2·P, Adam moments 2·P (2·P/dp with --zero 1, plus its gradient
+  shard P/dp);
+- the message slabs of the pipeline: (M, n, b·k, C) per direction and role present;
+- per micro-batch alive at once: K/V caches and their dK/dV accumulators, 4·L_s·b·T·C;
+- per (micro-batch, slice) alive at once (forward done, backward not yet): per layer 14·C per
+  token of saved activations plus the attention probabilities NH·T per token (bounded by the
+  longest prefix), on the last stage also lnf (2·C per token) and the logits (Vp per token);
+- the working set of one slice: its widest temporaries (16·C and 3·NH·T per token), one
+  weight gradient's product (4·C·C), on the last stage one more logits-sized array and the
+  product of the tied embedding's gradient (Vp·C);
+- 16 MiB of Python objects, MPI requests and small arrays;
+- rank 0 at a checkpoint: the gathered model and both moments, 3·N (N = all parameters).
+How many micro-batches and slices are alive at once is read off the rank's own action list
+(the schedule is data), so every schedule is estimated by the same rule.
+"""
+
+from dataclasses import dataclass
+
+from mpigpt2.base.errors import UserError
+from mpigpt2.model.params import ParamLayout, num_parameters
+from mpigpt2.parallel import schedule as sch
+from mpigpt2.parallel.layout import resolve
+
+GiB = 1 << 30
+RUNTIME_BYTES = 16 << 20  # the step's Python objects, requests and small arrays, per rank
+
+
+def size(nbytes):
+    """'1.5 GiB' or '230 MiB'."""
+    return f"{nbytes / GiB:.1f} GiB" if nbytes >= GiB else f"{nbytes / (1 << 20):.0f} MiB"
+
+
+def in_flight(program):
+    """(most (micro-batch, slice) units alive, most micro-batches alive) over a program."""
+    units, mbs, alive = 0, 0, {}
+    peak_units = peak_mbs = 0
+    for a in program:
+        if a.kind == "F":
+            units += 1
+            alive[a.mb] = alive.get(a.mb, 0) + 1
+        elif a.kind == "B":
+            units -= 1
+            if a.j == 0:  # slice 0's backward is the micro-batch's last: its buffers are freed
+                alive.pop(a.mb, None)
+        peak_units, peak_mbs = max(peak_units, units), max(peak_mbs, len(alive))
+    return peak_units, peak_mbs
+
+
+@dataclass(frozen=True)
+class Estimate:
+    state: int        # parameters, gradients, optimizer state
+    activations: int  # saved slices, K/V caches, message slabs, one slice's temporaries
+    checkpoint: int   # extra on the rank that gathers and writes checkpoints
+
+    @property
+    def total(self):
+        return self.state + self.activations + self.checkpoint
+
+
+def rank_estimate(cfg, layout, stage, B, T, itemsize, zero, rank0=False, progs=None):
+    """The bytes one rank holding `stage` allocates at its peak."""
+    spec = layout.spec(stage)
+    P = ParamLayout(cfg, spec).size
+    dp, pp, M, k = layout.dp, layout.pp, layout.microbatches, layout.slice_tokens
+    n, b = T // k, B // dp // M
+    C, NH, Vp, nl = cfg.channels, cfg.num_heads, cfg.padded_vocab_size, spec.l1 - spec.l0
+    state = (2 * P + (3 * P // dp if zero else 2 * P)) * itemsize
+    if progs is None:
+        progs = sch.build(layout.schedule, pp, M, n)
+    units, mbs = in_flight(progs[stage])
+    per_unit = nl * b * k * (14 * C + NH * T) + (b * k * (2 * C + Vp) if spec.last else 0)
+    kv = 4 * nl * b * T * C
+    slabs = sum((stage > 0, stage < pp - 1)) * 2 * M * n * b * k * C
+    work = b * k * (16 * C + 3 * NH * T) + 4 * C * C + ((b * k + C) * Vp if spec.last else 0)
+    activations = (units * per_unit + mbs * kv + slabs + work) * itemsize + RUNTIME_BYTES
+    checkpoint = 3 * num_parameters(cfg) * max(itemsize, 4) + (2 * P * itemsize if zero else 0)
+    return Estimate(state, activations, checkpoint if rank0 else 0)
+
+
+def node_estimate(cfg, layout, node_ranks, B, T, itemsize, zero):
+    """(bytes on this node at its peak, the largest rank's Estimate, that rank)."""
+    progs = sch.build(layout.schedule, layout.pp, layout.microbatches, T // layout.slice_tokens)
+    per = {r: rank_estimate(cfg, layout, r % layout.pp, B, T, itemsize, zero, r == 0, progs)
+           for r in node_ranks}
+    worst = max(per, key=lambda r: per[r].total)
+    return sum(e.total for e in per.values()), per[worst], worst
+
+
+def suggest(cfg, layout, world, node_ranks, B, T, itemsize, zero, limit):
+    """The first layout that fits `limit` bytes on this node, fewest changes first: a list
+    of (flags text, node bytes) with at most one entry, or []."""
+    for flags, kw, z, b in _alternatives(layout, world, B, T, zero):
+        try:
+            lay = resolve(world, cfg, b, T, **kw)
+        except UserError:
+            continue
+        need = node_estimate(cfg, lay, node_ranks, b, T, itemsize, z)[0]
+        if need <= limit:
+            return [(flags, need)]
+    return []
+
+
+def _alternatives(layout, world, B, T, zero):
+    """(flags text, resolve() keywords, zero, B) to try, fewest and mildest changes first."""
+    base = dict(pp=layout.pp, dp=layout.dp, microbatches=layout.microbatches,
+                slice_tokens=layout.slice_tokens, schedule=None)
+    out = []
+    if not zero and layout.dp > 1:
+        out.append(("--zero 1", base, 1, B))
+    rows = B // layout.dp
+    for m in (m for m in range(layout.microbatches + 1, rows + 1) if rows % m == 0):
+        out.append((f"--microbatches {m}", dict(base, microbatches=m), zero, B))
+    for k in (k for k in range(layout.slice_tokens - 1, 0, -1) if T % k == 0):
+        out.append((f"--slice-tokens {k}", dict(base, slice_tokens=k), zero, B))
+    for pp in (p for p in range(layout.pp + 1, world + 1) if world % p == 0):
+        for z in sorted({zero, 1} if world // pp > 1 else {zero}):
+            extra = " --zero 1" if z and not zero else ""
+            out.append((f"--pp {pp} --dp {world // pp}{extra}",
+                        dict(pp=pp, dp=world // pp), z, B))
+    b = B
+    while b % 2 == 0:
+        b //= 2
+        out.append((f"--batch-size {b}", dict(base, microbatches=None), zero, b))
+    return out
