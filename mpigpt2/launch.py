@@ -88,8 +88,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
     if args.ranks < 1:
-        p.error("-n must be ≥ 1")
-    local = args.ranks if not args.hostfile else max(1, args.ranks // _count_hosts(args.hostfile))
+        return usage("-n must be ≥ 1")
+    if args.threads is not None and args.threads < 1:
+        return usage(f"--threads must be ≥ 1, got {args.threads}")
+    hosts = _count_hosts(args.hostfile) if args.hostfile else 1
+    if hosts is None:
+        return usage(f"--hostfile {args.hostfile}: not a readable text file of host names")
+    local = max(1, args.ranks // hosts)
     cmd = mpiexec_cmd(args.ranks, args.hostfile) + [sys.executable, "-m", args.module] + rest
     env = thread_env(local, args.threads)
     print(" ".join(cmd), file=sys.stderr, flush=True)
@@ -100,9 +105,21 @@ def main(argv=None):
     os.execvpe(cmd[0], cmd, env)
 
 
+def usage(message):
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
 def _count_hosts(path):
-    with open(path) as f:
-        return max(1, sum(1 for line in f if line.strip() and not line.lstrip().startswith("#")))
+    """Hosts listed in a hostfile (at least 1), or None if it is not a readable text file."""
+    try:
+        if not os.path.isfile(path):
+            return None
+        with open(path, encoding="utf-8") as f:
+            return max(1, sum(1 for line in f if line.strip() and
+                              not line.lstrip().startswith("#")))
+    except (OSError, ValueError):
+        return None
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ there that this run would replace is kept (moved or copied aside, never deleted)
 
 import os
 import stat
-import tempfile
 
 from mpigpt2.base.errors import UserError
+from mpigpt2.base.files import check_writable
 from mpigpt2.formats import checkpoint as ck
 from mpigpt2.formats import lineage as lin
 
@@ -41,20 +41,6 @@ def _regular(path):
         return stat.S_ISREG(os.stat(path).st_mode)
     except OSError:
         return False
-
-
-def check_writable(path, flag):
-    """path (a directory, maybe not yet created) can be created and written; nothing made."""
-    p = os.path.abspath(path)
-    while not os.path.lexists(p):
-        p = os.path.dirname(p)
-    try:
-        if not os.path.isdir(p):
-            raise OSError
-        with tempfile.TemporaryFile(dir=p):  # access() says yes to root even on /proc
-            pass
-    except OSError:
-        raise UserError(f"{flag} {path}: {p} is not a writable directory") from None
 
 
 def keep_earlier(out_dir, resume_state, lineage):

@@ -12,6 +12,7 @@ import urllib.request
 
 import numpy as np
 
+from mpigpt2.base.files import check_writable, require_regular
 from mpigpt2.base.errors import UserError, run_cli
 from mpigpt2.formats.shards import ShardWriter
 from mpigpt2.formats.tokenizer import EOT, gpt2_encoding
@@ -29,6 +30,7 @@ _SAFE_CUT = re.compile(r"[^\s][ \n]")
 
 def _read_utf8(path, what):
     """Whole file as text (newlines translated, as llm.c's open().read() does)."""
+    require_regular(path, what)
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()
@@ -193,8 +195,7 @@ def prepare_text(files, out_dir, shard_tokens=100_000_000, val_tokens=32768,
     if shard_tokens < 1 or val_tokens < 0:
         raise UserError("--shard-tokens must be ≥ 1 and --val-tokens ≥ 0")
     for p in files:
-        if not os.path.isfile(p):
-            raise UserError(f"input {p}: no such file")
+        require_regular(p, "input")
         _check_utf8(p)
     enc = gpt2_encoding()
     made_dir = not os.path.isdir(out_dir)
@@ -277,8 +278,18 @@ def build_parser():
     return p
 
 
+def check_out_dir(out_dir):
+    """--out-dir is, or can become, a writable directory (checked before any reading)."""
+    if not out_dir:
+        raise UserError("--out-dir is empty; give a directory for the shards")
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out-dir {out_dir} exists and is not a directory")
+    check_writable(out_dir, "--out-dir")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    check_out_dir(args.out_dir)
     if args.cmd == "tinyshakespeare":
         prepare_tinyshakespeare(args.out_dir, args.input)
     else:

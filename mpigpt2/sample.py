@@ -84,9 +84,13 @@ def main(argv=None):
     prompt = gpt2_encoding().encode_ordinary(args.prompt) if args.prompt else [start_token(cfg)]
     if max(prompt) >= cfg.vocab_size:
         raise UserError(f"the prompt has token ids ≥ the model's vocabulary {cfg.vocab_size}")
+    if len(prompt) >= cfg.max_seq_len:
+        raise UserError(f"the prompt alone has {len(prompt)} tokens, the model's maximum "
+                        f"sequence length is {cfg.max_seq_len}: shorten --prompt")
     if len(prompt) + args.tokens > cfg.max_seq_len:
         raise UserError(f"the prompt ({len(prompt)} tokens) plus --tokens {args.tokens} exceed "
-                        f"the model's maximum sequence length {cfg.max_seq_len}; lower --tokens")
+                        f"the model's maximum sequence length {cfg.max_seq_len}; lower --tokens "
+                        f"to {cfg.max_seq_len - len(prompt)} or shorten --prompt")
     model = GPT(cfg)
     load_stage_params(args.model, full_spec(cfg), model.params)
     toks = generate(model, prompt, args.tokens, args.temperature, args.top_k or None, args.seed)

@@ -15,7 +15,8 @@ from mpigpt2.formats.data import DataLoader
 from mpigpt2.formats.models import load_config
 from mpigpt2.model.config import GPTConfig
 from mpigpt2.options import check_args
-from mpigpt2.outputs import check_out_dir, check_writable
+from mpigpt2.base.files import check_writable
+from mpigpt2.outputs import check_out_dir
 from mpigpt2.base.machine import available_memory_bytes
 from mpigpt2.parallel import layout as lay, memory as mem
 

@@ -16,6 +16,7 @@ import dataclasses  # noqa: E402 (the rest as usual, after the guard)
 import math
 import os
 import resource
+import socket
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -194,9 +195,13 @@ def open_outputs(run, threads, ranks_per_node, tuned):
     size = run.world.Get_size()
     run.cores = min(os.cpu_count() or 1, ranks_per_node * threads) * (size // ranks_per_node)
     kept_val = False
+    with run.grid.waiter.bounded("the rank table (gather)"):
+        ranks = run.world.gather((socket.gethostname(), os.getpid()), root=0)
     if run.rank == 0:
         run.peak = peak_gflops_per_core(args.peak_gflops)
         config = {"model": cfg.as_dict(), "layout": layout.as_dict(), "world": size,
+                  "ranks": [{"rank": r, "host": h, "pid": pid} for r, (h, pid) in
+                            enumerate(ranks)],
                   "threads_per_rank": threads, "args": vars(args)}
         if tuned is not None:
             config["autotune"] = tuned
@@ -221,10 +226,20 @@ def open_outputs(run, threads, ranks_per_node, tuned):
                f"thread(s)/rank")
     run.print0(f"peak {run.peak[0]:.1f} GFLOP/s per core ({run.peak[1]}) × {run.cores} cores; "
                f"{mx.flops_per_token(cfg, T) / 1e6:.1f} MFLOP per token")
+    run.print0(rank_table(ranks, args.out_dir))
     if plan.resume is not None:
         run.print0(f"resumed from {plan.resume.path} at step {plan.start_step}")
     for note in plan.notes:
         run.print0(note)
+
+
+def rank_table(ranks, out_dir, shown=16):
+    """One line mapping PIDs to ranks: an MPI launcher reports a killed rank by its PID."""
+    if ranks is None:
+        return ""
+    text = " ".join(f"{r}={pid}@{host}" for r, (host, pid) in enumerate(ranks[:shown]))
+    more = f" … ({len(ranks)} in {out_dir}/config.json)" if len(ranks) > shown else ""
+    return f"ranks (rank=pid@host; a launcher names a dead rank by its PID): {text}{more}"
 
 
 # -- the training loop ----------------------------------------------------------------------------

@@ -1,8 +1,10 @@
-"""Inputs are regular files: checked before anything opens them (a FIFO, a device or a
-directory given as a file would block open() or read forever)."""
+"""Files given as input or output: inputs must be regular files, checked before anything opens
+them (a FIFO, a device or a directory given as a file would block open() or read forever);
+output directories must be creatable and writable, checked before any compute."""
 
 import os
 import stat
+import tempfile
 
 from mpigpt2.base.errors import UserError
 
@@ -38,3 +40,17 @@ def open_regular(path, what, mode="rb", **kw):
         raise UserError(f"{what} {path} is not a regular file; give a regular file")
     os.set_blocking(fd, True)
     return os.fdopen(fd, mode, **kw)
+
+
+def check_writable(path, flag):
+    """path (a directory, maybe not yet created) can be created and written; nothing made."""
+    p = os.path.abspath(path)
+    while not os.path.lexists(p):
+        p = os.path.dirname(p)
+    try:
+        if not os.path.isdir(p):
+            raise OSError
+        with tempfile.TemporaryFile(dir=p):  # access() says yes to root even on /proc
+            pass
+    except OSError:
+        raise UserError(f"{flag} {path}: {p} is not a writable directory") from None

@@ -121,7 +121,10 @@ def _tokens(f, path, raw, size):
     if version != VERSION:
         raise UserError(f"{path}: llm.c shard version {version}, expected {VERSION} — {_HINT}")
     want = HEADER_BYTES + 2 * count
-    if count < 0 or size < want:
+    if count < 0:
+        raise UserError(f"{path}: the header's token count is {count}, negative: a damaged or "
+                        f"foreign file — {_HINT}")
+    if size < want:
         raise UserError(f"{path}: truncated: header says {count} tokens ({want} bytes) but the "
                         f"file has {size} bytes — {_HINT}")
     if size > want:

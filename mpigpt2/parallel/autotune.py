@@ -136,16 +136,16 @@ def _read_cache(path):
 
 
 def _cached_profile(data, key):
-    """{k: seconds} of one cache entry when every k is a positive integer and every time a
-    finite positive number, else {} (a damaged entry is measured again)."""
+    """{k: [seconds per slice]} of one cache entry when every k is a positive integer and
+    every time a finite positive number, else {} (a damaged entry is measured again)."""
     entry = data.get(key)
     if not isinstance(entry, dict):
         return {}
     try:
-        hit = {int(k): float(v) for k, v in entry.items()}
+        hit = {int(k): [float(t) for t in v] for k, v in entry.items()}
     except (TypeError, ValueError, OverflowError):
         return {}
-    ok = all(k > 0 and math.isfinite(v) and v > 0 for k, v in hit.items())
+    ok = all(k > 0 and v and all(math.isfinite(t) and t > 0 for t in v) for k, v in hit.items())
     return hit if ok else {}
 
 

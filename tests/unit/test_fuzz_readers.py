@@ -796,6 +796,18 @@ def cache_entry(draw):
     return kind, None
 
 
+def make_cache(cache, kind, data, d):
+    """A cache file of the drawn kind: bytes, a FIFO, a directory or a dangling symlink."""
+    if kind == "file":
+        cache.write_bytes(data)
+    elif kind == "fifo":
+        os.mkfifo(cache)
+    elif kind == "dir":
+        cache.mkdir()
+    elif kind == "dangling":
+        os.symlink(d / "nowhere", cache)
+
+
 @fuzz(80)
 @given(entry=cache_entry())
 def test_peak_cache(scratch, entry):
@@ -804,14 +816,7 @@ def test_peak_cache(scratch, entry):
     with case(scratch) as d:
         cache = d / "mpigpt2" / "peak.json"
         cache.parent.mkdir()
-        if kind == "file":
-            cache.write_bytes(data)
-        elif kind == "fifo":
-            os.mkfifo(cache)
-        elif kind == "dir":
-            cache.mkdir()
-        elif kind == "dangling":
-            os.symlink(d / "nowhere", cache)
+        make_cache(cache, kind, data, d)
         with mock.patch.object(peak, "CACHE", str(cache)), \
                 mock.patch.object(peak, "probe_peak_gflops", return_value=PROBED), alarm():
             g, source = peak.peak_gflops_per_core()
@@ -834,7 +839,7 @@ def test_peak_cache(scratch, entry):
 def slices_cache(draw):
     from mpigpt2.parallel import autotune
     key = "KEY"
-    good = {"32": 0.01, "16": 0.006, "8": 0.004}
+    good = {"32": [0.01], "16": [0.006, 0.006], "8": [0.004] * 4}
     kind = draw(st.sampled_from(["record", "record", "json", "bytes", "fifo", "dir"]))
     if kind == "record":
         entry = draw(st.one_of(st.just(good), json_edit(good), JSON))
@@ -853,16 +858,11 @@ def test_slice_profile_cache(scratch, entry):
     kind, data, autotune = entry
     with case(scratch) as d:
         cache = d / "slices.json"
-        if kind == "file":
-            cache.write_bytes(data)
-        elif kind == "fifo":
-            os.mkfifo(cache)
-        elif kind == "dir":
-            cache.mkdir()
-        measured = {32: 0.02, 16: 0.01, 8: 0.009}
+        make_cache(cache, kind, data, d)
+        measured = {32: [0.02], 16: [0.01] * 2, 8: [0.009] * 4}
         with mock.patch.object(autotune, "cache_path", return_value=str(cache)), \
                 mock.patch.object(autotune, "profile_key", return_value="KEY"), \
                 mock.patch.object(autotune, "measure", return_value=measured), alarm():
             prof, source = autotune.profile(None, None, 1, 32, 1, 2, ks=[32, 16, 8])
-        assert all(isinstance(v, float) and v > 0 for v in prof.values())
+        assert all(v and all(isinstance(t, float) and t > 0 for t in v) for v in prof.values())
         assert source == "measured" and prof == measured or source == "cache"
