@@ -28,7 +28,7 @@ from threadpoolctl import threadpool_limits
 from mpigpt2 import faults, outputs
 from mpigpt2.base import malloc
 from mpigpt2.base.errors import run_cli
-from mpigpt2.base.watchdog import cancel_init_guard
+from mpigpt2.base.watchdog import init_done
 from mpigpt2.formats import checkpoint as ck, lineage
 from mpigpt2.formats.llmc import write_model
 from mpigpt2.formats.models import load_stage_params
@@ -53,7 +53,7 @@ from mpigpt2.setup import Plan, plan as make_plan
 
 
 def main(argv=None):
-    cancel_init_guard()  # MPI_Init is done
+    init_done()  # MPI_Init has returned (base/watchdog.py)
     args = parse_args(argv)
     world = MPI.COMM_WORLD
     install_excepthook(world)

@@ -47,7 +47,9 @@ def abort(comm, code):
     """MPI Abort after a short pause: the launcher forwards a rank's output asynchronously, and
     an immediate Abort can kill the job before the message that says why has reached it."""
     import time
+    from mpigpt2.base.watchdog import expected_exit
     sys.stdout.flush()
     sys.stderr.flush()
+    expected_exit()  # (the reason is printed; the rank's sentinel need not report it)
     time.sleep(ABORT_GRACE_SECONDS)
     comm.Abort(code)

@@ -1,15 +1,22 @@
-"""A bound on MPI_Init itself: a peer stopped (SIGSTOP) or dead while the job starts leaves
-every other rank inside MPI_Init, before any MPI call of ours could poll or abort, and holding
-the GIL (so no Python thread can act). A forked watchdog process therefore keeps the time:
-started before mpi4py initialises MPI, released once the command's main() runs; on expiry it
-prints one line and kills its parent, and the MPI launcher then ends the rest of the job.
+"""Each rank's sentinel, a forked process that outlives what the rank itself cannot report.
+
+1. A bound on MPI_Init: a peer stopped (SIGSTOP) or dead while the job starts leaves every
+   other rank inside MPI_Init, before any MPI call of ours could poll or abort, and holding
+   the GIL (so no Python thread can act). The sentinel keeps the time; on expiry it prints one
+   line and kills its rank, and the MPI launcher then ends the rest of the job.
+2. A rank killed outright (kill -9, the OOM killer): the sentinel names it.
 (docs/design.md#waiting)"""
 
 import argparse
+import atexit
 import math
 import os
 import select
 import signal
+import socket
+import subprocess
+import sys
+import time
 
 DEFAULT_SECONDS = 1800.0
 _guard = {}
@@ -34,34 +41,111 @@ def launcher_rank():
     return "?"
 
 
+MARKER_SECONDS = 5.0
+
+
 def guard_init(argv):
-    """Kill this process with one line on stderr unless cancel_init_guard() is called within
-    --wait-timeout seconds. The watchdog is a forked child holding only a pipe (and stderr):
-    the pipe's end of file, when the parent cancels or dies, makes it exit at once."""
+    """Start this rank's sentinel: `python -m mpigpt2.base.watchdog FD PID SECONDS RANK`, a
+    separate small process holding only the read end of a pipe (and stderr).
+
+    Until init_done() it bounds MPI_Init: nothing within --wait-timeout seconds, and it prints
+    one line and kills this process. After init_done() it watches: if this process vanishes
+    without expected_exit() (kill -9, the OOM killer, a segfault) it names the rank on stderr,
+    which the launcher forwards before its own banner (that names only a PID). The other ranks
+    cannot say it: MPICH kills them within ~0.1 s. (An exec'd program, not a bare fork, so
+    that it is told apart from the ranks in ps and /proc; in its own session, so that the
+    launcher's process-group kill does not take it along.)"""
     seconds = wait_timeout(argv)
     try:
         r, w = os.pipe()
-        parent, pid = os.getpid(), os.fork()
+        subprocess.Popen([sys.executable, "-m", "mpigpt2.base.watchdog", str(r),
+                          str(os.getpid()), repr(seconds), launcher_rank(), job_key()],
+                         pass_fds=(r,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         start_new_session=True)
     except OSError:
-        return  # no fork here: MPI_Init stays unguarded
-    if pid == 0:
+        return  # no sentinel here: MPI_Init stays unguarded
+    os.close(r)
+    _guard.update(fd=w)
+    atexit.register(expected_exit)
+
+
+def _sentinel(r, parent, seconds, rank, job):
+    if not select.select([r], [], [], seconds)[0]:
+        _write(f"[rank {rank}] gave up (--wait-timeout) after {seconds:.0f}s waiting for "
+               f"MPI_Init: a peer process is stopped or dead")
+        os.kill(parent, signal.SIGKILL)
+        return
+    said = os.read(r, 1)
+    while said == b"I":  # MPI is up: watch until the end
+        said = os.read(r, 1)
+    if said == b"X" or not _first_loss(job):
+        return  # a clean end, or a rank the launcher killed after the first loss
+    _write(f"[rank {rank}] died without a word (pid {parent} on {socket.gethostname()}): "
+           f"killed by a signal (kill -9, the OOM killer) or crashed in native code; the MPI "
+           f"launcher ends the job")
+
+
+def _write(line):
+    try:
+        os.write(2, (line + "\n").encode())
+    except OSError:
+        pass  # (the launcher is gone)
+
+
+def _first_loss(job):
+    """True for the first sentinel of this job on this node to see its rank vanish: the
+    launcher kills the other ranks right after (by process group: the sentinels run in their
+    own sessions to survive it), and their sentinels must stay quiet. The marker is removed
+    again after MARKER_SECONDS."""
+    path = os.path.join("/dev/shm" if os.path.isdir("/dev/shm") else "/tmp",
+                        f"mpigpt2-lost-{job}")
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except OSError:
+        return False
+    if os.fork() == 0:  # remove the marker later, without delaying the report
+        time.sleep(MARKER_SECONDS)
         try:
-            os.closerange(3, r)
-            os.closerange(r + 1, 1 << 16)
-            if not select.select([r], [], [], seconds)[0]:
-                os.write(2, f"[rank {launcher_rank()}] gave up (--wait-timeout) after "
-                            f"{seconds:.0f}s waiting for MPI_Init: a peer process is stopped "
-                            f"or dead\n".encode())
-                os.kill(parent, signal.SIGKILL)
+            os.unlink(path)
         finally:
             os._exit(0)
-    os.close(r)
-    _guard.update(fd=w, pid=pid)
+    return True
 
 
-def cancel_init_guard():
-    """Release the watchdog (closing the pipe ends it) and reap it."""
-    fd, pid = _guard.pop("fd", None), _guard.pop("pid", None)
+def job_key():
+    """This node's share of the job: the launcher process that started the ranks here (its
+    pid and start time, so a reused pid is another job)."""
+    ppid = os.getppid()
+    try:
+        with open(f"/proc/{ppid}/stat") as f:
+            start = f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        start = "0"
+    return f"{ppid}-{start}"
+
+
+def _say(mark):
+    fd = _guard.get("fd")
+    if fd is not None:
+        try:
+            os.write(fd, mark)
+        except OSError:
+            pass
+
+
+def init_done():
+    """MPI_Init has returned: the sentinel stops timing and starts watching."""
+    _say(b"I")
+
+
+def expected_exit():
+    """This process is about to end on purpose (a normal exit, an error already reported, an
+    MPI_Abort): the sentinel leaves quietly."""
+    _say(b"X")
+    fd = _guard.pop("fd", None)
     if fd is not None:
         os.close(fd)
-        os.waitpid(pid, 0)
+
+
+if __name__ == "__main__":  # the sentinel process
+    _sentinel(int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5])

@@ -15,6 +15,8 @@ import time
 import numpy as np
 from mpi4py import MPI
 
+from mpigpt2.base.watchdog import expected_exit
+
 
 EXIT_PREEMPTED = 3
 EXIT_DIVERGED = 5  # a non-finite loss or gradient norm: stopped without saving
@@ -31,6 +33,7 @@ def _handler(signum, frame):
         sys.stderr.write(f"[rank {MPI.COMM_WORLD.Get_rank()}] second signal "
                          f"{signal.Signals(signum).name}: exiting now\n")
         sys.stderr.flush()
+        expected_exit()
         os._exit(128 + signum)
     _state["signal"], _state["at"] = signum, now
 

@@ -82,3 +82,32 @@ def test_rank_stopped_before_mpi_init(tmp_path, shards):
     proc = start(mpiexec(4) + ["sh", "-c", script, PY] + train_args(shards, out))
     err = ends_bounded(proc, out)
     assert "waiting for MPI_Init" in err
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("victim", [0, 2])
+def test_kill_9_names_the_lost_rank(tmp_path, shards, victim):
+    """MPICH kills the other ranks at once and names only a PID; the lost rank's sentinel
+    (base/watchdog.py) names the rank, once, and no other rank is reported."""
+    out = tmp_path / "o"
+    proc = start(mpiexec(4) + [PY] + train_args(shards, out))
+    pid = None
+    for _ in range(1000):
+        pid = rank_pid(proc, victim, str(out))
+        if pid and (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size:
+            break
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    lost = [x for x in err.splitlines() if "died without a word" in x]
+    assert len(lost) == 1 and lost[0].startswith(f"[rank {victim}] died without a word (pid "
+                                                 f"{pid} "), err
+
+
+def test_a_clean_run_reports_no_loss(tmp_path, shards):
+    proc = start(mpiexec(2) + [PY] + train_args(shards, tmp_path / "o") + ["--steps", "2"])
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "died without a word" not in err and "gave up" not in err
