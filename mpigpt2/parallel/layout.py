@@ -131,10 +131,7 @@ def resolve(world, cfg, B, T, pp=None, dp=None, stage_layers=None, microbatches=
     if T % slice_tokens:
         raise UserError(f"--slice-tokens {slice_tokens} does not divide --seq-len {T}")
     if schedule is None:
-        schedule = "1f1b" if microbatches >= pp else "gpipe"
+        schedule = "1f1b"  # never more memory than GPipe, the same bubble (any M: warm-up clamped)
     if schedule not in SCHEDULES:
         raise UserError(f"--schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
-    if schedule == "1f1b" and microbatches < pp:
-        raise UserError(f"--schedule 1f1b needs --microbatches ≥ pp ({pp}), got {microbatches}; "
-                        f"raise --microbatches or use --schedule gpipe")
     return Layout(pp, dp, counts, microbatches, slice_tokens, schedule)

@@ -76,7 +76,9 @@ def one_f_one_b(stage, p, M, n):
 
     The warm-up is n-1 units (the last stage must hold all slices of a micro-batch before its
     first backward) plus p-1-stage units (what is in flight downstream), so a stage keeps
-    at most n+p-1-stage units of activations instead of all M·n.
+    at most n+p-1-stage units of activations instead of all M·n. Like Megatron's
+    non-interleaved 1F1B the warm-up is clamped to the M·n units there are, so any M works:
+    with M·n ≤ n-1+p-1-stage the stage runs GPipe's order.
     """
     fw, bw = forward_units(M, n), backward_units(M, n)
     warm = min(len(fw), (n - 1) + (p - 1 - stage))

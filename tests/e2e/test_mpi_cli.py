@@ -32,6 +32,8 @@ def one_process(tmp_path_factory, shards):
     (["--pp", "4"], "pp 4 × dp 2"),
     (["--pp", "2", "--microbatches", "2", "--slice-tokens", "8", "--schedule", "gpipe"],
      "pp 2 × dp 4"),
+    (["--pp", "4", "--microbatches", "1", "--slice-tokens", "8", "--schedule", "1f1b"],
+     "pp 4 × dp 2 | stages [1, 1, 1, 1] | M=1 k=8 1f1b"),  # 1F1B with M < pp
 ])
 def test_8_ranks_match_one_process(tmp_path, shards, one_process, extra, shown):
     eight = run(mpiexec(8) + train_cmd(shards, tmp_path / "eight", *COMMON, *extra))

@@ -126,6 +126,9 @@ CASES = [
     (2, 3, 32, 1, "gpipe", "3,1", 1, False),  # unequal shards of wte (6 owners) and the rest
     (2, 3, 8, 2, "gpipe", "1,3", 1, True),
     (4, 2, 2, 4, "1f1b", None, 1, True),
+    (4, 1, 8, 2, "1f1b", None),  # 1F1B with M < pp: the warm-up clamped to M·n units
+    (4, 2, 32, 1, "1f1b", None),
+    (3, 2, 1, 2, "1f1b", "2,1,1", 1, True),
 ]
 
 _REF = {}
