@@ -52,8 +52,18 @@ def layernorm_forward(x, w, b):
 
 def layernorm_backward(dout, norm, rstd, w, dw, db):
     """Return dx (N, C); accumulate dw, db (C,)."""
+    layernorm_backward_weight(dout, norm, dw, db)
+    return layernorm_backward_input(dout, norm, rstd, w)
+
+
+def layernorm_backward_weight(dout, norm, dw, db):
+    """The weight part (W) of LayerNorm's backward: accumulate dw, db (C,)."""
     db += dout.sum(axis=0)
     dw += np.einsum("nc,nc->c", dout, norm)
+
+
+def layernorm_backward_input(dout, norm, rstd, w):
+    """The input part (I) of LayerNorm's backward: dx (N, C)."""
     dnorm = dout * w  # (N, C)
     C = dout.shape[1]
     mean_dnorm = dnorm.mean(axis=1, keepdims=True)  # (N, 1)
@@ -77,9 +87,19 @@ def matmul_forward(x, w, bias):
 
 def matmul_backward(dout, x, w, dw, dbias):
     """Return dx (N, IN); accumulate dw (OUT, IN) and dbias (OUT,)."""
+    matmul_backward_weight(dout, x, dw, dbias)
+    return matmul_backward_input(dout, w)
+
+
+def matmul_backward_weight(dout, x, dw, dbias):
+    """The weight part (W): accumulate dw (OUT, IN) += dout.T @ x and dbias (OUT,)."""
     dw += dout.T @ x
     if dbias is not None:
         dbias += dout.sum(axis=0)
+
+
+def matmul_backward_input(dout, w):
+    """The input part (I): dx (N, IN) = dout (N, OUT) @ w (OUT, IN)."""
     return dout @ w  # (N, IN)
 
 

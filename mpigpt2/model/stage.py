@@ -53,6 +53,7 @@ class Stage:
         self.grad_flat, self.g = self.layout.alloc(self.dtype)
         self.nl = spec.l1 - spec.l0
         self.mbs = {}
+        self.pending = {}  # (mb, pos0) -> the weight parts (W) kept by backward_input
         self.pool = _Pool(self.dtype)
         self.before_use = None  # ZeRO: before_use(layer or tensor name) waits for its params
 
@@ -123,50 +124,94 @@ class Stage:
         return out
 
     def backward(self, mb, pos0, dx_out=None, layer_done=None):
-        """Backward one slice (slices of a micro-batch in reverse order).
+        """Backward one slice (B): its input part and, layer by layer, its weight part.
 
         dx_out: gradient (b*S, C) of this stage's output; None on the last stage (the loss
         gradient was fused into forward). Returns the input gradient (b*S, C), or None on
         the first stage (it ends in the embedding tables). layer_done(i) is called once layer
         i's backward is done (the runtime starts that layer's gradient reduction).
         """
+        return self._backward(mb, pos0, dx_out, layer_done, split=False)
+
+    def backward_input(self, mb, pos0, dx_out=None):
+        """The input part (I) of backward: the input gradient and the dK/dV contributions
+        (slices of a micro-batch in reverse order, as for B); what the weight part needs is
+        kept until backward_weight(mb, pos0)."""
+        return self._backward(mb, pos0, dx_out, None, split=True)
+
+    def backward_weight(self, mb, pos0, layer_done=None):
+        """The weight part (W) of slice pos0 of micro-batch mb, any time after its I and in
+        any order among the other Ws: accumulates the weight and bias gradients (matmuls,
+        LayerNorm gains and biases, embeddings) and frees what I kept."""
+        for key, fn in self.pending.pop((mb, pos0)):
+            fn()
+            if layer_done is not None and isinstance(key, int):
+                layer_done(key)
+
+    def _backward(self, mb, pos0, dx_out, layer_done, split):
+        """I for every piece, in reverse order; each piece's W runs at once (B) or is kept
+        (split). Docs: docs/design.md#token-slices (order), #schedules-as-data (I and W)."""
         p, g, st = self.p, self.g, self.mbs[mb]
         saved = st.saved.pop(pos0)
+        kept = self.pending.setdefault((mb, pos0), []) if split else None
+
+        def weight(key, fn):  # the W of one piece (a layer, the head, the embeddings)
+            if split:
+                kept.append((key, fn))
+                return
+            fn()
+            if layer_done is not None and isinstance(key, int):
+                layer_done(key)
         if st.dk is None:
             st.dk = self.pool.take(st.k.shape, zero=True)
             st.dv = self.pool.take(st.v.shape, zero=True)
         if self.spec.last:
             lnf, normf, rstdf, dlogits = saved["head"]
-            dlnf = ops.matmul_backward(dlogits, lnf, p["wte"], g["wte"], None)  # (b*S, C)
-            dx = ops.layernorm_backward(dlnf, normf, rstdf, p["lnfw"], g["lnfw"], g["lnfb"])
+            dlnf = ops.matmul_backward_input(dlogits, p["wte"])  # (b*S, C)
+            dx = ops.layernorm_backward_input(dlnf, normf, rstdf, p["lnfw"])  # (b*S, C)
+
+            def head_w():
+                ops.matmul_backward_weight(dlogits, lnf, g["wte"], None)
+                ops.layernorm_backward_weight(dlnf, normf, g["lnfw"], g["lnfb"])
+            weight("head", head_w)
         else:
             dx = dx_out  # (b*S, C)
         for i in reversed(range(self.nl)):
-            ln1, norm1, rstd1, q, att, atty, ln2, norm2, rstd2, fch, fch_tanh = saved[i]
-            dx2 = dx  # residual: d(x2 + fcproj) flows to both
-            fch_gelu = ops.gelu_recompute(fch, fch_tanh)  # (b*S, 4C)
-            dfch_gelu = ops.matmul_backward(dx, fch_gelu, p["fcprojw"][i], g["fcprojw"][i],
-                                            g["fcprojb"][i])  # (b*S, 4C)
-            del fch_gelu
-            dfch = ops.gelu_backward(dfch_gelu, fch, fch_tanh)  # (b*S, 4C)
-            dln2 = ops.matmul_backward(dfch, ln2, p["fcw"][i], g["fcw"][i], g["fcb"][i])  # (b*S, C)
-            dx2 = dx2 + ops.layernorm_backward(dln2, norm2, rstd2, p["ln2w"][i], g["ln2w"][i],
-                                               g["ln2b"][i])  # (b*S, C)
-            datty = ops.matmul_backward(dx2, atty, p["attprojw"][i], g["attprojw"][i],
-                                        g["attprojb"][i])  # (b*S, C)
-            dqkv = ops.attention_backward(datty, q, att, st.k[i], st.v[i], st.dk[i], st.dv[i],
-                                          pos0)  # (b*S, 3C)
-            dln1 = ops.matmul_backward(dqkv, ln1, p["qkvw"][i], g["qkvw"][i], g["qkvb"][i])
-            dx = dx2 + ops.layernorm_backward(dln1, norm1, rstd1, p["ln1w"][i], g["ln1w"][i],
-                                              g["ln1b"][i])  # (b*S, C)
-            if layer_done is not None:
-                layer_done(i)
+            dx = self._layer_input(i, dx, saved[i], st, pos0, weight)
         if pos0 == 0:
             self.drop(mb)  # slice 0 is the last backward of the micro-batch
         if self.spec.first:
-            ops.encoder_backward(g["wte"], g["wpe"], dx, saved["tokens"], pos0)
+            tokens = saved["tokens"]
+            weight("embed", lambda: ops.encoder_backward(g["wte"], g["wpe"], dx, tokens, pos0))
             return None
         return dx
+
+    def _layer_input(self, i, dx, saved_i, st, pos0, weight):
+        """Layer i's input gradient; hands its weight part to weight(i, fn)."""
+        p, g = self.p, self.g
+        ln1, norm1, rstd1, q, att, atty, ln2, norm2, rstd2, fch, fch_tanh = saved_i
+        dout = dx  # (b*S, C) the layer's output gradient: residual and fcproj
+        dfch = ops.gelu_backward(ops.matmul_backward_input(dout, p["fcprojw"][i]), fch,
+                                 fch_tanh)  # (b*S, 4C)
+        dln2 = ops.matmul_backward_input(dfch, p["fcw"][i])  # (b*S, C)
+        dx2 = dout + ops.layernorm_backward_input(dln2, norm2, rstd2, p["ln2w"][i])  # (b*S, C)
+        datty = ops.matmul_backward_input(dx2, p["attprojw"][i])  # (b*S, C)
+        dqkv = ops.attention_backward(datty, q, att, st.k[i], st.v[i], st.dk[i], st.dv[i],
+                                      pos0)  # (b*S, 3C)
+        dln1 = ops.matmul_backward_input(dqkv, p["qkvw"][i])  # (b*S, C)
+        dx_in = dx2 + ops.layernorm_backward_input(dln1, norm1, rstd1, p["ln1w"][i])
+
+        def w():  # in backward order: fcproj, fc, ln2, attproj, qkv, ln1
+            fch_gelu = ops.gelu_recompute(fch, fch_tanh)  # (b*S, 4C)
+            ops.matmul_backward_weight(dout, fch_gelu, g["fcprojw"][i], g["fcprojb"][i])
+            del fch_gelu
+            ops.matmul_backward_weight(dfch, ln2, g["fcw"][i], g["fcb"][i])
+            ops.layernorm_backward_weight(dln2, norm2, g["ln2w"][i], g["ln2b"][i])
+            ops.matmul_backward_weight(dx2, atty, g["attprojw"][i], g["attprojb"][i])
+            ops.matmul_backward_weight(dqkv, ln1, g["qkvw"][i], g["qkvb"][i])
+            ops.layernorm_backward_weight(dln1, norm1, g["ln1w"][i], g["ln1b"][i])
+        weight(i, w)
+        return dx_in  # (b*S, C)
 
     def drop(self, mb):
         """Forget a micro-batch (end of its backward, inference, an aborted step)."""
