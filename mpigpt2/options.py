@@ -5,6 +5,7 @@ import argparse
 import os
 
 from mpigpt2.parallel.autotune import parse_slice_tokens
+from mpigpt2.parallel.layout import SCHEDULES
 from mpigpt2.base.argtypes import check_number
 from mpigpt2.base.errors import UserError
 
@@ -72,7 +73,8 @@ def parse_args(argv=None):
     a("--microbatches", type=int, default=None, help="M micro-batches per replica per step")
     a("--slice-tokens", type=parse_slice_tokens, default=None, help="k tokens per slice (k "
       "divides T; k=T: none), or 'auto': time candidate k on this CPU and take the fastest")
-    a("--schedule", choices=("gpipe", "1f1b"), default=None, help="pipeline schedule")
+    a("--schedule", choices=SCHEDULES, default=None, help="pipeline schedule (README: "
+      "Schedules)")
     a("--print-schedule", action="store_true", help="print the step × rank table and exit")
     a("--zero", type=int, choices=(0, 1), default=0, help="1: ZeRO-1, shard Adam state and the "
       "update over the data-parallel group (the tied wte over the 2·dp ranks holding it); "

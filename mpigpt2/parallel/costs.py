@@ -48,10 +48,12 @@ def bubble_fraction(pp, M, n):
     return 1.0 - work / pipeline_seconds([1.0] * n, M, pp)
 
 
-def idle_fraction(timeline, f_cost=1, b_cost=1):
-    """Idle fraction of a simulated step (schedule.simulate: all stages, tick 0 to the end)."""
-    end = max(t + (f_cost if a.kind == "F" else b_cost) for tl in timeline for t, a in tl)
-    work = sum(f_cost if a.kind == "F" else b_cost for tl in timeline for _, a in tl)
+def idle_fraction(timeline, **costs):
+    """Idle fraction of a simulated step (schedule.simulate with the same costs: all stages,
+    tick 0 to the end)."""
+    from mpigpt2.parallel.schedule import cost_of
+    end = max(t + cost_of(a.kind, **costs) for tl in timeline for t, a in tl)
+    work = sum(cost_of(a.kind, **costs) for tl in timeline for _, a in tl)
     return 1.0 - work / (end * len(timeline))
 
 

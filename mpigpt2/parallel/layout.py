@@ -7,7 +7,7 @@ from mpigpt2.base.errors import UserError
 from mpigpt2.model.params import StageSpec
 from mpigpt2.parallel import costs
 
-SCHEDULES = ("gpipe", "1f1b")
+SCHEDULES = ("gpipe", "1f1b", "zb-h1")
 
 
 @dataclass(frozen=True)

@@ -36,17 +36,19 @@ def size(nbytes):
 
 
 def in_flight(program):
-    """(most (micro-batch, slice) units alive, most micro-batches alive) over a program."""
-    units, mbs, alive = 0, 0, {}
+    """(most (micro-batch, slice) units alive, most micro-batches alive) over a program. A
+    unit lives from its F to its B (or W: its activations serve the weight gradients); a
+    micro-batch's K/V buffers from its first F to the B or I of slice 0."""
+    units, alive = 0, {}
     peak_units = peak_mbs = 0
     for a in program:
         if a.kind == "F":
             units += 1
             alive[a.mb] = alive.get(a.mb, 0) + 1
-        elif a.kind == "B":
+        if a.kind in ("B", "W"):
             units -= 1
-            if a.j == 0:  # slice 0's backward is the micro-batch's last: its buffers are freed
-                alive.pop(a.mb, None)
+        if a.kind in ("B", "I") and a.j == 0:  # slice 0's backward is the micro-batch's last
+            alive.pop(a.mb, None)
         peak_units, peak_mbs = max(peak_units, units), max(peak_mbs, len(alive))
     return peak_units, peak_mbs
 
@@ -74,6 +76,8 @@ def rank_estimate(cfg, layout, stage, B, T, itemsize, zero, rank0=False, progs=N
         progs = sch.build(layout.schedule, pp, M, n)
     units, mbs = in_flight(progs[stage])
     per_unit = nl * b * k * (14 * C + NH * T) + (b * k * (2 * C + Vp) if spec.last else 0)
+    if any(a.kind == "W" for a in progs[stage]):  # I keeps W's output gradients: 11·C a layer
+        per_unit += nl * b * k * 11 * C
     kv = 4 * nl * b * T * C
     slabs = sum((stage > 0, stage < pp - 1)) * 2 * M * n * b * k * C
     work = b * k * (16 * C + 3 * NH * T) + 4 * C * C + ((b * k + C) * Vp if spec.last else 0)

@@ -23,7 +23,8 @@ class Runner:
         progs = schedule.build(layout.schedule, grid.pp, self.M, self.n)
         self.program = progs[grid.stage]
         self.eval_program = schedule.build_eval(grid.pp, self.M, self.n)[grid.stage]
-        self.final_b = [a for a in self.program if a.kind == "B"][-1]
+        # the last action writing weight gradients: its layers' reductions start inside it
+        self.final_b = [a for a in self.program if a.kind in ("B", "W")][-1]
         self.p2p = PipeP2P(grid.pipe, grid.stage, grid.pp, self.M, self.n,
                            rows_per_mb * self.k, stage.cfg.channels, stage.dtype, grid.waiter)
         self.reducer = reducer if reducer is not None else GradReducer(grid, stage)
@@ -79,15 +80,20 @@ class Runner:
                     p2p.send(a.kind, a.mb, a.j, outputs.pop((a.mb, a.j)))
                     if tr is not None:
                         tr.instant(str(a), "send")
-                elif a.kind == "B":
+                elif a.kind in ("B", "I"):
                     dout = None if st.spec.last else self._receive("RECV_B", a)
                     t0 = time.perf_counter()
-                    last = a == self.final_b and self.overlap
-                    hook = self.reducer.start_layer if last else None
-                    dx = st.backward(a.mb, a.j * k, dout, layer_done=hook)
+                    if a.kind == "I":
+                        dx = st.backward_input(a.mb, a.j * k, dout)
+                    else:
+                        dx = st.backward(a.mb, a.j * k, dout, layer_done=self._hook(a))
                     self._tick("backward", t0, str(a))
                     if dx is not None:
                         outputs[(a.mb, a.j)] = dx
+                elif a.kind == "W":
+                    t0 = time.perf_counter()
+                    st.backward_weight(a.mb, a.j * k, layer_done=self._hook(a))
+                    self._tick("backward", t0, str(a))
                 elif a.kind == "REDUCE":
                     self.reducer.start_rest()
                     t0 = time.perf_counter()
@@ -97,7 +103,7 @@ class Runner:
                 print(f"[rank {self.grid.rank}] failed at action {i} ({a}) of:\n"
                       + " ".join(str(x) for x in program), file=sys.stderr, flush=True)
                 raise
-            if tr is not None and a.kind in ("F", "B"):
+            if tr is not None and a.kind in schedule.COMPUTE:
                 for name in p2p.sends_done():
                     tr.instant(f"done {name}", "send_done")
         t0 = time.perf_counter()
@@ -107,6 +113,10 @@ class Runner:
             for name in late:
                 tr.instant(f"done {name}", "send_done")
         return loss
+
+    def _hook(self, a):
+        """Start each layer's gradient reduction inside the program's last B or W."""
+        return self.reducer.start_layer if a == self.final_b and self.overlap else None
 
     def _receive(self, kind, a):
         """Wait (polling) for the message a compute action needs; the wait is timed."""

@@ -129,6 +129,12 @@ CASES = [
     (4, 1, 8, 2, "1f1b", None),  # 1F1B with M < pp: the warm-up clamped to M·n units
     (4, 2, 32, 1, "1f1b", None),
     (3, 2, 1, 2, "1f1b", "2,1,1", 1, True),
+    (2, 1, 8, 2, "zb-h1", None),  # the split backward: I and W, Ws deferred into the bubble
+    (2, 2, 32, 1, "zb-h1", "3,1"),
+    (4, 1, 1, 4, "zb-h1", None),
+    (2, 2, 8, 2, "zb-h1", None, 1, True),
+    (3, 2, 1, 2, "zb-h1", "1,2,1", 1, False),
+    (2, 2, 8, 2, "zb-h1", None, 0, True, CLIP),
 ]
 
 _REF = {}

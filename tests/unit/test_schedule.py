@@ -243,3 +243,39 @@ def test_one_f_one_b_with_few_micro_batches(p, M, n):
             assert compute == [a for a in gp[s] if a.kind in ("F", "B")]
         units = in_flight(ours[s])[0]
         assert units <= in_flight(gp[s])[0] and units <= n + p - 1 - s
+
+
+def step_ticks(progs, **costs):
+    return max(t + S.cost_of(a.kind, **costs) for tl in S.simulate(progs, **costs)
+               for t, a in tl)
+
+
+@pytest.mark.parametrize("p,M,n", [(2, 1, 4), (4, 4, 1), (4, 8, 1), (2, 4, 2), (4, 2, 2),
+                                   (3, 1, 1), (4, 4, 4), (2, 1, 8), (3, 6, 1), (4, 1, 32)])
+def test_zb_h1(p, M, n):
+    """Valid (every unit F, I, W; W after I; slices in order), within 1F1B's peak memory
+    (n+p-1 units), shorter than 1F1B with B = I + W, and at the zero-bubble paper's step
+    length 3·M + (p-1) for unit costs at M = p, n = 1 (its figure's case)."""
+    from mpigpt2.parallel.memory import in_flight
+    zb = S.build("zb-h1", p, M, n)
+    assert all(sum(a.kind == k for a in prog) == M * n for prog in zb for k in "FIW")
+    assert not any(a.kind == "B" for prog in zb for a in prog)
+    assert max(in_flight(prog)[0] for prog in zb) <= min(M * n, n + p - 1)
+    ours, one = step_ticks(zb), step_ticks(S.build("1f1b", p, M, n), b_cost=2)
+    assert ours < one or p == 1
+    if n == 1 and M == p:
+        assert ours == 3 * M + p - 1
+    assert ours <= 3 * M * n + p - 1 + 2 * (p - 1)
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda ps: swap(ps[0], "I0.0", "W0.0"), "W0.0 before I0.0"),
+    (lambda ps: ps[0].remove(S.Action.parse("W0.1")), "missing W0.1: I and W come in pairs"),
+    (lambda ps: ps[0].insert(0, S.Action.parse("B0.0")), "both given"),
+])
+def test_validator_rejects_split_backward_errors(mutate, message):
+    progs = [S.lower(c, s, 2, 1, 2) for s, c in enumerate(S.zb_h1(2, 1, 2))]
+    S.validate(progs, 1, 2)  # (valid before the mutation)
+    mutate(progs)
+    with pytest.raises(ScheduleError, match=message):
+        S.validate(progs, 1, 2)
