@@ -73,9 +73,12 @@ def parse_args(argv=None):
     a("--microbatches", type=int, default=None, help="M micro-batches per replica per step")
     a("--slice-tokens", type=parse_slice_tokens, default=None, help="k tokens per slice (k "
       "divides T; k=T: none), or 'auto': time candidate k on this CPU and take the fastest")
-    a("--schedule", choices=SCHEDULES, default=None, help="pipeline schedule (README: "
-      "Schedules)")
+    a("--schedule", default=None, help=f"pipeline schedule: {', '.join(SCHEDULES)}, or a "
+      "torch.distributed.pipelining CSV file (README: The parallel layout)")
     a("--print-schedule", action="store_true", help="print the step × rank table and exit")
+    a("--schedule-out", default=None, metavar="FILE.csv", help="with --print-schedule: also "
+      "write the schedule as a file --schedule reads (torch's format when k = T, else with "
+      "slices, 0F1.2)")
     a("--zero", type=int, choices=(0, 1), default=0, help="1: ZeRO-1, shard Adam state and the "
       "update over the data-parallel group (the tied wte over the 2·dp ranks holding it); "
       "gradients reduced onto their owners, updated shards broadcast back")

@@ -66,6 +66,12 @@ def plan(args, world, node_ranks=(0,)):
     if not (args.print_schedule or args.no_memory_check):
         check_memory(args, cfg, layout, world, node_ranks)
     check_out_dir(args.out_dir)
+    if args.schedule_out:
+        if not args.print_schedule:
+            raise UserError("--schedule-out needs --print-schedule")
+        if os.path.lexists(args.schedule_out) and not os.path.isfile(args.schedule_out):
+            raise UserError(f"--schedule-out {args.schedule_out} exists and is not a file")
+        check_writable(os.path.dirname(os.path.abspath(args.schedule_out)), "--schedule-out")
     if args.save:
         if os.path.lexists(args.save) and not os.path.isfile(args.save):
             raise UserError(f"--save {args.save} exists and is not a regular file; give a file "

@@ -41,7 +41,7 @@ from mpigpt2.observe.peak import peak_gflops_per_core
 from mpigpt2.observe.runlog import RunLog
 from mpigpt2.observe.trace import Tracer, merge, trace_path
 from mpigpt2.options import parse_args
-from mpigpt2.parallel import autotune, costs, schedule, signals
+from mpigpt2.parallel import autotune, costs, schedule, schedule_file, signals
 from mpigpt2.parallel.collectives import barrier, gather_model, gather_rows, sum_to_root
 from mpigpt2.parallel.failure import agree, install_excepthook
 from mpigpt2.parallel.grid import make_grid
@@ -69,7 +69,7 @@ def main(argv=None):
     threads = args.threads or max(1, (os.cpu_count() or 1) // local.Get_size())
     plan, tuned = resolve_slices(args, plan, world, threads, print0, waiter)
     if args.print_schedule:
-        return print_schedule(plan, args.seq_len, print0)
+        return print_schedule(plan, args.seq_len, print0, args.schedule_out)
     threadpool_limits(threads, user_api="blas")
     np.seterr(all="ignore")  # overflow in a diverging run is caught per step (stop_diverged)
     signals.install()
@@ -119,12 +119,15 @@ def resolve_slices(args, plan, world, threads, print0, waiter):
     return dataclasses.replace(plan, layout=layout), tuned
 
 
-def print_schedule(plan, T, print0):
+def print_schedule(plan, T, print0, out=None):
     layout = plan.layout
-    progs = schedule.build(layout.schedule, layout.pp, layout.microbatches,
-                           T // layout.slice_tokens)
+    n = T // layout.slice_tokens
+    progs = schedule.build(layout.schedule, layout.pp, layout.microbatches, n)
     print0(f"layout {layout.as_dict()}\n" + schedule.table(progs))
     print0(f"predicted bubble (unit costs): {costs.idle_fraction(schedule.simulate(progs)):.3f}")
+    if out and MPI.COMM_WORLD.Get_rank() == 0:
+        schedule_file.write(progs, out, n)
+        print0(f"schedule written to {out} (--schedule {out} runs it)")
     return 0
 
 

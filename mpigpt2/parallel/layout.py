@@ -95,6 +95,18 @@ def parse_stage_layers(text, pp, L):
     return counts
 
 
+def check_schedule_file(path, pp, M, n):
+    """A --schedule file reads, parses and validates for this layout (one line if not)."""
+    from mpigpt2.base.files import require_regular
+    from mpigpt2.parallel import schedule
+    require_regular(path, "--schedule")
+    try:
+        schedule.build(path, pp, M, n)
+    except (OSError, ValueError) as e:  # (ScheduleError is a ValueError)
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"--schedule {path}: {first}") from None
+
+
 def resolve(world, cfg, B, T, pp=None, dp=None, stage_layers=None, microbatches=None,
             slice_tokens=None, schedule=None, mem_bytes=None, ranks_per_node=None):
     """Check the requested layout and fill in defaults; raise UserError naming the bad flag."""
@@ -132,6 +144,9 @@ def resolve(world, cfg, B, T, pp=None, dp=None, stage_layers=None, microbatches=
         raise UserError(f"--slice-tokens {slice_tokens} does not divide --seq-len {T}")
     if schedule is None:
         schedule = "1f1b"  # never more memory than GPipe, the same bubble (any M: warm-up clamped)
-    if schedule not in SCHEDULES:
-        raise UserError(f"--schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
+    if schedule not in SCHEDULES and not schedule.endswith(".csv"):
+        raise UserError(f"--schedule {schedule!r}: choose one of {', '.join(SCHEDULES)} or "
+                        f"give a schedule file (.csv)")
+    if schedule.endswith(".csv"):
+        check_schedule_file(schedule, pp, microbatches, T // slice_tokens)
     return Layout(pp, dp, counts, microbatches, slice_tokens, schedule)

@@ -184,9 +184,15 @@ def lower(compute, stage, p, M, n, train=True):
 
 
 def build(name, p, M, n):
-    """Per-stage lowered programs for schedule name; validated before they are returned."""
-    compute = JOINT_BUILDERS[name](p, M, n) if name in JOINT_BUILDERS else \
-        [BUILDERS[name](s, p, M, n) for s in range(p)]
+    """Per-stage lowered programs for schedule name (a builder's name or a .csv file);
+    validated before they are returned."""
+    if name in JOINT_BUILDERS:
+        compute = JOINT_BUILDERS[name](p, M, n)
+    elif name in BUILDERS:
+        compute = [BUILDERS[name](s, p, M, n) for s in range(p)]
+    else:  # a schedule file (parallel/schedule_file.py)
+        from mpigpt2.parallel import schedule_file
+        compute = schedule_file.compute_lists(schedule_file.read_rows(name), p, M, n)
     progs = [lower(c, s, p, M, n) for s, c in enumerate(compute)]
     validate(progs, M, n)
     return progs

@@ -86,3 +86,20 @@ def test_usage_error_printed_once_under_mpi(tmp_path, shards, extra, message):
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert r.stderr.count("usage: python -m mpigpt2.train") == 1, r.stderr
     assert r.stderr.count(message) == 1, r.stderr
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name,ranks", [("ScheduleInterleavedZeroBubble", 2),
+                                        ("ScheduleInterleaved1F1B", 4)])
+def test_schedule_file_written_by_torch_trains_like_one_process(tmp_path, shards, one_process,
+                                                                name, ranks):
+    """A schedule file from torch.distributed.pipelining's own builder (the ZB one splits
+    every backward into I and W), run with token slices: the losses of one process."""
+    from helpers_torch_schedules import torch_schedule_csv
+    path = torch_schedule_csv(tmp_path / "s.csv", name, 2, 2)
+    r = run(mpiexec(ranks) + train_cmd(shards, tmp_path / "o", *COMMON, "--pp", "2",
+                                       "--microbatches", "2", "--slice-tokens", "8",
+                                       "--schedule", str(path)))
+    assert r.returncode == 0, r.stderr
+    a, b = one_process, losses(tmp_path / "o")
+    assert len(b) == 3 and max(abs(x - y) / x for x, y in zip(a, b)) < PARITY_F32

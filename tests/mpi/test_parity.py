@@ -13,6 +13,8 @@ Run under MPI: `mpiexec -n 8 python -m pytest --with-mpi tests/mpi`. Each case t
 pp·dp ranks of the world; the verdict is agreed by all ranks so none fails alone.
 """
 
+import os
+import tempfile
 import tracemalloc
 
 import numpy as np
@@ -135,6 +137,8 @@ CASES = [
     (2, 2, 8, 2, "zb-h1", None, 1, True),
     (3, 2, 1, 2, "zb-h1", "1,2,1", 1, False),
     (2, 2, 8, 2, "zb-h1", None, 0, True, CLIP),
+    (2, 1, 8, 2, "torch:ScheduleInterleavedZeroBubble", None),  # files written by torch
+    (2, 2, 1, 2, "torch:ScheduleInterleaved1F1B", "3,1", 1, True),
 ]
 
 _REF = {}
@@ -155,6 +159,10 @@ def case(c):
                               for c in map(case, CASES)])
 def test_parity(pp, dp, k, M, sched, split, dtype, zero, overlap, clip):
     world = MPI.COMM_WORLD
+    if sched.startswith("torch:"):  # a schedule file from torch's own builder, one per rank
+        from helpers_torch_schedules import torch_schedule_csv
+        sched = str(torch_schedule_csv(os.path.join(tempfile.gettempdir(), f"mpigpt2-parity-"
+                                                    f"{os.getpid()}.csv"), sched[6:], pp, M))
     lay = resolve(pp * dp, CFG, B, T, pp, dp, split, M, k, sched)
     inside = world.Get_rank() < pp * dp
     comm = world.Split(0 if inside else MPI.UNDEFINED, world.Get_rank())

@@ -13,7 +13,8 @@ PKG = REPO / "mpigpt2"
 # lower layers never import higher ones; the top-level modules are the commands
 LAYERS = {"base": 0, "model": 1, "formats": 2, "parallel": 3, "observe": 4, "": 5}
 PURE = ["model/*.py", "formats/*.py", "observe/*.py", "base/*.py", "parallel/layout.py",
-        "parallel/schedule.py", "parallel/costs.py"]
+        "parallel/schedule.py", "parallel/costs.py", "parallel/memory.py",
+        "parallel/schedule_file.py"]
 
 
 def modules():
