@@ -65,6 +65,7 @@ def test_exception_on_one_rank_ends_the_job(tmp_path, shards):
     (4, ["--pp", "2", "--dp", "3"], "mpiexec started 4 ranks"),         # flags vs world
     (2, ["--model", "nope"], "unknown model preset"),                  # the model source
     (2, ["--pp", "2", "--train-data", "/nonexistent/shard_*.bin"], "--train-data"),  # files
+    (2, ["--pp", "2", "--schedule", "zigzag"], "--schedule 'zigzag': choose one of"),
 ])
 def test_bad_layout_under_mpi(tmp_path, shards, n, extra, message):
     out = tmp_path / "out"
@@ -77,7 +78,7 @@ def test_bad_layout_under_mpi(tmp_path, shards, n, extra, message):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("extra,message", [
-    (["--schedule", "zigzag"], "invalid choice: 'zigzag'"),
+    (["--dtype", "float16"], "invalid choice: 'float16'"),
     (["--pp", "two"], "invalid int value: 'two'"),
 ])
 def test_usage_error_printed_once_under_mpi(tmp_path, shards, extra, message):
