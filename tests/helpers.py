@@ -1,8 +1,10 @@
 """Helpers shared by the test folders: running commands with a bound, the MPI launcher, the
 train command line, watching and killing process trees."""
 
+import hashlib
 import os
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +70,20 @@ def finish(proc, timeout=120):
         os.killpg(proc.pid, signal.SIGKILL)
         raise AssertionError("timed out")
     return proc.returncode, out, err
+
+
+def digest(root):
+    """Every entry under root: its kind and, for regular files, the sha256 of its bytes."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            p = os.path.join(dirpath, name)
+            st_ = os.lstat(p)
+            if stat.S_ISLNK(st_.st_mode):
+                out.append((p, "link", os.readlink(p)))
+            elif stat.S_ISREG(st_.st_mode):
+                out.append((p, "file", hashlib.sha256(open(p, 'rb').read()).hexdigest()))
+            else:
+                out.append((p, stat.S_IFMT(st_.st_mode)))
+    return out

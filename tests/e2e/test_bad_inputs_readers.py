@@ -5,20 +5,17 @@ fresh probe), in bounded time, with nothing on disk changed. (The fuzz tests of 
 readers are tests/unit/test_fuzz_readers.py.)"""
 
 import contextlib
-import hashlib
 import io
 import json
 import os
 import signal
-import stat
-from pathlib import Path
 from unittest import mock
 
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from helpers import PY, run, train_cmd
+from helpers import PY, digest, run, train_cmd
 from mpigpt2 import report
 from mpigpt2.base.errors import UserError
 from mpigpt2.formats import hf
@@ -40,20 +37,6 @@ def params(seed=0):
          for n, s in tensor_shapes(CFG, CFG.num_layers).items()}
     p["wte"][CFG.vocab_size:] = 0.0
     return p
-
-
-def digest(root):
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(dirnames + filenames):
-            p = os.path.join(dirpath, name)
-            st = os.lstat(p)
-            if stat.S_ISREG(st.st_mode):
-                out.append((p, hashlib.sha256(Path(p).read_bytes()).hexdigest()))
-            else:
-                out.append((p, stat.S_IFMT(st.st_mode)))
-    return out
 
 
 @contextlib.contextmanager

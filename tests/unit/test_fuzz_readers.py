@@ -36,6 +36,7 @@ from hypothesis import (HealthCheck, currently_in_test_context, event, given, se
                         strategies as st)
 from safetensors.numpy import save as st_save
 
+from helpers import digest
 from mpigpt2 import report
 from mpigpt2.base.errors import UserError
 from mpigpt2.formats import checkpoint, hf, models
@@ -62,23 +63,6 @@ def fuzz(n):
 
 
 # -- the checks every example makes ------------------------------------------------------------
-
-def digest(root):
-    """Every entry under root: its kind and, for regular files, the sha256 of its bytes."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(dirnames + filenames):
-            p = os.path.join(dirpath, name)
-            st_ = os.lstat(p)
-            if stat.S_ISLNK(st_.st_mode):
-                out.append((p, "link", os.readlink(p)))
-            elif stat.S_ISREG(st_.st_mode):
-                out.append((p, "file", hashlib.sha256(Path(p).read_bytes()).hexdigest()))
-            else:
-                out.append((p, stat.S_IFMT(st_.st_mode)))
-    return out
-
 
 class Hang(Exception):
     pass
