@@ -111,8 +111,8 @@ def main():
     ks = [int(k) for k in args.ks.split(",")] if args.ks else [T]
     layouts = [lay.resolve(size, cfg, B, T, args.pp, args.dp, args.stage_layers, args.M, k,
                            args.schedule) for k in ks]
-    grid = make_grid(world, args.pp, args.dp)
-    spec = layouts[0].spec(grid.stage)
+    grid = make_grid(world, args.pp, args.dp, wte_ranks=layouts[0].wte_ranks)
+    spec = layouts[0].rank_spec(grid.stage)
     stage = Stage(cfg, spec, np.float32)
     init_params(cfg, spec, stage.p, seed=0)
     opt = make_optimizer(grid, stage)

@@ -75,6 +75,9 @@ def parse_args(argv=None):
       "divides T; k=T: none), or 'auto': time candidate k on this CPU and take the fastest")
     a("--schedule", default=None, help=f"pipeline schedule: {', '.join(SCHEDULES)}, or a "
       "torch.distributed.pipelining CSV file (README: The parallel layout)")
+    a("--virtual-stages", type=int, default=None, metavar="V", help="stages per rank (layers "
+      "split over pp·V stages): interleaved-1f1b, looped-bfs and zb-h1 place stages r, r+pp, … "
+      "on rank r; zb-v (V = 2) r and 2pp-1-r (default 1; 2 for zb-v)")
     a("--print-schedule", action="store_true", help="print the step × rank table and exit")
     a("--schedule-out", default=None, metavar="FILE.csv", help="with --print-schedule: also "
       "write the schedule as a file --schedule reads (torch's format when k = T, else with "

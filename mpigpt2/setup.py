@@ -57,7 +57,8 @@ def plan(args, world, node_ranks=(0,)):
     layout = lay.resolve(world, cfg, B, T, args.pp, args.dp, args.stage_layers,
                          args.microbatches,
                          None if args.slice_tokens == "auto" else args.slice_tokens, args.schedule,
-                         node_memory_bytes(), len(node_ranks))
+                         node_memory_bytes(), len(node_ranks),
+                         args.virtual_stages or (2 if args.schedule == "zb-v" else None))
     train = DataLoader(args.train_data, B, T, vocab_size=cfg.vocab_size, flag="--train-data",
                        shuffle=args.shuffle, seed=args.seed)
     notes = []

@@ -122,7 +122,7 @@ def resolve_slices(args, plan, world, threads, print0, waiter):
 def print_schedule(plan, T, print0, out=None):
     layout = plan.layout
     n = T // layout.slice_tokens
-    progs = schedule.build(layout.schedule, layout.pp, layout.microbatches, n)
+    progs = layout.programs(T)
     print0(f"layout {layout.as_dict()}\n" + schedule.table(progs))
     print0(f"predicted bubble (unit costs): {costs.idle_fraction(schedule.simulate(progs)):.3f}")
     if out and MPI.COMM_WORLD.Get_rank() == 0:
@@ -167,8 +167,8 @@ class Run:
 def start(args, plan, world, print0, waiter):
     """The grid, this rank's stage with its weights, the optimizer and the runner."""
     layout = plan.layout
-    grid = make_grid(world, layout.pp, layout.dp, waiter)
-    spec = layout.spec(grid.stage)
+    grid = make_grid(world, layout.pp, layout.dp, waiter, layout.wte_ranks)
+    spec = layout.rank_spec(grid.stage)
     stage = Stage(plan.cfg, spec, np.dtype(args.dtype))
     opt = make_optimizer(grid, stage, args.zero, args.beta1, args.beta2, args.eps,
                          args.weight_decay, overlap=not args.no_overlap)

@@ -386,13 +386,13 @@ class Checkpoint:
             raise UserError(f"{path}: tensor {_show(name)} cannot be read ({_one_line(e)}); the "
                             f"file changed or is corrupt: download it again") from None
 
-    def load_into(self, views, l0=0, l1=None):
-        """Fill llm.c-named views (a stage owning layers l0..l1, or the whole model)."""
-        l1 = self.cfg.num_layers if l1 is None else l1
+    def load_into(self, views, layers=None):
+        """Fill llm.c-named views (a stage owning the global layers `layers`, or the whole model)."""
+        layers = range(self.cfg.num_layers) if layers is None else layers
         for n, v in views.items():
             hf, transposed = HF_NAMES[n]
             if n in LAYER_NAMES:
-                for j, i in enumerate(range(l0, l1)):
+                for j, i in enumerate(layers):
                     a = self.get(self.prefix + hf.format(i=i))
                     v[j] = a.T if transposed else a
             elif n == "wte":

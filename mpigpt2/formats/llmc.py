@@ -75,7 +75,7 @@ def _tensor_offsets(cfg):
 
 
 def load_params(path, spec, views, allow_fp64=False):
-    """Copy the tensors a stage owns (layers spec.l0..l1) from an llm.c file into views."""
+    """Copy the tensors a stage owns (layers spec.layers) from an llm.c file into views."""
     cfg, version = read_header(path, allow_fp64)
     dt = {VERSION_FP32: "<f4", VERSION_BF16: "<u2", VERSION_FP64: "<f8"}[version]
     with _open(path) as f:  # the file checked, mapped through the same descriptor
@@ -91,7 +91,7 @@ def load_params(path, spec, views, allow_fp64=False):
         if n not in views:
             continue
         full = raw[off:off + int(np.prod(shape))].reshape(shape)
-        part = full[spec.l0:spec.l1] if n in LAYER_NAMES else full
+        part = full[list(spec.layers)] if n in LAYER_NAMES else full
         if version == VERSION_BF16:  # bf16 is the top half of an fp32
             views[n][...] = (part.astype(np.uint32) << 16).view(np.float32)
         else:

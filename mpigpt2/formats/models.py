@@ -38,10 +38,10 @@ def model_config(path):
 
 
 def load_stage_params(path, spec, views):
-    """Fill a stage's llm.c-named views (layers spec.l0..l1) from either format; return cfg."""
+    """Fill a stage's llm.c-named views (layers spec.layers) from either format; return cfg."""
     if is_hf_source(path):
         ckpt = Checkpoint(path)
-        ckpt.load_into(views, spec.l0, spec.l1)
+        ckpt.load_into(views, spec.layers)
         return ckpt.cfg
     return load_params(path, spec, views)
 

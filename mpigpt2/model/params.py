@@ -1,6 +1,6 @@
 """Parameter layout: llm.c's 16 tensors, for the whole model or a stage's layer range.
 
-A stage owns layers [l0, l1); the first stage also owns wte and wpe, the last stage wte (tied,
+A stage owns layers [l0, l1) (a rank with virtual stages several such ranges: RankSpec); the first stage also owns wte and wpe, the last stage wte (tied,
 for the logits) and lnfw/lnfb. All of a stage's tensors live in one flat buffer, in llm.c order,
 so the optimizer and the gradient reduction see one array.
 """
@@ -50,6 +50,38 @@ class StageSpec:
             owned.append(n)
         return owned
 
+    @property
+    def layers(self):
+        """The global indices of the layers owned, in local order."""
+        return tuple(range(self.l0, self.l1))
+
+    @property
+    def chunks(self):
+        return (self,)
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """What a rank owns when it holds several stages (virtual stages, docs/design.md#
+    virtual-stages): its chunks in ascending stage order, their layers one after the other
+    in one buffer; wte once even when it holds both the first and the last stage (the tied
+    embedding's two uses then accumulate into one gradient)."""
+    chunks: tuple  # of StageSpec
+
+    @property
+    def first(self):
+        return any(c.first for c in self.chunks)
+
+    @property
+    def last(self):
+        return any(c.last for c in self.chunks)
+
+    @property
+    def layers(self):
+        return tuple(i for c in self.chunks for i in c.layers)
+
+    names = StageSpec.names
+
 
 def full_spec(cfg):
     return StageSpec(0, cfg.num_layers, True, True)
@@ -60,7 +92,7 @@ class ParamLayout:
 
     def __init__(self, cfg, spec):
         self.cfg, self.spec = cfg, spec
-        shapes = tensor_shapes(cfg, spec.l1 - spec.l0)
+        shapes = tensor_shapes(cfg, len(spec.layers))
         self.shapes, self.offsets = {}, {}
         off = 0
         for n in spec.names():
@@ -105,6 +137,6 @@ def init_params(cfg, spec, views, seed):
             v[...] = np.random.default_rng([seed, idx]).normal(0.0, 0.02, v.shape)
         else:
             std = std_proj if n in ("attprojw", "fcprojw") else 0.02
-            for i, layer in enumerate(range(spec.l0, spec.l1)):
+            for i, layer in enumerate(spec.layers):
                 rng = np.random.default_rng([seed, idx, layer])
                 v[i] = rng.normal(0.0, std, v.shape[1:])

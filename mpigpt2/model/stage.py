@@ -51,9 +51,13 @@ class Stage:
         self.layout = ParamLayout(cfg, spec)
         self.flat, self.p = self.layout.alloc(self.dtype)
         self.grad_flat, self.g = self.layout.alloc(self.dtype)
-        self.nl = spec.l1 - spec.l0
-        self.mbs = {}
-        self.pending = {}  # (mb, pos0) -> the weight parts (W) kept by backward_input
+        self.nl = len(spec.layers)
+        # chunk c (a virtual stage; one chunk without them) runs local layers layers[c]
+        self.chunks = spec.chunks
+        starts = np.cumsum([0] + [len(c.layers) for c in self.chunks]).tolist()
+        self.local = [range(a, b) for a, b in zip(starts, starts[1:])]
+        self.mbs = {}  # (chunk, mb) -> _MicroBatch
+        self.pending = {}  # (chunk, mb, pos0) -> the weight parts (W) kept by backward_input
         self.pool = _Pool(self.dtype)
         self.before_use = None  # ZeRO: before_use(layer or tensor name) waits for its params
 
@@ -61,27 +65,27 @@ class Stage:
     def zero_grad(self):
         self.grad_flat[...] = 0.0
 
-    def begin(self, mb, b, T):
-        """Start micro-batch mb of b sequences of T tokens (allocates its KV cache)."""
+    def begin(self, mb, b, T, c=0):
+        """Start micro-batch mb of b sequences of T tokens in chunk c (allocates its KV cache)."""
         NH = self.cfg.num_heads
-        shape = (self.nl, b, NH, T, self.cfg.channels // NH)
-        self.drop(mb)
-        self.mbs[mb] = _MicroBatch(self.pool.take(shape), self.pool.take(shape))
+        shape = (len(self.local[c]), b, NH, T, self.cfg.channels // NH)
+        self.drop(mb, c)
+        self.mbs[c, mb] = _MicroBatch(self.pool.take(shape), self.pool.take(shape))
 
-    def forward(self, mb, pos0, x_in, targets=None, dloss=0.0, train=True):
+    def forward(self, mb, pos0, x_in, targets=None, dloss=0.0, train=True, c=0):
         """Forward one slice at positions [pos0, pos0+S).
 
         x_in: tokens (b, S) on the first stage, else activations (b*S, C).
         Returns activations (b*S, C) for the next stage; on the last stage the per-token
         losses (b*S,) float64 when targets (b, S) are given, else the logits (b*S, Vp).
         With train=True the slice's activations are kept for backward and, on the last stage,
-        the logits are turned into their gradient at once (dloss per token).
+        the logits are turned into their gradient at once (dloss per token). c: the chunk.
         """
-        cfg, p, st = self.cfg, self.p, self.mbs[mb]
+        cfg, p, st, spec = self.cfg, self.p, self.mbs[c, mb], self.chunks[c]
         NH = cfg.num_heads
         saved = {}
         wait = self.before_use or (lambda key: None)
-        if self.spec.first:
+        if spec.first:
             b, S = x_in.shape
             saved["tokens"] = x_in
             wait("wte")
@@ -90,11 +94,12 @@ class Stage:
         else:
             b = st.k.shape[1]
             x = x_in  # (b*S, C)
-        for i in range(self.nl):
+        for i in self.local[c]:
             wait(i)
+            kv = i - self.local[c].start  # the layer's index in this chunk's KV cache
             ln1, norm1, rstd1 = ops.layernorm_forward(x, p["ln1w"][i], p["ln1b"][i])  # (b*S, C)
             qkv = ops.matmul_forward(ln1, p["qkvw"][i], p["qkvb"][i])  # (b*S, 3C)
-            atty, q, att = ops.attention_forward(qkv, st.k[i], st.v[i], b, NH, pos0)  # (b*S, C)
+            atty, q, att = ops.attention_forward(qkv, st.k[kv], st.v[kv], b, NH, pos0)  # (b*S, C)
             attproj = ops.matmul_forward(atty, p["attprojw"][i], p["attprojb"][i])  # (b*S, C)
             x2 = x + attproj  # (b*S, C)
             ln2, norm2, rstd2 = ops.layernorm_forward(x2, p["ln2w"][i], p["ln2b"][i])  # (b*S, C)
@@ -104,7 +109,7 @@ class Stage:
             x = x2 + fcproj  # (b*S, C)
             if train:
                 saved[i] = (ln1, norm1, rstd1, q, att, atty, ln2, norm2, rstd2, fch, fch_tanh)
-        if self.spec.last:
+        if spec.last:
             for key in ("lnfw", "lnfb", "wte"):
                 wait(key)
             lnf, normf, rstdf = ops.layernorm_forward(x, p["lnfw"], p["lnfb"])  # (b*S, C)
@@ -123,37 +128,37 @@ class Stage:
             st.saved[pos0] = saved
         return out
 
-    def backward(self, mb, pos0, dx_out=None, layer_done=None):
+    def backward(self, mb, pos0, dx_out=None, layer_done=None, c=0):
         """Backward one slice (B): its input part and, layer by layer, its weight part.
 
         dx_out: gradient (b*S, C) of this stage's output; None on the last stage (the loss
         gradient was fused into forward). Returns the input gradient (b*S, C), or None on
         the first stage (it ends in the embedding tables). layer_done(i) is called once layer
-        i's backward is done (the runtime starts that layer's gradient reduction).
+        i's backward is done (the runtime starts that layer's gradient reduction). c: the chunk.
         """
-        return self._backward(mb, pos0, dx_out, layer_done, split=False)
+        return self._backward(mb, pos0, dx_out, layer_done, False, c)
 
-    def backward_input(self, mb, pos0, dx_out=None):
+    def backward_input(self, mb, pos0, dx_out=None, c=0):
         """The input part (I) of backward: the input gradient and the dK/dV contributions
         (slices of a micro-batch in reverse order, as for B); what the weight part needs is
-        kept until backward_weight(mb, pos0)."""
-        return self._backward(mb, pos0, dx_out, None, split=True)
+        kept until backward_weight(mb, pos0, c=c)."""
+        return self._backward(mb, pos0, dx_out, None, True, c)
 
-    def backward_weight(self, mb, pos0, layer_done=None):
+    def backward_weight(self, mb, pos0, layer_done=None, c=0):
         """The weight part (W) of slice pos0 of micro-batch mb, any time after its I and in
         any order among the other Ws: accumulates the weight and bias gradients (matmuls,
         LayerNorm gains and biases, embeddings) and frees what I kept."""
-        for key, fn in self.pending.pop((mb, pos0)):
+        for key, fn in self.pending.pop((c, mb, pos0)):
             fn()
             if layer_done is not None and isinstance(key, int):
                 layer_done(key)
 
-    def _backward(self, mb, pos0, dx_out, layer_done, split):
+    def _backward(self, mb, pos0, dx_out, layer_done, split, c):
         """I for every piece, in reverse order; each piece's W runs at once (B) or is kept
         (split). Docs: docs/design.md#token-slices (order), #schedules-as-data (I and W)."""
-        p, g, st = self.p, self.g, self.mbs[mb]
+        p, g, st, spec = self.p, self.g, self.mbs[c, mb], self.chunks[c]
         saved = st.saved.pop(pos0)
-        kept = self.pending.setdefault((mb, pos0), []) if split else None
+        kept = self.pending.setdefault((c, mb, pos0), []) if split else None
 
         def weight(key, fn):  # the W of one piece (a layer, the head, the embeddings)
             if split:
@@ -165,7 +170,7 @@ class Stage:
         if st.dk is None:
             st.dk = self.pool.take(st.k.shape, zero=True)
             st.dv = self.pool.take(st.v.shape, zero=True)
-        if self.spec.last:
+        if spec.last:
             lnf, normf, rstdf, dlogits = saved["head"]
             dlnf = ops.matmul_backward_input(dlogits, p["wte"])  # (b*S, C)
             dx = ops.layernorm_backward_input(dlnf, normf, rstdf, p["lnfw"])  # (b*S, C)
@@ -176,18 +181,19 @@ class Stage:
             weight("head", head_w)
         else:
             dx = dx_out  # (b*S, C)
-        for i in reversed(range(self.nl)):
-            dx = self._layer_input(i, dx, saved[i], st, pos0, weight)
+        for i in reversed(self.local[c]):
+            dx = self._layer_input(i, i - self.local[c].start, dx, saved[i], st, pos0, weight)
         if pos0 == 0:
-            self.drop(mb)  # slice 0 is the last backward of the micro-batch
-        if self.spec.first:
+            self.drop(mb, c)  # slice 0 is the last backward of the micro-batch
+        if spec.first:
             tokens = saved["tokens"]
             weight("embed", lambda: ops.encoder_backward(g["wte"], g["wpe"], dx, tokens, pos0))
             return None
         return dx
 
-    def _layer_input(self, i, dx, saved_i, st, pos0, weight):
-        """Layer i's input gradient; hands its weight part to weight(i, fn)."""
+    def _layer_input(self, i, kv, dx, saved_i, st, pos0, weight):
+        """Layer i's input gradient (kv: its index in the chunk's caches); hands its weight
+        part to weight(i, fn)."""
         p, g = self.p, self.g
         ln1, norm1, rstd1, q, att, atty, ln2, norm2, rstd2, fch, fch_tanh = saved_i
         dout = dx  # (b*S, C) the layer's output gradient: residual and fcproj
@@ -196,7 +202,7 @@ class Stage:
         dln2 = ops.matmul_backward_input(dfch, p["fcw"][i])  # (b*S, C)
         dx2 = dout + ops.layernorm_backward_input(dln2, norm2, rstd2, p["ln2w"][i])  # (b*S, C)
         datty = ops.matmul_backward_input(dx2, p["attprojw"][i])  # (b*S, C)
-        dqkv = ops.attention_backward(datty, q, att, st.k[i], st.v[i], st.dk[i], st.dv[i],
+        dqkv = ops.attention_backward(datty, q, att, st.k[kv], st.v[kv], st.dk[kv], st.dv[kv],
                                       pos0)  # (b*S, 3C)
         dln1 = ops.matmul_backward_input(dqkv, p["qkvw"][i])  # (b*S, C)
         dx_in = dx2 + ops.layernorm_backward_input(dln1, norm1, rstd1, p["ln1w"][i])
@@ -213,8 +219,8 @@ class Stage:
         weight(i, w)
         return dx_in  # (b*S, C)
 
-    def drop(self, mb):
-        """Forget a micro-batch (end of its backward, inference, an aborted step)."""
-        st = self.mbs.pop(mb, None)
+    def drop(self, mb, c=0):
+        """Forget a micro-batch of chunk c (end of its backward, inference, an aborted step)."""
+        st = self.mbs.pop((c, mb), None)
         if st is not None:
             self.pool.give(st.k, st.v, st.dk, st.dv)

@@ -83,12 +83,15 @@ def barrier(comm, waiter=None):
 
 def gather_model(grid, stage, layout, grads=False, flat=None):
     """Collect replica 0's stage parameters (or gradients, or any flat array laid out like the
-    parameters, e.g. Adam moments) on its stage-0 rank as global tensors; None elsewhere."""
+    parameters, e.g. Adam moments) on its pipe-rank-0 rank as global tensors; None elsewhere.
+    Each rank's layers go to their global index (with virtual stages a rank's layers are
+    not contiguous); wte and wpe come from the first stage's rank, lnf from the last's."""
     from mpigpt2.model.params import ParamLayout, PARAM_NAMES  # noqa: local to keep the top light
     if grid.replica != 0:
         return None
     cfg = stage.cfg
-    sizes = [ParamLayout(cfg, layout.spec(s)).size for s in range(grid.pp)]
+    specs = [layout.rank_spec(r) for r in range(grid.pp)]
+    sizes = [ParamLayout(cfg, sp).size for sp in specs]
     recv = None
     if grid.stage == 0:
         recv = np.empty(sum(sizes), dtype=stage.dtype)
@@ -100,17 +103,19 @@ def gather_model(grid, stage, layout, grads=False, flat=None):
     if grid.stage != 0:
         return None
     parts, off = [], 0
-    for s, size in enumerate(sizes):
-        parts.append(ParamLayout(cfg, layout.spec(s)).views(recv[off:off + size]))
+    for sp, size in zip(specs, sizes):
+        parts.append(ParamLayout(cfg, sp).views(recv[off:off + size]))
         off += size
+    first, last = layout.wte_ranks
+    order = np.argsort([i for sp in specs for i in sp.layers])  # local rows -> global order
     out = {}
     for n in PARAM_NAMES:
         if n in LAYER_NAMES:
-            out[n] = np.concatenate([p[n] for p in parts], axis=0)
+            out[n] = np.concatenate([p[n] for p in parts], axis=0)[order]
         elif n in ("wte", "wpe"):
-            out[n] = parts[0][n]
+            out[n] = parts[first][n]
         else:
-            out[n] = parts[-1][n]
+            out[n] = parts[last][n]
     return out
 
 

@@ -31,26 +31,20 @@ class Grid:
     def rank(self):
         return self.world.Get_rank()
 
-    @property
-    def first(self):
-        return self.stage == 0
-
-    @property
-    def last(self):
-        return self.stage == self.pp - 1
-
     def stage_rank(self, stage, replica=None):
         """World rank holding (stage, replica)."""
         return (self.replica if replica is None else replica) * self.pp + stage
 
 
-def make_grid(world, pp, dp, waiter=None):
-    """Split world (size pp·dp) into the pipe, data and embed communicators."""
+def make_grid(world, pp, dp, waiter=None, wte_ranks=None):
+    """Split world (size pp·dp) into the pipe, data and embed communicators. wte_ranks: the
+    pipe ranks holding the first and the last stage (default 0 and pp-1; with virtual stages
+    Layout.stages_of tells)."""
     assert world.Get_size() == pp * dp
     rank = world.Get_rank()
     stage, replica = rank % pp, rank // pp
     waiter = waiter or Waiter()
-    holds_wte = stage in (0, pp - 1)
+    holds_wte = stage in (wte_ranks if wte_ranks is not None else (0, pp - 1))
     with waiter.bounded("the grid's communicator splits (Comm_split, set-up)"):
         pipe = world.Split(color=replica, key=stage)
         data = world.Split(color=stage, key=replica)

@@ -4,10 +4,10 @@
 from dataclasses import dataclass, asdict
 
 from mpigpt2.base.errors import UserError
-from mpigpt2.model.params import StageSpec
+from mpigpt2.model.params import StageSpec, RankSpec
 from mpigpt2.parallel import costs
 
-SCHEDULES = ("gpipe", "1f1b", "zb-h1")
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "looped-bfs", "zb-h1", "zb-v")
 
 
 @dataclass(frozen=True)
@@ -15,18 +15,50 @@ class Layout:
     """Resolved parallel layout; every rank computes the same one from the same flags."""
     pp: int
     dp: int
-    stage_layers: tuple     # layers per stage, sums to L
+    stage_layers: tuple     # layers per stage (pp·v stages), sums to L
     microbatches: int       # M per replica per step
     slice_tokens: int       # k; T // k slices per micro-batch
     schedule: str
+    virtual_stages: int = 1  # v: stages per rank (docs/design.md#virtual-stages)
+    placement: tuple = ()    # the pipe rank of every stage; () = one stage per rank
+
+    @property
+    def stages(self):
+        return len(self.stage_layers)
+
+    @property
+    def ranks_of_stages(self):
+        return self.placement or tuple(range(self.pp))
 
     def spec(self, stage):
+        """The layers of global stage `stage`."""
         l0 = sum(self.stage_layers[:stage])
-        return StageSpec(l0, l0 + self.stage_layers[stage], stage == 0, stage == self.pp - 1)
+        return StageSpec(l0, l0 + self.stage_layers[stage], stage == 0, stage == self.stages - 1)
+
+    def stages_of(self, rank):
+        """The stages pipe rank `rank` holds, ascending."""
+        return tuple(s for s, r in enumerate(self.ranks_of_stages) if r == rank)
+
+    @property
+    def wte_ranks(self):
+        """The pipe ranks holding the first and the last stage (the tied wte)."""
+        return (self.ranks_of_stages[0], self.ranks_of_stages[-1])
+
+    def rank_spec(self, rank):
+        """What pipe rank `rank` owns: one StageSpec, or a RankSpec of its chunks."""
+        chunks = tuple(self.spec(s) for s in self.stages_of(rank))
+        return chunks[0] if len(chunks) == 1 else RankSpec(chunks)
+
+    def programs(self, T):
+        """Every pipe rank's training program (parallel/schedule.py)."""
+        from mpigpt2.parallel import schedule
+        return schedule.build(self.schedule, self.pp, self.microbatches, T // self.slice_tokens,
+                              self.ranks_of_stages)
 
     def as_dict(self):
         d = asdict(self)
         d["stage_layers"] = list(self.stage_layers)
+        d["placement"] = list(self.ranks_of_stages)
         return d
 
 
@@ -77,14 +109,15 @@ def balanced_partition(cfg, T, pp):
     return tuple(reversed(counts))
 
 
-def parse_stage_layers(text, pp, L):
+def parse_stage_layers(text, pp, L, v=1):
     try:
         counts = tuple(int(x) for x in text.split(","))
     except ValueError:
         raise UserError(f"--stage-layers {text!r}: expected comma-separated layer counts like 4,3,3,2")
-    if len(counts) != pp:
-        raise UserError(f"--stage-layers {text!r} has {len(counts)} entries but --pp is {pp}; "
-                        f"give one layer count per stage")
+    if len(counts) != pp * v:
+        per = f"--pp {pp}" if v == 1 else f"--pp {pp} × --virtual-stages {v} = {pp * v} stages"
+        raise UserError(f"--stage-layers {text!r} has {len(counts)} entries but {per}"
+                        f"{' is' if v == 1 else ''}; give one layer count per stage")
     if min(counts) < 1:
         empty = [s for s, n in enumerate(counts) if n < 1]
         raise UserError(f"--stage-layers {text!r}: stage {empty[0]} has {counts[empty[0]]} "
@@ -95,20 +128,47 @@ def parse_stage_layers(text, pp, L):
     return counts
 
 
-def check_schedule_file(path, pp, M, n):
-    """A --schedule file reads, parses and validates for this layout (one line if not)."""
+def _schedule_error(flag, e):
+    """A schedule that breaks a rule: its one-line reason, then the table with the cell marked."""
+    lines = str(e).splitlines() or [type(e).__name__]
+    return UserError("\n".join([f"{flag}: {lines[0]}"] + lines[1:]))
+
+
+def file_placement(path, pp, M, n):
+    """The placement a --schedule file implies (which stages each row uses): one line if the
+    file cannot be read."""
     from mpigpt2.base.files import require_regular
-    from mpigpt2.parallel import schedule
+    from mpigpt2.parallel import schedule_file
     require_regular(path, "--schedule")
     try:
-        schedule.build(path, pp, M, n)
+        return schedule_file.compute_lists(schedule_file.read_rows(path), pp, M, n)[0]
     except (OSError, ValueError) as e:  # (ScheduleError is a ValueError)
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"--schedule {path}: {first}") from None
+        raise _schedule_error(f"--schedule {path}", e) from None
+
+
+def placement_for(schedule, pp, v, L):
+    """The placement of schedule with v stages per rank (UserError naming the flag if the
+    schedule and v do not fit together or pp·v exceeds the layers)."""
+    from mpigpt2.parallel import builders, schedule as sch
+    if v < 1:
+        raise UserError(f"--virtual-stages must be ≥ 1, got {v}")
+    if pp * v > L:
+        raise UserError(f"--virtual-stages {v}: pp {pp} × {v} = {pp * v} stages, but the model "
+                        f"has {L} layers; every stage needs ≥ 1 layer")
+    if v > 1 and schedule in ("gpipe", "1f1b"):
+        raise UserError(f"--schedule {schedule} runs one stage per rank; with --virtual-stages "
+                        f"{v} choose interleaved-1f1b, looped-bfs, zb-h1 or zb-v")
+    if schedule == "zb-v" and v != 2:
+        raise UserError(f"--schedule zb-v places two stages on every rank (r and 2p-1-r); it "
+                        f"needs --virtual-stages 2, got {v}")
+    if builders.PLACEMENT.get(schedule) == "v":
+        return sch.v_placement(pp)
+    return sch.loop_placement(pp, v)
 
 
 def resolve(world, cfg, B, T, pp=None, dp=None, stage_layers=None, microbatches=None,
-            slice_tokens=None, schedule=None, mem_bytes=None, ranks_per_node=None):
+            slice_tokens=None, schedule=None, mem_bytes=None, ranks_per_node=None,
+            virtual_stages=None):
     """Check the requested layout and fill in defaults; raise UserError naming the bad flag."""
     L = cfg.num_layers
     for flag, v in (("--pp", pp), ("--dp", dp), ("--microbatches", microbatches),
@@ -130,8 +190,6 @@ def resolve(world, cfg, B, T, pp=None, dp=None, stage_layers=None, microbatches=
                         f"make pp × dp equal the number of ranks")
     if pp > L:
         raise UserError(f"--pp {pp} exceeds the model's {L} layers; each stage needs ≥ 1 layer")
-    counts = (parse_stage_layers(stage_layers, pp, L) if stage_layers
-              else balanced_partition(cfg, T, pp))
     if microbatches is None:
         microbatches = pp if (B % dp == 0 and (B // dp) % pp == 0) else 1
     if B % (dp * microbatches):
@@ -148,5 +206,21 @@ def resolve(world, cfg, B, T, pp=None, dp=None, stage_layers=None, microbatches=
         raise UserError(f"--schedule {schedule!r}: choose one of {', '.join(SCHEDULES)} or "
                         f"give a schedule file (.csv)")
     if schedule.endswith(".csv"):
-        check_schedule_file(schedule, pp, microbatches, T // slice_tokens)
-    return Layout(pp, dp, counts, microbatches, slice_tokens, schedule)
+        placement = file_placement(schedule, pp, microbatches, T // slice_tokens)
+        v = len(placement) // pp
+        if virtual_stages not in (None, v) or len(placement) % pp:
+            raise UserError(f"--schedule {schedule} places {len(placement)} stages on {pp} "
+                            f"ranks, but --virtual-stages is {virtual_stages}")
+        placement_for("looped-bfs", pp, v, L)  # (the stage count check)
+    else:
+        v = virtual_stages or 1
+        placement = placement_for(schedule, pp, v, L)
+    counts = (parse_stage_layers(stage_layers, pp, L, len(placement) // pp) if stage_layers
+              else balanced_partition(cfg, T, len(placement)))
+    layout = Layout(pp, dp, counts, microbatches, slice_tokens, schedule, len(placement) // pp,
+                    () if placement == tuple(range(pp)) else placement)
+    try:
+        layout.programs(T)
+    except (OSError, ValueError) as e:  # (ScheduleError is a ValueError)
+        raise _schedule_error(f"--schedule {schedule}", e) from None
+    return layout

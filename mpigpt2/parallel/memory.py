@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 from mpigpt2.base.errors import UserError
 from mpigpt2.model.params import ParamLayout, num_parameters
-from mpigpt2.parallel import schedule as sch
 from mpigpt2.parallel.layout import resolve
 
 GiB = 1 << 30
@@ -64,31 +63,38 @@ class Estimate:
         return self.state + self.activations + self.checkpoint
 
 
-def rank_estimate(cfg, layout, stage, B, T, itemsize, zero, rank0=False, progs=None):
-    """The bytes one rank holding `stage` allocates at its peak."""
-    spec = layout.spec(stage)
+def rank_estimate(cfg, layout, rank, B, T, itemsize, zero, rank0=False, progs=None):
+    """The bytes pipe rank `rank` allocates at its peak (each of its stages' activations
+    counted at that stage's own peak: an upper bound with virtual stages)."""
+    spec = layout.rank_spec(rank)
     P = ParamLayout(cfg, spec).size
-    dp, pp, M, k = layout.dp, layout.pp, layout.microbatches, layout.slice_tokens
+    dp, M, k = layout.dp, layout.microbatches, layout.slice_tokens
     n, b = T // k, B // dp // M
-    C, NH, Vp, nl = cfg.channels, cfg.num_heads, cfg.padded_vocab_size, spec.l1 - spec.l0
+    C, NH, Vp = cfg.channels, cfg.num_heads, cfg.padded_vocab_size
     state = (2 * P + (3 * P // dp if zero else 2 * P)) * itemsize
     if progs is None:
-        progs = sch.build(layout.schedule, pp, M, n)
-    units, mbs = in_flight(progs[stage])
-    per_unit = nl * b * k * (14 * C + NH * T) + (b * k * (2 * C + Vp) if spec.last else 0)
-    if any(a.kind == "W" for a in progs[stage]):  # I keeps W's output gradients: 11·C a layer
-        per_unit += nl * b * k * 11 * C
-    kv = 4 * nl * b * T * C
-    slabs = sum((stage > 0, stage < pp - 1)) * 2 * M * n * b * k * C
+        progs = layout.programs(T)
+    prog = progs[rank]
+    split = any(a.kind == "W" for a in prog)
+    acts = slabs = 0
+    for s, chunk in zip(layout.stages_of(rank), spec.chunks):
+        units, mbs = in_flight([a for a in prog if a.s == s])
+        nl = len(chunk.layers)
+        per_unit = nl * b * k * (14 * C + NH * T) + (b * k * (2 * C + Vp) if chunk.last else 0)
+        if split:  # I keeps W's output gradients: 11·C a layer
+            per_unit += nl * b * k * 11 * C
+        acts += units * per_unit + mbs * 4 * nl * b * T * C
+        slabs += 2 * M * n * b * k * C * sum(a.kind in ("RECV_F", "RECV_B") and a.s == s and
+                                             a.mb == 0 and a.j == 0 for a in prog)
     work = b * k * (16 * C + 3 * NH * T) + 4 * C * C + ((b * k + C) * Vp if spec.last else 0)
-    activations = (units * per_unit + mbs * kv + slabs + work) * itemsize + RUNTIME_BYTES
+    activations = (acts + slabs + work) * itemsize + RUNTIME_BYTES
     checkpoint = 3 * num_parameters(cfg) * max(itemsize, 4) + (2 * P * itemsize if zero else 0)
     return Estimate(state, activations, checkpoint if rank0 else 0)
 
 
 def node_estimate(cfg, layout, node_ranks, B, T, itemsize, zero):
     """(bytes on this node at its peak, the largest rank's Estimate, that rank)."""
-    progs = sch.build(layout.schedule, layout.pp, layout.microbatches, T // layout.slice_tokens)
+    progs = layout.programs(T)
     per = {r: rank_estimate(cfg, layout, r % layout.pp, B, T, itemsize, zero, r == 0, progs)
            for r in node_ranks}
     worst = max(per, key=lambda r: per[r].total)
@@ -100,7 +106,7 @@ def suggest(cfg, layout, world, node_ranks, B, T, itemsize, zero, limit):
     of (flags text, node bytes) with at most one entry, or []."""
     for flags, kw, z, b in _alternatives(layout, world, B, T, zero):
         try:
-            lay = resolve(world, cfg, b, T, **kw)
+            lay = resolve(world, cfg, b, T, **kw, virtual_stages=layout.virtual_stages)
         except UserError:
             continue
         need = node_estimate(cfg, lay, node_ranks, b, T, itemsize, z)[0]
@@ -112,7 +118,7 @@ def suggest(cfg, layout, world, node_ranks, B, T, itemsize, zero, limit):
 def _alternatives(layout, world, B, T, zero):
     """(flags text, resolve() keywords, zero, B) to try, fewest and mildest changes first."""
     base = dict(pp=layout.pp, dp=layout.dp, microbatches=layout.microbatches,
-                slice_tokens=layout.slice_tokens, schedule=None)
+                slice_tokens=layout.slice_tokens, schedule=layout.schedule)
     out = []
     if not zero and layout.dp > 1:
         out.append(("--zero 1", base, 1, B))

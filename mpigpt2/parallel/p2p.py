@@ -1,8 +1,9 @@
 """Every point-to-point transfer of the pipeline: activation and gradient slices between stages.
 
-Buffers are preallocated slabs (M, n, b·k, C), one per direction and role, so each (micro-batch,
+Buffers are preallocated slabs (M, n, b·k, C), one per stage boundary, direction and role, so each (micro-batch,
 slice) message has its own C-contiguous block; a send block is written once per step and is not
-touched again until its request completed (finish()). Tags encode (direction, mb, slice).
+touched again until its request completed (finish()). Tags encode (direction, boundary,
+mb, slice).
 (docs/design.md#schedules-as-data)
 """
 
@@ -13,58 +14,63 @@ from mpigpt2.parallel.schedule import FORWARD, BACKWARD, tag, max_tag
 
 
 class PipeP2P:
-    """Sends and pre-posted receives of one stage within its replica's pipe communicator."""
+    """Sends and pre-posted receives of one rank's stages within its replica's pipe
+    communicator; every stage boundary that crosses ranks has its own slabs and tags."""
 
-    def __init__(self, pipe, stage, pp, M, n, rows, C, dtype, waiter):
+    def __init__(self, pipe_comm, rank, pipe, rows, C, dtype, waiter):
         self.waiter = waiter
-        self.comm, self.stage, self.pp, self.M, self.n = pipe, stage, pp, M, n
-        if max_tag(M, n) > MPI.COMM_WORLD.Get_attr(MPI.TAG_UB):
-            raise ValueError(f"M·n = {M * n} slices per step exceed the MPI tag space")
-        slab = (M, n, rows, C)
-        has_prev, has_next = stage > 0, stage < pp - 1
-        self.buf = {
-            "RECV_F": np.empty(slab, dtype) if has_prev else None,  # (M, n, b*k, C)
-            "SEND_F": np.empty(slab, dtype) if has_next else None,
-            "RECV_B": np.empty(slab, dtype) if has_next else None,
-            "SEND_B": np.empty(slab, dtype) if has_prev else None,
-        }
+        self.comm, self.rank, self.pipe = pipe_comm, rank, pipe
+        if max_tag(pipe.P, pipe.M, pipe.n) > MPI.COMM_WORLD.Get_attr(MPI.TAG_UB):
+            raise ValueError(f"stages × M × n = {pipe.P * pipe.M * pipe.n} messages per step "
+                             f"exceed the MPI tag space")
+        slab = (pipe.M, pipe.n, rows, C)
+        self.buf = {}  # (kind, stage) -> (M, n, b*k, C)
+        for s in pipe.stages(rank):
+            if s > 0 and not pipe.local(s - 1, s):
+                self.buf["RECV_F", s] = np.empty(slab, dtype)
+                self.buf["SEND_B", s] = np.empty(slab, dtype)
+            if s < pipe.P - 1 and not pipe.local(s, s + 1):
+                self.buf["SEND_F", s] = np.empty(slab, dtype)
+                self.buf["RECV_B", s] = np.empty(slab, dtype)
         self.recvs = {}
         self.sends, self.send_names = [], []  # requests in flight this step, and their names
         # world ranks of the neighbours, for the stall report
-        near = [s for s in (stage - 1, stage + 1) if 0 <= s < pp]
-        groups = pipe.Get_group(), MPI.COMM_WORLD.Get_group()
+        near = sorted({pipe.placement[q] for s in pipe.stages(rank) for q in (s - 1, s + 1)
+                       if 0 <= q < pipe.P} - {rank})
+        groups = pipe_comm.Get_group(), MPI.COMM_WORLD.Get_group()
         self.world_rank = dict(zip(near, MPI.Group.Translate_ranks(groups[0], near, groups[1])))
         for g in groups:
             g.Free()
 
-    def _peer_tag(self, kind, mb, j):
+    def _peer_tag(self, kind, s, mb, j):
+        """(peer pipe rank, tag, peer stage) of the message kind of stage s."""
         direction = FORWARD if kind.endswith("F") else BACKWARD
-        if kind in ("RECV_F", "SEND_B"):
-            peer = self.stage - 1
-        else:
-            peer = self.stage + 1
-        return peer, tag(direction, mb, j, self.M, self.n)
+        q = s - 1 if kind in ("RECV_F", "SEND_B") else s + 1
+        p = self.pipe
+        return p.placement[q], tag(direction, min(q, s), mb, j, p.P, p.M, p.n), q
 
-    def post_recv(self, kind, mb, j):
-        peer, t = self._peer_tag(kind, mb, j)
-        self.recvs[(kind, mb, j)] = self.comm.Irecv(self.buf[kind][mb, j], source=peer, tag=t)
+    def post_recv(self, kind, s, mb, j):
+        peer, t, _ = self._peer_tag(kind, s, mb, j)
+        self.recvs[(kind, s, mb, j)] = self.comm.Irecv(self.buf[kind, s][mb, j], source=peer,
+                                                       tag=t)
 
-    def wait_recv(self, kind, mb, j):
-        """Poll until the (mb, j) message of kind arrived; return its buffer (b*k, C)."""
-        req = self.recvs.pop((kind, mb, j))
-        peer, _ = self._peer_tag(kind, mb, j)
+    def wait_recv(self, kind, s, mb, j):
+        """Poll until the (mb, j) message of kind for stage s arrived; return its buffer
+        (b*k, C)."""
+        req = self.recvs.pop((kind, s, mb, j))
+        peer, _, q = self._peer_tag(kind, s, mb, j)
         what = "activations" if kind == "RECV_F" else "gradients"
-        self.waiter.wait([req], "p2p", lambda: f"{kind} mb={mb} slice={j} ({what} from stage {peer}, "
-                                       f"rank {self.world_rank[peer]})")
-        return self.buf[kind][mb, j]
+        self.waiter.wait([req], "p2p", lambda: f"{kind} stage={s} mb={mb} slice={j} ({what} "
+                                       f"from stage {q}, rank {self.world_rank[peer]})")
+        return self.buf[kind, s][mb, j]
 
-    def send(self, kind, mb, j, data):
+    def send(self, kind, s, mb, j, data):
         """Copy data (b*k, C) into its send block and start the Isend."""
-        block = self.buf[kind][mb, j]
+        block = self.buf[kind, s][mb, j]
         block[...] = data
-        peer, t = self._peer_tag(kind, mb, j)
+        peer, t, _ = self._peer_tag(kind, s, mb, j)
         self.sends.append(self.comm.Isend(block, dest=peer, tag=t))
-        self.send_names.append(f"{kind}{mb}.{j}")
+        self.send_names.append(f"{s}{kind}{mb}.{j}")
 
     def sends_done(self):
         """Names of the sends that completed since the last call (tracing only: a Testsome)."""

@@ -9,7 +9,8 @@ actions are dropped: the compute order is lowered with our own receives and send
 micro-batch action stands for all n slices of it: F ascending, B and I descending, W in the
 same descending order; our own notation `0F1.2` names one slice (micro-batch 1, slice 2). A
 `B` followed later by a `W` of the same stage and micro-batch (older files) is the input
-half. Only one stage per rank is supported so far (row r uses stage r).
+half. A rank may hold several stages (virtual stages): the placement is read off which
+stages each row uses, each stage on exactly one row.
 """
 
 import csv
@@ -55,11 +56,12 @@ def parse_cell(cell, where):
 
 
 def compute_lists(rows, p, M, n):
-    """Per-rank compute lists of our Actions (slices expanded) from the CSV rows; raises
-    ScheduleError naming row, column and cell."""
+    """(placement, per-rank compute lists of our Actions, slices expanded) from the CSV rows:
+    the rank of each stage is the row that uses it. Raises ScheduleError naming row, column
+    and cell."""
     if len(rows) != p:
         raise ScheduleError(f"the file has {len(rows)} rank rows, the layout has pp = {p}")
-    out = []
+    owner, out = {}, []
     for r, row in enumerate(rows):
         acts = []
         for c, cell in enumerate(row):
@@ -67,41 +69,49 @@ def compute_lists(rows, p, M, n):
                 continue
             where = f"row {r + 1} (rank {r}), column {c + 1}"
             for stage, kind, mb in parse_cell(cell, where):
-                if stage != r:
-                    raise ScheduleError(f"{where}: {cell!r} uses stage {stage} on rank {r}; "
-                                        f"only one stage per rank (stage r on rank r) is "
-                                        f"supported so far" if stage < p else
-                                        f"{where}: {cell!r}: stage {stage} ≥ pp = {p}")
+                if owner.setdefault(stage, (r, where, cell))[0] != r:
+                    raise ScheduleError(f"{where}: {cell!r} uses stage {stage}, which row "
+                                        f"{owner[stage][0] + 1} already uses "
+                                        f"({owner[stage][1]}); a stage sits on one rank")
                 m_, j_ = mb if isinstance(mb, tuple) else (mb, None)
                 if m_ >= M or (j_ is not None and j_ >= n):
                     raise ScheduleError(f"{where}: {cell!r}: micro-batch {m_} ≥ M = {M}"
                                         if m_ >= M else f"{where}: {cell!r}: slice {j_} ≥ "
                                         f"n = {n}")
-                acts.append((kind, mb, where, cell))
+                acts.append((kind, stage, mb, where, cell))
         out.append(_expand(acts, n))
-    return out
+    P = max(owner, default=-1) + 1
+    gaps = [s for s in range(P) if s not in owner]
+    if gaps or P < p:
+        s = gaps[0] if gaps else P
+        raise ScheduleError(f"stage {s} appears in no row (stages must be numbered 0, 1, … and "
+                            f"every rank hold one); the highest stage used is {P - 1}"
+                            if gaps else f"the file uses {P} stages for pp = {p} ranks; every "
+                            f"rank needs a stage")
+    return tuple(owner[s][0] for s in range(P)), out
 
 
 def _expand(acts, n):
-    """Micro-batch actions to slice actions; a B with a later W of the same micro-batch is I."""
-    later_w = {}  # unit (a micro-batch, or (mb, slice)) -> index of its last W
-    for i, (kind, mb, _, _) in enumerate(acts):
+    """Micro-batch actions to slice actions; a B with a later W of the same stage and
+    micro-batch is I."""
+    later_w = {}  # (stage, unit (a micro-batch, or (mb, slice))) -> index of its last W
+    for i, (kind, stage, mb, _, _) in enumerate(acts):
         if kind == "W":
-            later_w[mb] = i
+            later_w[stage, mb] = i
     done_i = set()
     out = []
-    for i, (kind, mb, where, cell) in enumerate(acts):
-        if kind == "B" and later_w.get(mb, -1) > i:
+    for i, (kind, stage, mb, where, cell) in enumerate(acts):
+        if kind == "B" and later_w.get((stage, mb), -1) > i:
             kind = "I"
-        if kind == "W" and mb not in done_i:
+        if kind == "W" and (stage, mb) not in done_i:
             raise ScheduleError(f"{where}: {cell!r}: a W before its I (or B)")
         if kind == "I":
-            done_i.add(mb)
+            done_i.add((stage, mb))
         if isinstance(mb, tuple):  # our notation: one slice
-            out.append(Action(kind, *mb))
+            out.append(Action(kind, stage, *mb))
             continue
         slices = range(n) if kind == "F" else reversed(range(n))
-        out += [Action(kind, mb, j) for j in slices]
+        out += [Action(kind, stage, mb, j) for j in slices]
     return out
 
 
@@ -110,8 +120,8 @@ def write(progs, path, n):
     (`0F1`), else our notation with the slice (`0F1.2`); both read back by compute_lists."""
     from mpigpt2.formats.atomic import atomic_write_text
     rows = []
-    for s, prog in enumerate(progs):
-        cells = [f"{s}{a.kind}{a.mb}" + (f".{a.j}" if n > 1 else "")
+    for prog in progs:
+        cells = [f"{a.s}{a.kind}{a.mb}" + (f".{a.j}" if n > 1 else "")
                  for a in prog if a.kind in ("F", "B", "I", "W")]
         rows.append(",".join(cells))
     atomic_write_text(path, "\n".join(rows) + "\n")

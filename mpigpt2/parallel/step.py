@@ -17,6 +17,7 @@ class StepResult:
     scale: float                # the clipping multiplier applied (1: none)
     times: dict                 # seconds by phase (observe.metrics.PHASES)
     waits: dict                 # seconds spent waiting, by kind (waiting.Waiter)
+    action_seconds: list = None  # seconds of each compute action, in program order
 
 
 def train_step(runner, opt, tokens, targets, t, lr, dloss, grad_clip=0.0, norm=False):
@@ -31,6 +32,7 @@ def train_step(runner, opt, tokens, targets, t, lr, dloss, grad_clip=0.0, norm=F
     stage.zero_grad()
     waiter.take()
     runner.take_times()  # (validation between steps is not this step's time)
+    runner.take_action_seconds()
     loss_sum = runner.run(tokens, targets, dloss)
     grad_norm = opt.grad_norm() if grad_clip > 0 or norm else None
     finite = grad_norm is None or math.isfinite(grad_norm)
@@ -42,7 +44,8 @@ def train_step(runner, opt, tokens, targets, t, lr, dloss, grad_clip=0.0, norm=F
     if runner.tracer is not None:
         runner.tracer.span("update", "update", t_up, t_done)
     times, waits = runner.take_times(), waiter.take()
+    actions = runner.take_action_seconds()
     gathered = waits.get("allgather", 0.0)  # ZeRO's parameter waits happen inside forward
     times["forward"] = times.get("forward", 0.0) - gathered
     times.update(update=t_done - t_up, allgather=gathered)
-    return StepResult(loss_sum, grad_norm, scale, times, waits)
+    return StepResult(loss_sum, grad_norm, scale, times, waits, actions)

@@ -42,13 +42,13 @@ def test_prepare_cli(tmp_path):
 def test_print_schedule(tmp_path, shards):
     r = run(train_cmd(shards, tmp_path / "o", "--print-schedule"))
     assert r.returncode == 0, r.stderr
-    assert "stage0" in r.stdout and "F0.0" in r.stdout
+    assert "rank0" in r.stdout and "0F0.0" in r.stdout
     assert not (tmp_path / "o").exists()
     # the table of a pipeline needs no mpiexec: --pp gives the grid
     r = run(train_cmd(shards, tmp_path / "o", "--print-schedule", "--pp", "2",
                       "--microbatches", "2", "--slice-tokens", "16"))
     assert r.returncode == 0, r.stderr
-    assert "stage1" in r.stdout and "B1.0" in r.stdout and "predicted bubble" in r.stdout
+    assert "rank1" in r.stdout and "1B1.0" in r.stdout and "predicted bubble" in r.stdout
 
 
 @pytest.fixture

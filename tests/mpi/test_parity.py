@@ -69,8 +69,8 @@ def reference(dtype, clip=0.0):
 
 def train_layout(comm, lay, dtype, zero=0, overlap=True, clip=0.0):
     """The trainer's own step (parallel.step.train_step) on a sub-communicator, in-memory data."""
-    grid = make_grid(comm, lay.pp, lay.dp)
-    stage = Stage(CFG, lay.spec(grid.stage), dtype)
+    grid = make_grid(comm, lay.pp, lay.dp, wte_ranks=lay.wte_ranks)
+    stage = Stage(CFG, lay.rank_spec(grid.stage), dtype)
     init_params(CFG, stage.spec, stage.p, SEED)
     opt = make_optimizer(grid, stage, zero, overlap=overlap)
     M = lay.microbatches
@@ -139,6 +139,25 @@ CASES = [
     (2, 2, 8, 2, "zb-h1", None, 0, True, CLIP),
     (2, 1, 8, 2, "torch:ScheduleInterleavedZeroBubble", None),  # files written by torch
     (2, 2, 1, 2, "torch:ScheduleInterleaved1F1B", "3,1", 1, True),
+    # virtual stages (name@v; zb-v is v = 2 in the V placement): interleaved, zb-v, looped
+    (2, 1, 32, 2, "interleaved-1f1b@2", None),
+    (2, 2, 8, 2, "interleaved-1f1b@2", None),
+    (2, 1, 1, 1, "interleaved-1f1b@2", None),
+    (1, 2, 8, 2, "interleaved-1f1b@2", "3,1"),  # uneven chunks, both on one rank: hand-offs
+    (2, 2, 8, 2, "interleaved-1f1b@2", None, 1, True),
+    (2, 3, 2, 2, "interleaved-1f1b@2", None, 1, False),
+    (2, 1, 32, 2, "zb-v", None),
+    (2, 2, 8, 1, "zb-v", None),
+    (2, 1, 1, 2, "zb-v", None),
+    (1, 2, 8, 2, "zb-v", "1,3"),
+    (2, 2, 8, 2, "zb-v", None, 1, False),
+    (2, 2, 2, 2, "zb-v", None, 1, True, CLIP),  # wte of the first and last stage on one rank
+    (2, 1, 8, 2, "zb-h1@2", None),  # interleaved zero bubble
+    (2, 2, 8, 2, "looped-bfs@2", None),
+    (1, 1, 8, 2, "looped-bfs@4", None),
+    (2, 1, 8, 4, "torch:ScheduleZBVZeroBubble", None),  # torch's files, two stages per rank
+    (2, 2, 8, 4, "torch:ScheduleDualPipeV", None),
+    (2, 1, 8, 4, "torch:ScheduleInterleaved1F1B@2", None, 1, True),
 ]
 
 _REF = {}
@@ -159,11 +178,13 @@ def case(c):
                               for c in map(case, CASES)])
 def test_parity(pp, dp, k, M, sched, split, dtype, zero, overlap, clip):
     world = MPI.COMM_WORLD
+    sched, _, v = sched.partition("@")  # name@v: v virtual stages per rank
+    v = int(v) if v else (2 if sched.endswith(("zb-v", "ZBVZeroBubble", "DualPipeV")) else 1)
     if sched.startswith("torch:"):  # a schedule file from torch's own builder, one per rank
         from helpers_torch_schedules import torch_schedule_csv
         sched = str(torch_schedule_csv(os.path.join(tempfile.gettempdir(), f"mpigpt2-parity-"
-                                                    f"{os.getpid()}.csv"), sched[6:], pp, M))
-    lay = resolve(pp * dp, CFG, B, T, pp, dp, split, M, k, sched)
+                                                    f"{os.getpid()}.csv"), sched[6:], pp, M, v))
+    lay = resolve(pp * dp, CFG, B, T, pp, dp, split, M, k, sched, virtual_stages=v)
     inside = world.Get_rank() < pp * dp
     comm = world.Split(0 if inside else MPI.UNDEFINED, world.Get_rank())
     verdict, memory = None, None
@@ -182,6 +203,7 @@ def test_parity(pp, dp, k, M, sched, split, dtype, zero, overlap, clip):
         comm.Free()
     if sched.endswith(".csv"):
         os.remove(sched)  # (the per-rank file written above: nothing left in /tmp)
+    if inside:
         if world.Get_rank() == 0:
             if (dtype, clip) not in _REF:
                 _REF[dtype, clip] = reference(dtype, clip)

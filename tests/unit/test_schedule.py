@@ -5,69 +5,69 @@ import sys
 
 import pytest
 
-from mpigpt2.parallel import costs, schedule as S
+from mpigpt2.parallel import builders, costs, schedule as S
 from mpigpt2.model.config import PRESETS
 from mpigpt2.base.errors import UserError
 from mpigpt2.parallel.layout import resolve, balanced_partition, default_pp
 from mpigpt2.parallel.schedule import Action, ScheduleError
 
 GPIPE_2_2_2 = """\
-tick stage0   stage1  
-   0 F0.0     .       
-   1 F0.1     F0.0    
-   2 F1.0     F0.1    
-   3 F1.1     F1.0    
-   4 .        F1.1    
-   5 .        B0.1    
-   6 B0.1     B0.0    
-   7 B0.0     B1.1    
-   8 B1.1     B1.0    
-   9 B1.0     .       """
+tick rank0    rank1   
+   0 0F0.0    .       
+   1 0F0.1    1F0.0   
+   2 0F1.0    1F0.1   
+   3 0F1.1    1F1.0   
+   4 .        1F1.1   
+   5 .        1B0.1   
+   6 0B0.1    1B0.0   
+   7 0B0.0    1B1.1   
+   8 0B1.1    1B1.0   
+   9 0B1.0    .       """
 
 ONEFONEB_2_2_2 = """\
-tick stage0   stage1  
-   0 F0.0     .       
-   1 F0.1     F0.0    
-   2 F1.0     F0.1    
-   3 .        B0.1    
-   4 B0.1     F1.0    
-   5 F1.1     B0.0    
-   6 B0.0     F1.1    
-   7 .        B1.1    
-   8 B1.1     B1.0    
-   9 B1.0     .       """
+tick rank0    rank1   
+   0 0F0.0    .       
+   1 0F0.1    1F0.0   
+   2 0F1.0    1F0.1   
+   3 .        1B0.1   
+   4 0B0.1    1F1.0   
+   5 0F1.1    1B0.0   
+   6 0B0.0    1F1.1   
+   7 .        1B1.1   
+   8 0B1.1    1B1.0   
+   9 0B1.0    .       """
 
 ONEFONEB_3_3_1 = """\
-tick stage0   stage1   stage2  
-   0 F0.0     .        .       
-   1 F1.0     F0.0     .       
-   2 F2.0     F1.0     F0.0    
-   3 .        .        B0.0    
-   4 .        B0.0     F1.0    
-   5 B0.0     F2.0     B1.0    
-   6 .        B1.0     F2.0    
-   7 B1.0     .        B2.0    
-   8 .        B2.0     .       
-   9 B2.0     .        .       """
+tick rank0    rank1    rank2   
+   0 0F0.0    .        .       
+   1 0F1.0    1F0.0    .       
+   2 0F2.0    1F1.0    2F0.0   
+   3 .        .        2B0.0   
+   4 .        1B0.0    2F1.0   
+   5 0B0.0    1F2.0    2B1.0   
+   6 .        1B1.0    2F2.0   
+   7 0B1.0    .        2B2.0   
+   8 .        1B2.0    .       
+   9 0B2.0    .        .       """
 
 # 1F1B with M < pp (Megatron's clamped warm-up): stage s warms up with min(M·n, n-1+p-1-s)
 # forwards, so stages 0-2 run GPipe's order and stage 3 alternates after one forward
 ONEFONEB_4_2_2 = """\
-tick stage0   stage1   stage2   stage3  
-   0 F0.0     .        .        .       
-   1 F0.1     F0.0     .        .       
-   2 F1.0     F0.1     F0.0     .       
-   3 F1.1     F1.0     F0.1     F0.0    
-   4 .        F1.1     F1.0     F0.1    
-   5 .        .        .        B0.1    
-   6 .        .        B0.1     F1.0    
-   7 .        B0.1     F1.1     B0.0    
-   8 B0.1     .        B0.0     F1.1    
-   9 .        B0.0     .        B1.1    
-  10 B0.0     .        B1.1     B1.0    
-  11 .        B1.1     B1.0     .       
-  12 B1.1     B1.0     .        .       
-  13 B1.0     .        .        .       """
+tick rank0    rank1    rank2    rank3   
+   0 0F0.0    .        .        .       
+   1 0F0.1    1F0.0    .        .       
+   2 0F1.0    1F0.1    2F0.0    .       
+   3 0F1.1    1F1.0    2F0.1    3F0.0   
+   4 .        1F1.1    2F1.0    3F0.1   
+   5 .        .        .        3B0.1   
+   6 .        .        2B0.1    3F1.0   
+   7 .        1B0.1    2F1.1    3B0.0   
+   8 0B0.1    .        2B0.0    3F1.1   
+   9 .        1B0.0    .        3B1.1   
+  10 0B0.0    .        2B1.1    3B1.0   
+  11 .        1B1.1    2B1.0    .       
+  12 0B1.1    1B1.0    .        .       
+  13 0B1.0    .        .        .       """
 
 
 @pytest.mark.parametrize("name,p,M,n,want", [("gpipe", 2, 2, 2, GPIPE_2_2_2),
@@ -81,8 +81,8 @@ def test_literal_tables(name, p, M, n, want):
 def test_lowered_program_literal():
     prog = S.build("1f1b", 2, 2, 2)[1]
     assert " ".join(map(str, prog)) == (
-        "RECV_F0.0 RECV_F0.1 RECV_F1.0 RECV_F1.1 F0.0 F0.1 B0.1 SEND_B0.1 F1.0 B0.0 SEND_B0.0 "
-        "F1.1 B1.1 SEND_B1.1 B1.0 SEND_B1.0 REDUCE")
+        "1RECV_F0.0 1RECV_F0.1 1RECV_F1.0 1RECV_F1.1 1F0.0 1F0.1 1B0.1 1SEND_B0.1 1F1.0 1B0.0 "
+        "1SEND_B0.0 1F1.1 1B1.1 1SEND_B1.1 1B1.0 1SEND_B1.0 REDUCE")
 
 
 @pytest.mark.parametrize("name", ["gpipe", "1f1b"])
@@ -100,6 +100,8 @@ def test_actions_round_trip():
         assert [Action.parse(str(a)) for a in prog] == prog
     with pytest.raises(ScheduleError):
         Action.parse("X1.2")
+    with pytest.raises(ScheduleError):
+        Action.parse("F1.2")  # (the stage is part of an action)
 
 
 def test_one_f_one_b_bounds_memory():
@@ -116,7 +118,8 @@ def test_one_f_one_b_bounds_memory():
 
 
 def progs_with(mutate, name="gpipe", p=2, M=2, n=2):
-    progs = [S.lower(S.BUILDERS[name](s, p, M, n), s, p, M, n) for s in range(p)]
+    pipe = S.make_pipe(p, M, n)
+    progs = [S.lower(c, r, pipe) for r, c in enumerate(builders.BUILDERS[name](pipe))]
     mutate(progs)
     return progs
 
@@ -127,48 +130,51 @@ def swap(prog, a, b):
 
 
 @pytest.mark.parametrize("mutate,message", [
-    (lambda ps: swap(ps[0], "F0.0", "F0.1"), "forward slices must ascend"),
-    (lambda ps: swap(ps[0], "B0.1", "B0.0"), "backward slices must descend"),
-    (lambda ps: swap(ps[1], "B0.1", "F0.1"), "needs all of its forward slices"),
-    (lambda ps: ps[0].remove(Action.parse("B1.0")), "missing B1.0"),
-    (lambda ps: ps[0].insert(5, Action.parse("F0.0")), "appears twice"),
-    (lambda ps: ps[1].remove(Action.parse("RECV_F1.1")), "no receive posted"),
-    (lambda ps: ps[0].remove(Action.parse("SEND_F1.0")), "SEND_F1.0 missing"),
-    (lambda ps: ps[1].insert(0, Action.parse("RECV_B0.0")), "no peer stage"),
+    (lambda ps: swap(ps[0], "0F0.0", "0F0.1"), "forward slices must ascend"),
+    (lambda ps: swap(ps[0], "0B0.1", "0B0.0"), "backward slices must descend"),
+    (lambda ps: swap(ps[1], "1B0.1", "1F0.1"), "needs all of its forward slices"),
+    (lambda ps: ps[0].remove(Action.parse("0B1.0")), "missing 0B1.0"),
+    (lambda ps: ps[0].insert(5, Action.parse("0F0.0")), "appears twice"),
+    (lambda ps: ps[1].remove(Action.parse("1RECV_F1.1")), "no receive posted"),
+    (lambda ps: ps[0].remove(Action.parse("0SEND_F1.0")), "0SEND_F1.0 missing"),
+    (lambda ps: ps[1].insert(0, Action.parse("1RECV_B0.0")), "no peer stage"),
     (lambda ps: ps[0].append(S.REDUCE()), "REDUCE"),
-    (lambda ps: ps[0].insert(0, Action.parse("F5.0")), "out of range"),
+    (lambda ps: ps[0].insert(0, Action.parse("0F5.0")), "out of range"),
+    (lambda ps: ps[0].insert(0, Action.parse("1F0.0")), "names stage 1, which rank 0 does not"),
 ])
 def test_validator_rejects(mutate, message):
     with pytest.raises(ScheduleError, match=message):
-        S.validate(progs_with(mutate), 2, 2)
+        S.validate(progs_with(mutate), S.make_pipe(2, 2, 2))
 
 
 def test_deadlock_detected():
     """A cross-rank cycle that every per-rank rule accepts: stage 0 runs F0 B0 F1 B1, stage 1
     runs F1 B1 F0 B0. Stage 0's B0 waits for stage 1's B0, which comes after stage 1's F1,
     which waits for stage 0's F1, which comes after B0. Only the simulator can see it."""
-    M, n, p = 2, 1, 2
-    order = [[S.F(0, 0), S.B(0, 0), S.F(1, 0), S.B(1, 0)],
-             [S.F(1, 0), S.B(1, 0), S.F(0, 0), S.B(0, 0)]]
-    progs = [S.lower(order[s], s, p, M, n) for s in range(p)]
-    for s, prog in enumerate(progs):
-        S._check_rank(prog, s, p, M, n)  # each rank alone is well formed
-    with pytest.raises(ScheduleError, match="deadlock at tick 1: stages wait on B0.0, F1.0"):
-        S.validate(progs, M, n)
-    swapped = [S.lower(order[0], s, p, M, n) for s in range(p)]  # same order on both: fine
-    S.validate(swapped, M, n)
+    pipe = S.make_pipe(2, 2, 1)
+    order = [[0, 1], [1, 0]]  # micro-batch order per rank
+    progs = [S.lower([x for mb in order[r] for x in (S.F(r, mb, 0), S.B(r, mb, 0))], r, pipe)
+             for r in range(2)]
+    for r, prog in enumerate(progs):
+        S._check_rank(prog, r, pipe)  # each rank alone is well formed
+    with pytest.raises(ScheduleError, match="deadlock: ranks wait on 0B0.0, 1F1.0"):
+        S.validate(progs, pipe)
+    same = [S.lower([x for mb in order[0] for x in (S.F(r, mb, 0), S.B(r, mb, 0))], r, pipe)
+            for r in range(2)]  # the same order on both: fine
+    S.validate(same, pipe)
 
 
 def test_tags_unique_and_invertible():
-    M, n = 3, 5
+    P, M, n = 4, 3, 5
     tags = {}
     for d in (S.FORWARD, S.BACKWARD):
-        for mb in range(M):
-            for j in range(n):
-                t = S.tag(d, mb, j, M, n)
-                assert S.untag(t, M, n) == (d, mb, j)
-                tags[t] = 1
-    assert len(tags) == 2 * M * n and max(tags) == S.max_tag(M, n)
+        for s in range(P):
+            for mb in range(M):
+                for j in range(n):
+                    t = S.tag(d, s, mb, j, P, M, n)
+                    assert S.untag(t, P, M, n) == (d, s, mb, j)
+                    tags[t] = 1
+    assert len(tags) == 2 * P * M * n and max(tags) == S.max_tag(P, M, n)
 
 
 def test_partition_no_layer_dropped_or_duplicated():
@@ -269,13 +275,14 @@ def test_zb_h1(p, M, n):
 
 
 @pytest.mark.parametrize("mutate,message", [
-    (lambda ps: swap(ps[0], "I0.0", "W0.0"), "W0.0 before I0.0"),
-    (lambda ps: ps[0].remove(S.Action.parse("W0.1")), "missing W0.1: I and W come in pairs"),
-    (lambda ps: ps[0].insert(0, S.Action.parse("B0.0")), "both given"),
+    (lambda ps: swap(ps[0], "0I0.0", "0W0.0"), "0W0.0 before 0I0.0"),
+    (lambda ps: ps[0].remove(S.Action.parse("0W0.1")), "missing 0W0.1: I and W come in pairs"),
+    (lambda ps: ps[0].insert(0, S.Action.parse("0B0.0")), "both given"),
 ])
 def test_validator_rejects_split_backward_errors(mutate, message):
-    progs = [S.lower(c, s, 2, 1, 2) for s, c in enumerate(S.zb_h1(2, 1, 2))]
-    S.validate(progs, 1, 2)  # (valid before the mutation)
+    pipe = S.make_pipe(2, 1, 2)
+    progs = [S.lower(c, r, pipe) for r, c in enumerate(builders.zb_h1(pipe))]
+    S.validate(progs, pipe)  # (valid before the mutation)
     mutate(progs)
     with pytest.raises(ScheduleError, match=message):
-        S.validate(progs, 1, 2)
+        S.validate(progs, pipe)
