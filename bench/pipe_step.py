@@ -179,7 +179,7 @@ def main():
                   "model": {"L": cfg.num_layers, "NH": cfg.num_heads, "C": cfg.channels,
                             "V": cfg.vocab_size, "Vp": cfg.padded_vocab_size, "maxT": T},
                   "B": B, "T": T, "layout": layout.as_dict(), "k": layout.slice_tokens,
-                  "n_slices": T // layout.slice_tokens, "warmup": args.warmup,
+                  "n_slices": layout.n_slices(T), "warmup": args.warmup,
                   **summary(times), "tokens_per_s_best": B * T / min(times),
                   "tokens_per_s_median": B * T / float(np.median(times)),
                   "losses": a["losses"], "ranks": per_rank, "loadavg_end": os.getloadavg()})

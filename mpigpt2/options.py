@@ -72,7 +72,8 @@ def parse_args(argv=None):
     a("--stage-layers", default=None, help="layers per stage, e.g. 4,3,3,2 (default: balanced)")
     a("--microbatches", type=int, default=None, help="M micro-batches per replica per step")
     a("--slice-tokens", type=parse_slice_tokens, default=None, help="k tokens per slice (k "
-      "divides T; k=T: none), or 'auto': time candidate k on this CPU and take the fastest")
+      "divides T; k=T: none), explicit lengths summing to T (96,64,48,48: causal attention "
+      "makes later slices dearer), or 'auto': time candidate k on this CPU and take the fastest")
     a("--schedule", default=None, help=f"pipeline schedule: {', '.join(SCHEDULES)}, or a "
       "torch.distributed.pipelining CSV file (README: The parallel layout)")
     a("--virtual-stages", type=int, default=None, metavar="V", help="stages per rank (layers "

@@ -519,8 +519,11 @@ def timeline_title(trace, step, metrics, config, span_ms):
     T = config["seq_len"]
     parts = []
     if lay:
-        k = lay.get("slice_tokens")
-        n = f" (n={T // k})" if T and k else ""
+        k, lengths = lay.get("slice_tokens"), lay.get("slice_lengths")
+        if isinstance(lengths, list) and lengths:  # non-uniform slices
+            k, n = ",".join(map(str, lengths)), f" (n={len(lengths)})"
+        else:
+            n = f" (n={T // k})" if T and k else ""
         parts.append(f"pp {lay.get('pp')} × dp {lay.get('dp')}, stages "
                      f"{lay.get('stage_layers')}, M={lay.get('microbatches')}, k={k}{n}, "
                      f"{lay.get('schedule')}")

@@ -121,7 +121,7 @@ def resolve_slices(args, plan, world, threads, print0, waiter):
 
 def print_schedule(plan, T, print0, out=None):
     layout = plan.layout
-    n = T // layout.slice_tokens
+    n = layout.n_slices(T)
     progs = layout.programs(T)
     print0(f"layout {layout.as_dict()}\n" + schedule.table(progs))
     print0(f"predicted bubble (unit costs): {costs.idle_fraction(schedule.simulate(progs)):.3f}")
@@ -225,7 +225,7 @@ def open_outputs(run, threads, ranks_per_node, tuned):
     run.print0(f"model L={cfg.num_layers} C={cfg.channels} NH={cfg.num_heads} "
                f"V={cfg.vocab_size} maxT={cfg.max_seq_len} | ranks {size} = pp {layout.pp} × "
                f"dp {layout.dp} | stages {list(layout.stage_layers)} | M={layout.microbatches} "
-               f"k={layout.slice_tokens} {layout.schedule} | B={B} T={T} | {threads} BLAS "
+               f"k={layout.slices_text(T)} {layout.schedule} | B={B} T={T} | {threads} BLAS "
                f"thread(s)/rank")
     run.print0(f"peak {run.peak[0]:.1f} GFLOP/s per core ({run.peak[1]}) × {run.cores} cores; "
                f"{mx.flops_per_token(cfg, T) / 1e6:.1f} MFLOP per token")

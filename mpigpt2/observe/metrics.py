@@ -20,7 +20,7 @@ def step_record(per_rank, step_s, layout, T):
     """Aggregate per-rank phase seconds (list of dicts with rank/stage and PHASES) into the
     metrics fields: phase ms per rank, and the measured bubble (mean over ranks of the time
     blocked on pipeline messages, relative to the pipelined part of the step)."""
-    n = T // layout.slice_tokens
+    n = layout.n_slices(T)
     bub = []
     for r in per_rank:
         busy = r["forward"] + r["backward"] + r["p2p_wait"]

@@ -35,14 +35,18 @@ _clock = time.perf_counter  # the timer; tests replace it to prove a cached prof
 
 
 def parse_slice_tokens(text):
-    """argparse type of --slice-tokens: a token count or 'auto'."""
+    """argparse type of --slice-tokens: a token count, comma-separated slice lengths
+    (96,64,48,48: a tuple), or 'auto'."""
     if text == "auto":
         return text
     try:
+        if "," in text:
+            return tuple(int(x) for x in text.split(","))
         return int(text)
     except ValueError:
         import argparse
-        raise argparse.ArgumentTypeError(f"expected a number of tokens or 'auto', got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a number of tokens, comma-separated slice "
+                                         f"lengths or 'auto', got {text!r}") from None
 
 
 def cache_path():

@@ -17,10 +17,25 @@ class Layout:
     dp: int
     stage_layers: tuple     # layers per stage (pp·v stages), sums to L
     microbatches: int       # M per replica per step
-    slice_tokens: int       # k; T // k slices per micro-batch
+    slice_tokens: int       # k; T // k slices per micro-batch (explicit lengths: the longest)
     schedule: str
     virtual_stages: int = 1  # v: stages per rank (docs/design.md#virtual-stages)
     placement: tuple = ()    # the pipe rank of every stage; () = one stage per rank
+    slice_lengths: tuple = ()  # explicit slice lengths summing to T; () = uniform k
+                               # (docs/design.md#non-uniform-slices)
+
+    def lengths(self, T):
+        """The token count of every slice of a micro-batch, in order."""
+        return self.slice_lengths or (self.slice_tokens,) * (T // self.slice_tokens)
+
+    def n_slices(self, T):
+        return len(self.lengths(T))
+
+    def slices_text(self, T):
+        """k=32, or the explicit lengths 96,64,48,48."""
+        if self.slice_lengths:
+            return ",".join(map(str, self.slice_lengths))
+        return str(self.slice_tokens)
 
     @property
     def stages(self):
@@ -52,13 +67,14 @@ class Layout:
     def programs(self, T):
         """Every pipe rank's training program (parallel/schedule.py)."""
         from mpigpt2.parallel import schedule
-        return schedule.build(self.schedule, self.pp, self.microbatches, T // self.slice_tokens,
+        return schedule.build(self.schedule, self.pp, self.microbatches, self.n_slices(T),
                               self.ranks_of_stages)
 
     def as_dict(self):
         d = asdict(self)
         d["stage_layers"] = list(self.stage_layers)
         d["placement"] = list(self.ranks_of_stages)
+        d["slice_lengths"] = list(self.slice_lengths)
         return d
 
 
@@ -166,13 +182,39 @@ def placement_for(schedule, pp, v, L):
     return sch.loop_placement(pp, v)
 
 
+def resolve_slices(slice_tokens, T, pp):
+    """(k, explicit lengths or ()) from --slice-tokens: None (the default: T at pp 1, else
+    the largest divisor of T up to T/4), a k dividing T, or a sequence of lengths ≥ 1 summing
+    to T (docs/design.md#non-uniform-slices)."""
+    if slice_tokens is None:
+        return (T if pp == 1 or T < 4 else
+                max(d for d in range(1, T // 4 + 1) if T % d == 0)), ()
+    if isinstance(slice_tokens, (tuple, list)):
+        lengths = tuple(slice_tokens)
+        text = ",".join(map(str, lengths))
+        if min(lengths) < 1:
+            raise UserError(f"--slice-tokens {text}: slice {lengths.index(min(lengths))} has "
+                            f"{min(lengths)} tokens; every slice needs ≥ 1")
+        if sum(lengths) != T:
+            raise UserError(f"--slice-tokens {text} sums to {sum(lengths)} tokens, but "
+                            f"--seq-len is {T}; the lengths must add up to T")
+        if len(set(lengths)) == 1:  # uniform after all
+            return lengths[0], ()
+        return max(lengths), lengths
+    if slice_tokens < 1:
+        raise UserError(f"--slice-tokens must be ≥ 1, got {slice_tokens}")
+    if T % slice_tokens:
+        raise UserError(f"--slice-tokens {slice_tokens} does not divide --seq-len {T}; give a "
+                        f"divisor, or explicit lengths summing to {T} (e.g. 48,16)")
+    return slice_tokens, ()
+
+
 def resolve(world, cfg, B, T, pp=None, dp=None, stage_layers=None, microbatches=None,
             slice_tokens=None, schedule=None, mem_bytes=None, ranks_per_node=None,
             virtual_stages=None):
     """Check the requested layout and fill in defaults; raise UserError naming the bad flag."""
     L = cfg.num_layers
-    for flag, v in (("--pp", pp), ("--dp", dp), ("--microbatches", microbatches),
-                    ("--slice-tokens", slice_tokens)):
+    for flag, v in (("--pp", pp), ("--dp", dp), ("--microbatches", microbatches)):
         if v is not None and v < 1:
             raise UserError(f"{flag} must be ≥ 1, got {v}")
     if pp is None and dp is None:
@@ -195,30 +237,32 @@ def resolve(world, cfg, B, T, pp=None, dp=None, stage_layers=None, microbatches=
     if B % (dp * microbatches):
         raise UserError(f"--batch-size {B} is not divisible by dp × microbatches = {dp} × "
                         f"{microbatches}; each micro-batch needs the same number of sequences")
-    if slice_tokens is None:
-        slice_tokens = T if pp == 1 else max(d for d in range(1, T // 4 + 1) if T % d == 0) \
-            if T >= 4 else T
-    if T % slice_tokens:
-        raise UserError(f"--slice-tokens {slice_tokens} does not divide --seq-len {T}")
+    slice_tokens, lengths = resolve_slices(slice_tokens, T, pp)
+    n = len(lengths) if lengths else T // slice_tokens
     if schedule is None:
         schedule = "1f1b"  # never more memory than GPipe, the same bubble (any M: warm-up clamped)
     if schedule not in SCHEDULES and not schedule.endswith(".csv"):
         raise UserError(f"--schedule {schedule!r}: choose one of {', '.join(SCHEDULES)} or "
                         f"give a schedule file (.csv)")
     if schedule.endswith(".csv"):
-        placement = file_placement(schedule, pp, microbatches, T // slice_tokens)
+        placement = file_placement(schedule, pp, microbatches, n)
         v = len(placement) // pp
         if virtual_stages not in (None, v) or len(placement) % pp:
             raise UserError(f"--schedule {schedule} places {len(placement)} stages on {pp} "
                             f"ranks, but --virtual-stages is {virtual_stages}")
         placement_for("looped-bfs", pp, v, L)  # (the stage count check)
     else:
-        v = virtual_stages or 1
+        v = 1 if virtual_stages is None else virtual_stages
         placement = placement_for(schedule, pp, v, L)
+    if len(placement) > pp and not stage_layers and L % len(placement):
+        raise UserError(f"--virtual-stages {len(placement) // pp}: pp {pp} × "
+                        f"{len(placement) // pp} = {len(placement)} stages do not divide the "
+                        f"model's {L} layers; choose pp·v dividing {L}, or give each stage's "
+                        f"layers with --stage-layers")
     counts = (parse_stage_layers(stage_layers, pp, L, len(placement) // pp) if stage_layers
               else balanced_partition(cfg, T, len(placement)))
     layout = Layout(pp, dp, counts, microbatches, slice_tokens, schedule, len(placement) // pp,
-                    () if placement == tuple(range(pp)) else placement)
+                    () if placement == tuple(range(pp)) else placement, lengths)
     try:
         layout.programs(T)
     except (OSError, ValueError) as e:  # (ScheduleError is a ValueError)

@@ -69,7 +69,7 @@ def rank_estimate(cfg, layout, rank, B, T, itemsize, zero, rank0=False, progs=No
     spec = layout.rank_spec(rank)
     P = ParamLayout(cfg, spec).size
     dp, M, k = layout.dp, layout.microbatches, layout.slice_tokens
-    n, b = T // k, B // dp // M
+    b = B // dp // M  # (k: the longest slice; a slab holds all T tokens of a micro-batch)
     C, NH, Vp = cfg.channels, cfg.num_heads, cfg.padded_vocab_size
     state = (2 * P + (3 * P // dp if zero else 2 * P)) * itemsize
     if progs is None:
@@ -84,7 +84,7 @@ def rank_estimate(cfg, layout, rank, B, T, itemsize, zero, rank0=False, progs=No
         if split:  # I keeps W's output gradients: 11·C a layer
             per_unit += nl * b * k * 11 * C
         acts += units * per_unit + mbs * 4 * nl * b * T * C
-        slabs += 2 * M * n * b * k * C * sum(a.kind in ("RECV_F", "RECV_B") and a.s == s and
+        slabs += 2 * M * b * T * C * sum(a.kind in ("RECV_F", "RECV_B") and a.s == s and
                                              a.mb == 0 and a.j == 0 for a in prog)
     work = b * k * (16 * C + 3 * NH * T) + 4 * C * C + ((b * k + C) * Vp if spec.last else 0)
     activations = (acts + slabs + work) * itemsize + RUNTIME_BYTES
@@ -118,7 +118,7 @@ def suggest(cfg, layout, world, node_ranks, B, T, itemsize, zero, limit):
 def _alternatives(layout, world, B, T, zero):
     """(flags text, resolve() keywords, zero, B) to try, fewest and mildest changes first."""
     base = dict(pp=layout.pp, dp=layout.dp, microbatches=layout.microbatches,
-                slice_tokens=layout.slice_tokens, schedule=layout.schedule)
+                slice_tokens=layout.slice_lengths or layout.slice_tokens, schedule=layout.schedule)
     out = []
     if not zero and layout.dp > 1:
         out.append(("--zero 1", base, 1, B))

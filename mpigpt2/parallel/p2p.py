@@ -1,7 +1,9 @@
 """Every point-to-point transfer of the pipeline: activation and gradient slices between stages.
 
-Buffers are preallocated slabs (M, n, b·k, C), one per stage boundary, direction and role, so each (micro-batch,
-slice) message has its own C-contiguous block; a send block is written once per step and is not
+Buffers are preallocated slabs (M, b·T, C), one per stage boundary, direction and role; slice j
+of a micro-batch is the C-contiguous block of rows [b·start_j, b·(start_j + length_j)) (its b
+sequences' tokens of that slice, in order), so each (micro-batch, slice) message has its own
+block, uniform or not; a send block is written once per step and is not
 touched again until its request completed (finish()). Tags encode (direction, boundary,
 mb, slice).
 (docs/design.md#schedules-as-data)
@@ -17,14 +19,16 @@ class PipeP2P:
     """Sends and pre-posted receives of one rank's stages within its replica's pipe
     communicator; every stage boundary that crosses ranks has its own slabs and tags."""
 
-    def __init__(self, pipe_comm, rank, pipe, rows, C, dtype, waiter):
+    def __init__(self, pipe_comm, rank, pipe, b, lengths, C, dtype, waiter):
         self.waiter = waiter
         self.comm, self.rank, self.pipe = pipe_comm, rank, pipe
         if max_tag(pipe.P, pipe.M, pipe.n) > MPI.COMM_WORLD.Get_attr(MPI.TAG_UB):
             raise ValueError(f"stages × M × n = {pipe.P * pipe.M * pipe.n} messages per step "
                              f"exceed the MPI tag space")
-        slab = (pipe.M, pipe.n, rows, C)
-        self.buf = {}  # (kind, stage) -> (M, n, b*k, C)
+        slab = (pipe.M, b * sum(lengths), C)
+        starts = np.cumsum((0,) + tuple(lengths)).tolist()
+        self.rows = [slice(b * starts[j], b * starts[j + 1]) for j in range(len(lengths))]
+        self.buf = {}  # (kind, stage) -> (M, b*T, C)
         for s in pipe.stages(rank):
             if s > 0 and not pipe.local(s - 1, s):
                 self.buf["RECV_F", s] = np.empty(slab, dtype)
@@ -51,8 +55,8 @@ class PipeP2P:
 
     def post_recv(self, kind, s, mb, j):
         peer, t, _ = self._peer_tag(kind, s, mb, j)
-        self.recvs[(kind, s, mb, j)] = self.comm.Irecv(self.buf[kind, s][mb, j], source=peer,
-                                                       tag=t)
+        self.recvs[(kind, s, mb, j)] = self.comm.Irecv(self.block(kind, s, mb, j),
+                                                       source=peer, tag=t)
 
     def wait_recv(self, kind, s, mb, j):
         """Poll until the (mb, j) message of kind for stage s arrived; return its buffer
@@ -62,11 +66,15 @@ class PipeP2P:
         what = "activations" if kind == "RECV_F" else "gradients"
         self.waiter.wait([req], "p2p", lambda: f"{kind} stage={s} mb={mb} slice={j} ({what} "
                                        f"from stage {q}, rank {self.world_rank[peer]})")
-        return self.buf[kind, s][mb, j]
+        return self.block(kind, s, mb, j)
+
+    def block(self, kind, s, mb, j):
+        """The (b*length_j, C) block of slice j of micro-batch mb (a contiguous view)."""
+        return self.buf[kind, s][mb, self.rows[j]]
 
     def send(self, kind, s, mb, j, data):
         """Copy data (b*k, C) into its send block and start the Isend."""
-        block = self.buf[kind, s][mb, j]
+        block = self.block(kind, s, mb, j)
         block[...] = data
         peer, t, _ = self._peer_tag(kind, s, mb, j)
         self.sends.append(self.comm.Isend(block, dest=peer, tag=t))

@@ -18,8 +18,10 @@ class Runner:
                  overlap=True):
         self.grid, self.stage, self.layout = grid, stage, layout
         self.T, self.b = T, rows_per_mb
-        self.k = layout.slice_tokens
-        self.M, self.n = layout.microbatches, T // layout.slice_tokens
+        # slice j covers tokens [start[j], start[j] + length[j]) (docs/design.md#token-slices)
+        self.length = layout.lengths(T)
+        self.start = np.cumsum((0,) + self.length[:-1]).tolist()
+        self.M, self.n = layout.microbatches, len(self.length)
         self.pipe = schedule.make_pipe(grid.pp, self.M, self.n, layout.ranks_of_stages)
         self.program = layout.programs(T)[grid.stage]
         self.eval_program = schedule.build_eval(grid.pp, self.M, self.n,
@@ -29,7 +31,7 @@ class Runner:
         # per stage, the last action writing weight gradients: its layers' reductions start
         # inside it
         self.final_b = {a.s: a for a in self.program if a.kind in ("B", "W")}
-        self.p2p = PipeP2P(grid.pipe, grid.stage, self.pipe, rows_per_mb * self.k,
+        self.p2p = PipeP2P(grid.pipe, grid.stage, self.pipe, rows_per_mb, self.length,
                            stage.cfg.channels, stage.dtype, grid.waiter)
         self.handoff = {}  # results passed between two stages of this rank, in memory
         self.reducer = reducer if reducer is not None else GradReducer(grid, stage)
@@ -55,7 +57,7 @@ class Runner:
         Returns the sum of per-token losses on the last stage (0.0 elsewhere). With train,
         gradients are accumulated into stage.g and reduced over the data group at REDUCE.
         """
-        st, p2p, k = self.stage, self.p2p, self.k
+        st, p2p = self.stage, self.p2p
         program = self.program if train else self.eval_program
         outputs = {}
         loss = 0.0
@@ -76,7 +78,7 @@ class Runner:
                     self._backward(a, outputs)
                 elif a.kind == "W":
                     t0 = time.perf_counter()
-                    st.backward_weight(a.mb, a.j * k, layer_done=self._hook(a),
+                    st.backward_weight(a.mb, self.start[a.j], layer_done=self._hook(a),
                                        c=self.chunk[a.s])
                     self._tick("backward", t0, str(a), a)
                 elif a.kind == "REDUCE":
@@ -102,8 +104,8 @@ class Runner:
     def _forward(self, a, tokens, targets, dloss, train, outputs):
         """F of stage a.s: its input from the tokens, a hand-off or a message; its output to a
         hand-off or a send block. Returns the slice's loss sum on the last stage, else 0."""
-        st, k, c = self.stage, self.k, self.chunk[a.s]
-        spec, pos0 = st.chunks[c], a.j * k
+        st, c = self.stage, self.chunk[a.s]
+        spec, pos0, k = st.chunks[c], self.start[a.j], self.length[a.j]
         if spec.first:
             x = np.ascontiguousarray(tokens[a.mb, :, pos0:pos0 + k])
         elif self.pipe.local(a.s - 1, a.s):
@@ -129,7 +131,7 @@ class Runner:
     def _backward(self, a, outputs):
         """B or I of stage a.s: the output gradient from a hand-off or a message, the input
         gradient to a hand-off or a send block (none on the first stage)."""
-        st, k, c = self.stage, self.k, self.chunk[a.s]
+        st, c, pos0 = self.stage, self.chunk[a.s], self.start[a.j]
         if st.chunks[c].last:
             dout = None
         elif self.pipe.local(a.s, a.s + 1):
@@ -138,9 +140,9 @@ class Runner:
             dout = self._receive("RECV_B", a)
         t0 = time.perf_counter()
         if a.kind == "I":
-            dx = st.backward_input(a.mb, a.j * k, dout, c=c)
+            dx = st.backward_input(a.mb, pos0, dout, c=c)
         else:
-            dx = st.backward(a.mb, a.j * k, dout, layer_done=self._hook(a), c=c)
+            dx = st.backward(a.mb, pos0, dout, layer_done=self._hook(a), c=c)
         self._tick("backward", t0, str(a), a)
         if dx is None:
             return

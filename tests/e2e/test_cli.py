@@ -85,6 +85,12 @@ BAD = [
     (["--microbatches", "3"], "not divisible by dp × microbatches"),
     (["--out-dir", "/proc/forbidden"], "--out-dir"),
     (["--lr", "-1"], "optimizer flags"),
+    (["--virtual-stages", "3", "--schedule", "interleaved-1f1b"], "do not divide the model's"),
+    (["--virtual-stages", "0", "--schedule", "interleaved-1f1b"], "must be ≥ 1"),
+    (["--virtual-stages", "3", "--schedule", "zb-v"], "needs --virtual-stages 2"),
+    (["--virtual-stages", "2", "--schedule", "1f1b"], "runs one stage per rank"),
+    (["--slice-tokens", "16,8"], "sums to 24 tokens, but --seq-len is 32"),
+    (["--slice-tokens", "32,0"], "slice 1 has 0 tokens"),
 ]
 
 

@@ -78,6 +78,18 @@ LAYOUTS = [
     (4, ["--dp", "2", "--pp", "2", "--stage-layers", "3,1", "--microbatches", "1",
          "--slice-tokens", "1", "--schedule", "gpipe", "--zero", "1"]),
     (4, ["--dp", "4", "--zero", "1"]),
+    # the frontier schedules (issue 13), each with token slices
+    (4, ["--pp", "2", "--dp", "2", "--microbatches", "2", "--slice-tokens", "16",
+         "--schedule", "zb-h1"]),
+    (2, ["--pp", "2", "--virtual-stages", "2", "--microbatches", "2", "--slice-tokens", "16",
+         "--schedule", "interleaved-1f1b"]),
+    (4, ["--pp", "2", "--dp", "2", "--microbatches", "1", "--slice-tokens", "8",
+         "--schedule", "zb-v", "--zero", "1"]),
+    (4, ["--pp", "4", "--microbatches", "2", "--slice-tokens", "16", "--schedule", "1f1b"]),
+    (2, ["--pp", "2", "--virtual-stages", "2", "--microbatches", "4", "--slice-tokens",
+         "24,16,12,12", "--schedule", "looped-bfs"]),
+    (2, ["--pp", "2", "--microbatches", "1", "--slice-tokens", "40,24", "--schedule",
+         "zb-h1"]),
 ]
 
 

@@ -158,9 +158,19 @@ CASES = [
     (2, 1, 8, 4, "torch:ScheduleZBVZeroBubble", None),  # torch's files, two stages per rank
     (2, 2, 8, 4, "torch:ScheduleDualPipeV", None),
     (2, 1, 8, 4, "torch:ScheduleInterleaved1F1B@2", None, 1, True),
+    # non-uniform slices (explicit lengths summing to T = 32; Seq1F1B's later-is-dearer)
+    (2, 1, (12, 8, 6, 6), 2, "1f1b", None),
+    (2, 2, (20, 12), 1, "zb-h1", "3,1", 1, True),
+    (2, 1, (16, 8, 5, 3), 2, "interleaved-1f1b@2", None),
+    (2, 2, (1, 30, 1), 2, "zb-v", None, 1, False, CLIP),
+    (1, 2, (24, 8), 2, "gpipe", None),
 ]
 
 _REF = {}
+
+
+def _k(k):
+    return "_".join(map(str, k)) if isinstance(k, tuple) else k
 
 
 def case(c):
@@ -171,7 +181,7 @@ def case(c):
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("pp,dp,k,M,sched,split,zero,overlap,clip", [case(c) for c in CASES],
-                         ids=[f"pp{c[0]}-dp{c[1]}-k{c[2]}-M{c[3]}-{c[4]}"
+                         ids=[f"pp{c[0]}-dp{c[1]}-k{_k(c[2])}-M{c[3]}-{c[4]}"
                               + (f"-{c[5]}" if c[5] else "")
                               + (f"-zero1{'' if c[7] else '-no-overlap'}" if c[6] else "")
                               + ("-clip" if c[8] else "")

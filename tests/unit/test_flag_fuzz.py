@@ -17,7 +17,7 @@ from mpigpt2.setup import plan
 INT_FLAGS = ["--batch-size", "--seq-len", "--steps", "--warmup-steps", "--seed", "--val-every",
              "--val-steps", "--sample-every", "--sample-tokens", "--pp", "--dp",
              "--microbatches", "--slice-tokens", "--zero", "--threads", "--checkpoint-every",
-             "--keep-checkpoints", "--warmup-report"]
+             "--keep-checkpoints", "--warmup-report", "--virtual-stages"]
 FLOAT_FLAGS = ["--lr", "--beta1", "--beta2", "--eps", "--weight-decay", "--min-lr-frac",
                "--grad-clip", "--peak-gflops", "--stall-seconds", "--wait-timeout"]
 NUMBERS = st.one_of(st.integers(-3, 70), st.integers(-2**70, 2**70),

@@ -218,6 +218,9 @@ def test_default_layout_rule():
     (dict(pp=2, stage_layers="4,0"), "stage 1 has 0 layers"),
     (dict(pp=2, stage_layers="a,b"), "comma-separated"),
     (dict(slice_tokens=7), "does not divide --seq-len"),
+    (dict(slice_tokens=(32, 16)), "sums to 48 tokens, but --seq-len is 64"),
+    (dict(slice_tokens=(64, 0)), "slice 1 has 0 tokens"),
+    (dict(slice_tokens=(70, -6)), "slice 1 has -6 tokens"),
     (dict(slice_tokens=0), "must be ≥ 1"),
     (dict(pp=2, microbatches=3), "not divisible by dp × microbatches"),
     (dict(schedule="zigzag"), "choose one of"),
@@ -286,3 +289,17 @@ def test_validator_rejects_split_backward_errors(mutate, message):
     mutate(progs)
     with pytest.raises(ScheduleError, match=message):
         S.validate(progs, pipe)
+
+
+def test_non_uniform_slices():
+    """Explicit lengths: kept in order, k is the longest, n their count; equal lengths are
+    plain k; the CLI parses them."""
+    from mpigpt2.parallel.autotune import parse_slice_tokens
+    tiny = PRESETS["gpt2-tiny"]
+    lay = resolve(2, tiny, 8, 64, pp=2, slice_tokens=parse_slice_tokens("32,16,8,8"))
+    assert lay.lengths(64) == (32, 16, 8, 8) and lay.slice_tokens == 32
+    assert lay.n_slices(64) == 4 and lay.slices_text(64) == "32,16,8,8"
+    assert len(lay.programs(64)[0]) == len(resolve(2, tiny, 8, 64, pp=2, slice_tokens=16)
+                                           .programs(64)[0])
+    lay = resolve(2, tiny, 8, 64, pp=2, slice_tokens=(16, 16, 16, 16))
+    assert lay.slice_lengths == () and lay.slice_tokens == 16
