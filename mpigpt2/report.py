@@ -308,7 +308,7 @@ def read_trace(path):
     events, named = [], {}
     for i, e in enumerate(doc["traceEvents"]):
         ev = check_event(e, f"{path}: traceEvents[{i}]")
-        if ev is None:
+        if ev is None or ev["pid"] != 0:  # (pid 1: the predicted timeline, drawn anew)
             continue
         if ev["ph"] == "M":
             named[ev["tid"]] = ev["name"]
@@ -340,13 +340,15 @@ def check_event(e, where):
         raise bad(f"phase {show(ph)} is not X, i or M")
     if not isinstance(args, dict):
         raise bad(f"args is {show(args)}, not an object")
-    tid = integer(e.get("tid"), hi=1 << 31)
+    tid, pid = integer(e.get("tid"), hi=1 << 31), integer(e.get("pid", 0), hi=1 << 31)
+    if pid is None:
+        raise bad(f"pid {show(e.get('pid'))} is not a non-negative integer")
     if ph == "M":
         if e.get("name") != "thread_name":
             return None
         if tid is None or not isinstance(args.get("name"), str):
             raise bad("a thread_name event needs an integer tid and a string args.name")
-        return {"ph": "M", "tid": tid, "name": text(args["name"])}
+        return {"ph": "M", "tid": tid, "pid": pid, "name": text(args["name"])}
     if tid is None:
         raise bad(f"tid {show(e.get('tid'))} is not a rank (a non-negative integer)")
     ts = real(e.get("ts"))
@@ -365,8 +367,8 @@ def check_event(e, where):
         step = integer(args["step"], lo=-1)
         if step is None:
             raise bad(f"args.step {show(args['step'])} is not an integer step")
-    return {"ph": ph, "tid": tid, "ts": ts, "dur": dur, "name": text(name), "cat": cat,
-            "step": step}
+    return {"ph": ph, "tid": tid, "pid": pid, "ts": ts, "dur": dur, "name": text(name),
+            "cat": cat, "step": step}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,20 +466,52 @@ def choose_step(trace, step=None):
 
 
 def plot_timeline(plt, trace, step, metrics=None, config=None):
-    """One step (fully traced, see choose_step) of a checked trace, as PNG bytes."""
+    """One step (fully traced, see choose_step) of a checked trace, as PNG bytes: the measured
+    timeline, and under it the schedule simulated with the measured compute durations
+    (observe/predict.py), on one time axis."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
     names = trace["names"]
     ranks = sorted(names)
     evs = step_events(trace)[step]
+    predicted = predicted_step(trace, evs)
     t0 = min(e["ts"] for r in evs.values() for e in r)
     t1 = max(e["ts"] + e["dur"] for r in evs.values() for e in r)
+    if predicted is not None:
+        t1 = max([t1] + [t + d for xs in predicted[0].values() for _, t, d in xs])
     span_ms = max((t1 - t0) / 1e3, 1e-3)  # a step of instants only still gets an axis
-
-    fig, ax = plt.subplots(figsize=(12, 1.9 + 0.55 * len(ranks)), dpi=100,
-                           layout="constrained")
+    panels = 2 if predicted is not None else 1
+    fig, axes = plt.subplots(panels, 1, figsize=(12, 1.9 + 0.55 * panels * len(ranks)),
+                             dpi=100, layout="constrained", sharex=True, squeeze=False)
+    axes = [a for row in axes for a in row]
     fig.canvas.draw()
-    px_per_ms = ax.get_window_extent().width / span_ms
+    px_per_ms = axes[0].get_window_extent().width / span_ms
+    draw_ranks(axes[0], ranks, {r: evs.get(r, []) for r in ranks}, t0, px_per_ms)
+    if predicted is not None:
+        pred = {r: [{"ph": "X", "cat": "forward" if "F" in name else "backward", "name": name,
+                     "ts": t, "dur": d} for name, t, d in predicted[0].get(r, [])]
+                for r in ranks}
+        draw_ranks(axes[1], ranks, pred, t0, px_per_ms)
+        axes[1].set_title(predicted_title(predicted[1]), fontsize=9)
+    for ax in axes:
+        ax.set_yticks(range(len(ranks)), [names[r] for r in ranks])
+        ax.set_ylim(len(ranks) - 0.5, -0.5)  # rank 0 on top
+        ax.set_xlim(0, span_ms * 1.005)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_axisbelow(True)
+    axes[-1].set_xlabel(f"ms since the start of step {step}")
+    axes[0].set_title(timeline_title(trace, step, metrics, config, span_ms), fontsize=10)
+    handles = [Patch(color=COLOURS[c], label=LABELS[c]) for c in COLOURS]
+    handles.insert(3, Line2D([], [], color=SEND_COLOUR, lw=1.2, label="send (start)"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=6, fontsize=8,
+               frameon=False)
+    data = png(fig)
+    plt.close(fig)
+    return data
+
+
+def draw_ranks(ax, ranks, evs, t0, px_per_ms):
+    """One row of bars per rank (compute labelled where they fit), send ticks on top."""
     for row, rank in enumerate(ranks):
         bars = {}
         for e in evs.get(rank, []):
@@ -497,20 +531,24 @@ def plot_timeline(plt, trace, step, metrics=None, config=None):
         for cat, xs in bars.items():
             ax.broken_barh(xs, (row - 0.35, 0.7), facecolors=COLOURS[cat],
                            edgecolors="white", linewidth=0.4)
-    ax.set_yticks(range(len(ranks)), [names[r] for r in ranks])
-    ax.set_ylim(len(ranks) - 0.5, -0.5)  # rank 0 on top
-    ax.set_xlim(0, span_ms * 1.005)
-    ax.set_xlabel(f"ms since the start of step {step}")
-    ax.grid(axis="x", alpha=0.3)
-    ax.set_axisbelow(True)
-    ax.set_title(timeline_title(trace, step, metrics, config, span_ms), fontsize=10)
-    handles = [Patch(color=COLOURS[c], label=LABELS[c]) for c in COLOURS]
-    handles.insert(3, Line2D([], [], color=SEND_COLOUR, lw=1.2, label="send (start)"))
-    fig.legend(handles=handles, loc="outside lower center", ncol=6, fontsize=8,
-               frameon=False)
-    data = png(fig)
-    plt.close(fig)
-    return data
+
+
+def predicted_step(trace, evs):
+    """observe.predict.predict_step on a step's measured compute spans, or None when they do
+    not form a schedule (a trace of another program)."""
+    from mpigpt2.observe.predict import predict_step, COMPUTE_CATS
+    pp = (trace["layout"] or {}).get("pp") or len(evs)
+    spans = {r: [(e["name"], e["ts"], e["dur"]) for e in xs
+                 if e["ph"] == "X" and e["cat"] in COMPUTE_CATS] for r, xs in evs.items()}
+    return predict_step(spans, {r: (r % pp, r // pp) for r in evs})
+
+
+def predicted_title(spans):
+    """Measured vs predicted span of the pipelined part (the slowest replica)."""
+    measured, predicted = max(spans.values())
+    return (f"predicted: the schedule simulated with these measured compute durations (no "
+            f"message latency): pipeline {predicted / 1e3:.1f} ms vs {measured / 1e3:.1f} ms "
+            f"measured ({100 * (predicted / measured - 1):+.0f} %)")
 
 
 def timeline_title(trace, step, metrics, config, span_ms):

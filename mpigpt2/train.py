@@ -124,7 +124,8 @@ def print_schedule(plan, T, print0, out=None):
     n = layout.n_slices(T)
     progs = layout.programs(T)
     print0(f"layout {layout.as_dict()}\n" + schedule.table(progs))
-    print0(f"predicted bubble (unit costs): {costs.idle_fraction(schedule.simulate(progs)):.3f}")
+    print0(f"predicted bubble: {costs.idle_fraction(schedule.simulate(progs)):.3f} with this "
+           f"table's unit costs, {costs.unit_bubble(progs):.3f} with F = I = W = 1, B = 2")
     if out and MPI.COMM_WORLD.Get_rank() == 0:
         schedule_file.write(progs, out, n)
         print0(f"schedule written to {out} (--schedule {out} runs it)")
@@ -327,11 +328,16 @@ def log_step(run, step, lr, result, t0, progress):
     Returns the mean loss on rank 0 (None elsewhere)."""
     args, layout = run.args, run.plan.layout
     BT = args.batch_size * args.seq_len
+    actions = np.zeros(mx.action_width(layout, args.seq_len))  # (padded to the longest)
+    actions[:len(result.action_seconds)] = result.action_seconds
     per_rank, loss_sum = gather_rows(run.world, mx.PHASES,
                                      [result.times.get(k, 0.0) for k in mx.PHASES],
-                                     result.loss_sum, run.grid.stage, run.grid.waiter)
+                                     result.loss_sum, run.grid.stage, run.grid.waiter,
+                                     [result.pipeline_s, *actions])
     if run.rank != 0:
         return None
+    for r in per_rank:
+        r["pipeline"], r["actions"] = r["extra"][0], r.pop("extra")[1:]
     dt = time.perf_counter() - t0
     loss = loss_sum / BT
     mfu = mx.flops_per_token(run.plan.cfg, args.seq_len) * BT / dt / (
@@ -339,7 +345,7 @@ def log_step(run, step, lr, result, t0, progress):
     rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": result.grad_norm,
            "step_ms": dt * 1000, "tokens_per_s": BT / dt,
            "tokens_per_s_per_core": BT / dt / run.cores, "mfu": mfu,
-           **mx.step_record(per_rank, dt, layout, args.seq_len)}
+           **mx.step_record(per_rank, layout, args.seq_len)}
     run.history.append(rec)
     run.print0(mx.step_line(rec, args.steps, layout.pp, progress))
     run.log.log(rec)

@@ -1,11 +1,13 @@
 """Step metrics: model FLOPs, phase times per rank, measured and predicted pipeline bubble, and
 the end-of-run summary (the matmul peak behind MFU is observe.peak)."""
 
+import functools
 import time
 
 import numpy as np
 
 from mpigpt2.parallel import costs
+from mpigpt2.parallel.schedule import COMPUTE
 
 PHASES = ("forward", "backward", "p2p_wait", "allreduce", "allgather", "update")
 
@@ -16,21 +18,45 @@ def flops_per_token(cfg, T):
     return 6 * (12 * L * C * C + V * C) + 12 * L * T * C
 
 
-def step_record(per_rank, step_s, layout, T):
-    """Aggregate per-rank phase seconds (list of dicts with rank/stage and PHASES) into the
-    metrics fields: phase ms per rank, and the measured bubble (mean over ranks of the time
-    blocked on pipeline messages, relative to the pipelined part of the step)."""
-    n = layout.n_slices(T)
-    bub = []
-    for r in per_rank:
-        busy = r["forward"] + r["backward"] + r["p2p_wait"]
-        bub.append(r["p2p_wait"] / busy if busy > 0 else 0.0)
+def step_record(per_rank, layout, T):
+    """Aggregate per-rank phase seconds (dicts with rank/stage, PHASES, "pipeline": the
+    rank's schedule span, "actions": seconds of its compute actions in program order) into
+    the metrics fields: phase ms per rank, the pipelined part's measured and predicted
+    (simulated with the measured action costs) span and bubble, and the unit-cost bubble of
+    the schedule (docs/design.md#predicted-and-measured-bubble)."""
+    progs, unit = _programs(layout, T)
+    pp = layout.pp
+    compute = [[a for a in prog if a.kind in COMPUTE] for prog in progs]
+    seconds, spans = {}, {}
+    for r in per_rank:  # the mean over replicas of each action; each replica's span
+        for a, sec in zip(compute[r["rank"] % pp], r["actions"]):
+            seconds[a] = seconds.get(a, 0.0) + sec / layout.dp
+        rep = r["rank"] // pp
+        spans[rep] = max(spans.get(rep, 0.0), r["pipeline"])
+    span = float(np.mean(list(spans.values())))
+    _, end, predicted = costs.measured_pipeline(progs, seconds)
+    work = sum(seconds.values())
     return {
         "phases_ms": [dict({"rank": r["rank"], "stage": r["stage"]},
                            **{k: round(r[k] * 1000, 3) for k in PHASES}) for r in per_rank],
-        "bubble": float(np.mean(bub)) if layout.pp > 1 else 0.0,
-        "bubble_predicted": costs.bubble_fraction(layout.pp, layout.microbatches, n),
+        "pipeline_ms": span * 1000, "pipeline_predicted_ms": end * 1000,
+        "bubble": 1.0 - work / (pp * span) if span > 0 else 0.0,
+        "bubble_predicted": predicted,
+        "bubble_unit": unit,
     }
+
+
+@functools.lru_cache(maxsize=4)
+def _programs(layout, T):
+    """(every pipe rank's program, the unit-cost bubble) of a layout, built once."""
+    progs = layout.programs(T)
+    return progs, costs.unit_bubble(progs)
+
+
+def action_width(layout, T):
+    """The longest compute-action list of any pipe rank (the per-rank metrics row pads to
+    it)."""
+    return max(sum(a.kind in COMPUTE for a in prog) for prog in _programs(layout, T)[0])
 
 
 def phase_line(p):
@@ -87,5 +113,6 @@ def step_line(rec, steps, pp, progress):
             f"{rec['step_ms']:7.1f} ms | {rec['tokens_per_s']:8.0f} tok/s "
             f"({rec['tokens_per_s_per_core']:.0f}/core) | MFU {rec['mfu'] * 100:5.1f}% | "
             + phase_line(busiest) + (f" | bubble {rec['bubble']:.2f} (predicted "
-                                     f"{rec['bubble_predicted']:.2f})" if pp > 1 else "")
+                                     f"{rec['bubble_predicted']:.2f}, unit costs "
+                                     f"{rec['bubble_unit']:.2f})" if pp > 1 else "")
             + f" | {progress.line(step + 1)}")

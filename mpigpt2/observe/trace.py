@@ -46,15 +46,21 @@ class Tracer:
 
 
 def merge(per_rank, path, meta=None):
-    """Write the events of all ranks (lists from chrome_events, with (rank, stage, replica))
-    as one trace with a named row per rank."""
-    events = []
+    """Write the events of all ranks (lists from chrome_events, with (rank, pipe rank,
+    replica)) as one trace with a named row per rank (pid 0, "measured"), and beside it the
+    schedule simulated with the measured compute durations (pid 1, "predicted":
+    observe/predict.py)."""
+    from mpigpt2.observe.predict import chrome_events as predicted
+    events = [{"name": "process_name", "ph": "M", "pid": pid, "args": {"name": name}}
+              for pid, name in ((0, "measured"), (1, "predicted (measured action costs)"))]
     for (rank, stage, replica), evs in per_rank:
-        events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": rank,
-                       "args": {"name": f"rank {rank} (stage {stage}, replica {replica})"}})
-        events.append({"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": rank,
-                       "args": {"sort_index": rank}})
+        for pid in (0, 1):
+            events.append({"name": "thread_name", "ph": "M", "pid": pid, "tid": rank,
+                           "args": {"name": f"rank {rank} (stage {stage}, replica {replica})"}})
+            events.append({"name": "thread_sort_index", "ph": "M", "pid": pid, "tid": rank,
+                           "args": {"sort_index": rank}})
         events.extend(evs)
+    events.extend(predicted(per_rank))
     doc = {"traceEvents": events, "displayTimeUnit": "ms", "metadata": meta or {}}
     atomic_write_text(path, json.dumps(doc))
     return path

@@ -119,17 +119,20 @@ def gather_model(grid, stage, layout, grads=False, flat=None):
     return out
 
 
-def gather_rows(comm, phases, phase_seconds, loss_sum, stage, waiter):
-    """Polled gather of every rank's phase times (named by phases) and loss sum to rank 0.
+def gather_rows(comm, phases, phase_seconds, loss_sum, stage, waiter, extra=()):
+    """Polled gather of every rank's phase times (named by phases), loss sum and `extra`
+    numbers (the same count on every rank) to rank 0.
 
-    Returns (per-rank dicts, total loss sum) on rank 0 and (None, None) elsewhere; a blocking
-    gather would busy-spin on ranks that finished their step early.
+    Returns (per-rank dicts, total loss sum) on rank 0 and (None, None) elsewhere; each dict
+    has the phases, rank, stage and "extra" (an array). A blocking gather would busy-spin on
+    ranks that finished their step early.
     """
-    row = np.array(list(phase_seconds) + [loss_sum, stage], dtype=np.float64)
+    row = np.array(list(phase_seconds) + [loss_sum, stage] + list(extra), dtype=np.float64)
     out = np.empty((comm.Get_size(), row.size)) if comm.Get_rank() == 0 else None
     waiter.wait([comm.Igather(row, out, root=0)], "reduce", lambda: "per-step metrics gather")
     if out is None:
         return None, None
-    per_rank = [dict(zip(phases, r[:len(phases)]), rank=i, stage=int(r[-1]))
+    n = len(phases)
+    per_rank = [dict(zip(phases, r[:n]), rank=i, stage=int(r[n + 1]), extra=r[n + 2:])
                 for i, r in enumerate(out)]
-    return per_rank, float(out[:, len(phases)].sum())
+    return per_rank, float(out[:, n].sum())

@@ -57,6 +57,26 @@ def idle_fraction(timeline, **costs):
     return 1.0 - work / (end * len(timeline))
 
 
+def unit_bubble(progs):
+    """Idle fraction of a schedule simulated with unit costs per chunk action (F = 1, B = 2,
+    I = W = 1: a backward costs two forwards, its halves one each)."""
+    from mpigpt2.parallel.schedule import simulate
+    kinds = dict(f_cost=1, b_cost=2, i_cost=1, w_cost=1)
+    return idle_fraction(simulate(progs, **kinds), **kinds)
+
+
+def measured_pipeline(progs, seconds):
+    """The schedule simulated with measured costs (docs/design.md#predicted-and-measured-
+    bubble): seconds maps every compute Action of progs to its measured seconds (from
+    whichever rank ran it). Returns (timeline of (start, action) per rank, predicted seconds
+    of the pipelined part, its idle fraction 1 − work / (p · end))."""
+    from mpigpt2.parallel.schedule import simulate
+    timeline = simulate(progs, costs=lambda a: seconds[a])
+    end = max((t + seconds[a] for tl in timeline for t, a in tl), default=0.0)
+    work = sum(seconds[a] for tl in timeline for _, a in tl)
+    return timeline, end, (1.0 - work / (len(progs) * end) if end > 0 else 0.0)
+
+
 def allreduce_seconds(nbytes, dp):
     """A ring allreduce of nbytes over dp ranks."""
     return 2.0 * (dp - 1) / dp * nbytes / ALLREDUCE_BPS

@@ -38,6 +38,7 @@ class Runner:
         self.overlap = overlap  # start a layer's gradient reduction inside the last backward
         self.times = {}
         self.action_seconds = {}  # compute Action -> seconds, this step
+        self.pipeline_seconds = 0.0  # run() start to the end of the last compute action
         self.tracer = tracer
 
     _CATS = {"forward": "forward", "backward": "backward", "p2p_wait": "wait",
@@ -48,6 +49,7 @@ class Runner:
         self.times[kind] = self.times.get(kind, 0.0) + t1 - t0
         if action is not None:  # per compute action: the simulator's measured costs
             self.action_seconds[action] = t1 - t0
+            self.last_compute = t1
         if self.tracer is not None and (kind in ("forward", "backward") or t1 - t0 > 2e-5):
             self.tracer.span(name, self._CATS[kind], t0, t1)
 
@@ -62,6 +64,7 @@ class Runner:
         outputs = {}
         loss = 0.0
         tr = self.tracer
+        t_begin = self.last_compute = time.perf_counter()
         for i, a in enumerate(program):
             try:
                 if a.kind in ("RECV_F", "RECV_B"):
@@ -93,6 +96,8 @@ class Runner:
             if tr is not None and a.kind in schedule.COMPUTE:
                 for name in p2p.sends_done():
                     tr.instant(f"done {name}", "send_done")
+        # the pipelined part of the step on this rank: to the end of its last compute action
+        self.pipeline_seconds = self.last_compute - t_begin
         t0 = time.perf_counter()
         late = p2p.finish()
         self._tick("p2p_wait", t0, "send completion")

@@ -18,6 +18,7 @@ class StepResult:
     times: dict                 # seconds by phase (observe.metrics.PHASES)
     waits: dict                 # seconds spent waiting, by kind (waiting.Waiter)
     action_seconds: list = None  # seconds of each compute action, in program order
+    pipeline_s: float = 0.0     # start of the schedule to the end of this rank's last compute
 
 
 def train_step(runner, opt, tokens, targets, t, lr, dloss, grad_clip=0.0, norm=False):
@@ -48,4 +49,5 @@ def train_step(runner, opt, tokens, targets, t, lr, dloss, grad_clip=0.0, norm=F
     gathered = waits.get("allgather", 0.0)  # ZeRO's parameter waits happen inside forward
     times["forward"] = times.get("forward", 0.0) - gathered
     times.update(update=t_done - t_up, allgather=gathered)
-    return StepResult(loss_sum, grad_norm, scale, times, waits, actions)
+    return StepResult(loss_sum, grad_norm, scale, times, waits, actions,
+                      runner.pipeline_seconds)

@@ -43,13 +43,39 @@ def steps_of(events, rank, step):
     return evs[:end + 1]
 
 
+def check_predicted(doc, measured):
+    """pid 1 holds, for every step, each rank's compute actions with their measured
+    durations, in the same order, none overlapping, none before its rank's measured start."""
+    pred = [e for e in doc["traceEvents"] if e["ph"] == "X" and e.get("pid") == 1]
+    compute = [e for e in measured if e["cat"] in ("forward", "backward")
+               and e["args"]["step"] >= 0]
+    assert sorted((e["tid"], e["args"]["step"], e["name"]) for e in pred) == \
+        sorted((e["tid"], e["args"]["step"], e["name"]) for e in compute)
+    dur = {(e["tid"], e["args"]["step"], e["name"]): e["dur"] for e in compute}
+    for key, got in ((k, e["dur"]) for e in pred
+                     for k in [(e["tid"], e["args"]["step"], e["name"])]):
+        assert got == pytest.approx(dur[key], abs=2e-3)
+    for rank in range(RANKS):
+        for step in {e["args"]["step"] for e in pred}:
+            mine = sorted((e for e in pred if e["tid"] == rank and e["args"]["step"] == step),
+                          key=lambda e: e["ts"])
+            order = [e["name"] for e in sorted((e for e in compute if e["tid"] == rank and
+                                                e["args"]["step"] == step),
+                                               key=lambda e: e["ts"])]
+            assert [e["name"] for e in mine] == order
+            for a, b in zip(mine, mine[1:]):
+                assert a["ts"] + a["dur"] <= b["ts"] + 1e-2
+
+
 @pytest.mark.timeout(240)
 def test_trace_has_a_track_per_rank_and_the_schedule_s_events(traced):
     doc = json.loads((traced / "trace.json").read_text())
     meta = [e for e in doc["traceEvents"] if e["ph"] == "M" and e["name"] == "thread_name"]
-    assert sorted(e["tid"] for e in meta) == list(range(RANKS))
-    events = [e for e in doc["traceEvents"] if e["ph"] in ("X", "i")]
+    for pid in (0, 1):  # measured, predicted
+        assert sorted(e["tid"] for e in meta if e["pid"] == pid) == list(range(RANKS))
+    events = [e for e in doc["traceEvents"] if e["ph"] in ("X", "i") and e["pid"] == 0]
     assert {e["tid"] for e in events} == set(range(RANKS))
+    check_predicted(doc, events)
     progs = schedule.build("1f1b", PP, M, N)
     for rank in range(RANKS):
         stage = rank % PP
@@ -90,7 +116,8 @@ def test_metrics_fields_are_consistent(traced):
     assert [r["step"] for r in steps] == list(range(STEPS))
     for r in steps:
         for key in ("step", "loss", "lr", "step_ms", "tokens_per_s", "tokens_per_s_per_core",
-                    "mfu", "phases_ms", "bubble", "bubble_predicted"):
+                    "mfu", "phases_ms", "bubble", "bubble_predicted", "bubble_unit",
+                    "pipeline_ms", "pipeline_predicted_ms"):
             assert key in r, key
         assert sorted(p["rank"] for p in r["phases_ms"]) == list(range(RANKS))
         for p in r["phases_ms"]:
@@ -101,7 +128,12 @@ def test_metrics_fields_are_consistent(traced):
             # previous step's gather first): allow a small slack
             assert sum(phases) <= r["step_ms"] * 1.1 + 20, (p, r["step_ms"])
         assert 0.0 <= r["bubble"] <= 1.0
-        assert r["bubble_predicted"] == pytest.approx((PP - 1) / (M * N + PP - 1))
+        assert r["bubble_unit"] == pytest.approx((PP - 1) / (M * N + PP - 1))
+        # the simulation with this step's measured action costs has no message latency and
+        # no start skew between ranks: never much longer than what was measured
+        assert 0.0 <= r["bubble_predicted"] <= r["bubble"] + 0.1
+        assert r["pipeline_predicted_ms"] <= r["pipeline_ms"] * 1.25 + 5
+        assert r["pipeline_ms"] <= r["step_ms"] * 1.1 + 20
         assert 0 < r["mfu"] < 1 and r["tokens_per_s"] > 0
     assert any("val_loss" in r for r in recs)
     assert recs[-1].get("summary") is True and len(recs[-1]["ranks"]) == RANKS
