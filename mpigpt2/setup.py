@@ -58,8 +58,7 @@ def plan(args, world, node_ranks=(0,)):
                          args.microbatches,
                          None if args.slice_tokens == "auto" else args.slice_tokens, args.schedule,
                          node_memory_bytes(), len(node_ranks),
-                         (args.virtual_stages if args.virtual_stages is not None
-                          else 2 if args.schedule == "zb-v" else None))
+                         args.virtual_stages)
     train = DataLoader(args.train_data, B, T, vocab_size=cfg.vocab_size, flag="--train-data",
                        shuffle=args.shuffle, seed=args.seed)
     notes = []

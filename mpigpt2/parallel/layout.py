@@ -252,7 +252,7 @@ def resolve(world, cfg, B, T, pp=None, dp=None, stage_layers=None, microbatches=
                             f"ranks, but --virtual-stages is {virtual_stages}")
         placement_for("looped-bfs", pp, v, L)  # (the stage count check)
     else:
-        v = 1 if virtual_stages is None else virtual_stages
+        v = virtual_stages if virtual_stages is not None else 2 if schedule == "zb-v" else 1
         placement = placement_for(schedule, pp, v, L)
     if len(placement) > pp and not stage_layers and L % len(placement):
         raise UserError(f"--virtual-stages {len(placement) // pp}: pp {pp} × "

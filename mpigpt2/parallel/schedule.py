@@ -279,14 +279,16 @@ def validate(progs, pipe):
 
 def listing(progs, mark=None):
     """The compute actions of each rank in program order (step × rank); mark = (rank,
-    action) is shown as >action<."""
-    rows = [[a for a in prog if a.kind in COMPUTE or (mark and a == mark[1])] for prog in progs]
+    action), or a list of them, is shown as >action<."""
+    marks = set(mark if isinstance(mark, list) else [mark] if mark else [])
+    rows = [[a for a in prog if a.kind in COMPUTE or (r, a) in marks]
+            for r, prog in enumerate(progs)]
     lines = ["step " + " ".join(f"rank{r:<6d}" for r in range(len(progs)))]
     for i in range(max(map(len, rows), default=0)):
         cells = []
         for r, row in enumerate(rows):
             a = row[i] if i < len(row) else None
-            text = "" if a is None else (f">{a}<" if mark and (r, a) == mark else str(a))
+            text = "" if a is None else (f">{a}<" if (r, a) in marks else str(a))
             cells.append(f"{text:10s}")
         lines.append(f"{i:4d} " + " ".join(cells))
     return "\n".join(lines)
@@ -337,9 +339,10 @@ def simulate(progs, f_cost=1, b_cost=1, i_cost=1, w_cost=1, costs=None):
             if best is None or (start, r) < best:
                 best = (start, r)
         if best is None:
-            stuck = [str(comp[r][pc[r]]) for r in range(p) if pc[r] < len(comp[r])]
-            raise ScheduleError(f"deadlock: ranks wait on {', '.join(stuck)}\n"
-                                + listing(progs))
+            stuck = [(r, comp[r][pc[r]]) for r in range(p) if pc[r] < len(comp[r])]
+            raise ScheduleError(f"deadlock: ranks wait on {', '.join(str(a) for _, a in stuck)}"
+                                f" (marked: each waits for another's)\n"
+                                + listing(progs, stuck))
         start, r = best
         a = comp[r][pc[r]]
         free_at[r] = start + cost(a)
