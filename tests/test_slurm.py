@@ -16,15 +16,12 @@ the Python (tests/test_slurmjob.py tests the module behind it piece by piece).
 import json
 import os
 import shlex
-import shutil
 import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
-from slurm_cluster import SlurmCluster, Unavailable
+from slurm_cluster import SlurmCluster, serve
 from slurm_jobs import SCRIPT, VENV, Job
 
 STEPS = 12
@@ -57,25 +54,8 @@ def layout_flags(shards):
 
 @pytest.fixture(scope="module")
 def slurm(request):
-    # a short path of its own (munged's unix socket lives there); removed unless a test failed
-    root = Path(tempfile.mkdtemp(prefix="mpigpt2-slurm-"))
-    failed = request.session.testsfailed
-    cluster = SlurmCluster(root, cpus=16, log=lambda m: print(f"[slurm] {m}", flush=True))
-    try:
-        cluster.start()
-    except Unavailable as e:
-        shutil.rmtree(root, ignore_errors=True)
-        if os.environ.get("CI"):  # CI runs as root with apt: never skip there
-            raise
-        pytest.skip(str(e))
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-        if request.session.testsfailed == failed:
-            shutil.rmtree(root, ignore_errors=True)
-        else:
-            print(f"[slurm] cluster state and logs kept in {root}")
+    yield from serve(request, lambda root: SlurmCluster(
+        root, cpus=16, log=lambda m: print(f"[slurm] {m}", flush=True)), "mpigpt2-slurm-")
 
 
 def warn_at_step_4(plan, timeout=180):

@@ -14,18 +14,15 @@ nodes, requeues and resumes bit for bit.
 """
 
 import json
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from helpers import mpiexec
 from multinode_cluster import MultiNodeCluster, NamespacesRefused
-from slurm_cluster import Unavailable
+from slurm_cluster import Unavailable, serve
 from slurm_jobs import Job
 from mpigpt2.model.config import PRESETS
 from mpigpt2.model.params import num_parameters
@@ -44,24 +41,9 @@ def flags(shards):
 
 @pytest.fixture(scope="module")
 def cluster(request):
-    root = Path(tempfile.mkdtemp(prefix="mpigpt2-mn-"))
-    failed = request.session.testsfailed
-    c = MultiNodeCluster(root, nodes=3, log=lambda m: print(f"[cluster] {m}", flush=True))
-    try:
-        c.start()
-    except (Unavailable, NamespacesRefused) as e:
-        shutil.rmtree(root, ignore_errors=True)
-        if os.environ.get("CI"):  # CI runs as root: never skip there
-            raise
-        pytest.skip(str(e))
-    try:
-        yield c
-    finally:
-        c.stop()
-        if request.session.testsfailed == failed:
-            shutil.rmtree(root, ignore_errors=True)
-        else:
-            print(f"[cluster] state and logs kept in {root}")
+    yield from serve(request, lambda root: MultiNodeCluster(
+        root, nodes=3, log=lambda m: print(f"[cluster] {m}", flush=True)), "mpigpt2-mn-",
+        refused=(Unavailable, NamespacesRefused))
 
 
 def losses(out_dir):
