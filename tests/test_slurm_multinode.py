@@ -16,6 +16,7 @@ nodes, requeues and resumes bit for bit.
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,25 @@ def test_sbatch_two_nodes(cluster, shards, reference, tmp_path, launcher):
     assert (tmp_path / "m.bin").read_bytes() == reference[1]
     assert len(set(hosts(job.out_dir).values())) == 2
     assert sent(before, traffic(cluster)) >= STEPS * 4 * num_parameters(PRESETS["gpt2-tiny"])
+
+
+@pytest.mark.timeout(600)
+def test_preempted_across_nodes_resumes_bit_for_bit(cluster, shards, reference, tmp_path):
+    """Warned (SIGUSR1 to the batch shell) once step 2 is logged while rank 0 sleeps in step 3:
+    the ranks on both nodes stop after step 3, checkpoint, the job requeues itself, resumes on
+    two nodes and ends with the uninterrupted losses and weights."""
+    job = Job(cluster, tmp_path, flags(shards) + ["--inject-delay", "0:3:8", "--save",
+                                                  str(tmp_path / "m.bin")],
+              sbatch=("-N", "2", "--ntasks-per-node", "2"))
+    deadline = time.time() + 240
+    while not job.logged(2):
+        assert time.time() < deadline and job.alive(), job.report()
+        time.sleep(0.2)
+    job.warn()
+    info = job.finish(timeout=300)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", job.report()
+    assert [a.split(" ")[0] for a in job.attempts()] == ["start", "end", "requeue", "start",
+                                                         "end"], job.report()
+    assert job.losses() == reference[0], job.report()  # every step once, bit for bit
+    assert (tmp_path / "m.bin").read_bytes() == reference[1]
+    assert len(set(hosts(job.out_dir).values())) == 2
