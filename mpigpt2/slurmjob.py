@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mpigpt2.base.errors import EXIT_USAGE
 from mpigpt2.formats import checkpoint as ck
@@ -430,6 +430,11 @@ def finish(rc, s, sig, out):
     if s.restart >= s.max_restarts:
         log(f"restarted {s.restart} times (MPIGPT2_MAX_RESTARTS={s.max_restarts}): not requeueing")
         return PREEMPTED
+    return requeue(s, out)
+
+
+def requeue(s, out):
+    """`scontrol requeue` this job; 0 once Slurm ends this attempt, PREEMPTED if it failed."""
     log(f"requeueing job {s.job} (restart {s.restart + 1} will resume from {out}/checkpoints)")
     record(out, f"requeue restart={s.restart}")
     try:
@@ -442,6 +447,130 @@ def finish(rc, s, sig, out):
     log(f"error: scontrol requeue {s.job} failed (job not requeueable? see slurm/README.md); "
         f"resubmit with MPIGPT2_OUT={out} to continue")
     return PREEMPTED
+
+
+# -- a lost node: name it, wait until Slurm marks it down, requeue on the nodes left ------------
+NODE_PROBE_TIMEOUT = 10  # seconds a node may take to run `true` before it counts as lost
+DOWN_STATES = ("DOWN", "NOT_RESPONDING", "FAIL", "DRAIN")
+
+
+def allocation_nodes(s):
+    """The job's node names (`scontrol show hostnames` of SLURM_JOB_NODELIST), or []."""
+    nodelist = s.env.get("SLURM_JOB_NODELIST", "")
+    if not nodelist:
+        return []
+    rc, text = bounded(["scontrol", "show", "hostnames", nodelist], 30, s.env)
+    return text.split() if rc == 0 else []
+
+
+def lost_nodes(s, nodes):
+    """The nodes among `nodes` that do not run a one-task step (`srun --overlap -w NODE true`)
+    within NODE_PROBE_TIMEOUT: probed all at once, each bounded."""
+    timeout = _number(s.env, "MPIGPT2_NODE_PROBE_TIMEOUT", NODE_PROBE_TIMEOUT, float)
+    procs = {}
+    for node in nodes:
+        procs[node] = subprocess.Popen(
+            ["srun", "--overlap", "-N1", "-n1", "--cpus-per-task=1", "--mpi=none", "-w", node,
+             "true"], env=s.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline, lost = time.time() + timeout, []
+    for node, p in procs.items():
+        try:
+            ok = p.wait(max(0.1, deadline - time.time())) == 0
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            ok = False
+        if not ok:
+            lost.append(node)
+    return lost
+
+
+def ranks_on(out, nodes):
+    """{node: [ranks]} from the attempt's config.json rank table (empty if unreadable)."""
+    import json
+    try:
+        with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
+            table = json.load(f).get("ranks", [])
+        return {n: [r["rank"] for r in table if r.get("host") == n] for n in nodes}
+    except (OSError, ValueError, AttributeError, TypeError, KeyError):
+        return {}
+
+
+def wait_down(s, nodes):
+    """Poll `scontrol show node` until Slurm has marked every lost node down (so the requeued
+    job is not placed there), at most MPIGPT2_NODE_DOWN_WAIT seconds; True if it did."""
+    bound = _number(s.env, "MPIGPT2_NODE_DOWN_WAIT", 600, float)
+    deadline = time.time() + bound
+    while True:
+        states = {}
+        for node in nodes:
+            rc, text = bounded(["scontrol", "show", "node", "-o", node], 30, s.env)
+            m = re.search(r"\bState=(\S+)", text) if rc == 0 else None
+            states[node] = m.group(1) if m else "?"
+        if all(any(d in st for d in DOWN_STATES) for st in states.values()):
+            log(f"Slurm marks them {', '.join(f'{n} {st}' for n, st in states.items())}")
+            return True
+        if time.time() > deadline:
+            log(f"warning: after {bound:.0f} s Slurm still shows {states}; requeueing anyway")
+            return False
+        time.sleep(1.0)
+
+
+def shrink(s, alive):
+    """Give the lost nodes back: `scontrol update JobId=J NodeList=ALIVE` shrinks a running job
+    to the nodes that answer. Returns the Settings of the smaller allocation (its SLURM_*
+    variables as Slurm's resize script would set them, and as many tasks per node as
+    before), or None when Slurm refuses."""
+    rc, text = bounded(["scontrol", "update", f"JobId={s.job}", f"NodeList={','.join(alive)}"],
+                       30, s.env)
+    if rc != 0:
+        log(f"warning: Slurm would not shrink the job to {','.join(alive)}: {text.strip()}")
+        return None
+    rc, text = bounded(["scontrol", "show", "job", "-o", s.job], 30, s.env)
+    m = re.search(r"\bNodeList=(\S+)", text) if rc == 0 else None
+    nodelist = m.group(1) if m else ",".join(alive)
+    n, per_node = len(alive), max(1, s.ntasks // max(1, s.nodes))
+    env = dict(s.env)
+    env.update(SLURM_JOB_NODELIST=nodelist, SLURM_NODELIST=nodelist, SLURM_JOB_NUM_NODES=str(n),
+               SLURM_NNODES=str(n), SLURM_NTASKS=str(n * per_node), SLURM_NPROCS=str(n * per_node),
+               SLURM_TASKS_PER_NODE=f"{per_node}(x{n})",
+               SLURM_JOB_CPUS_PER_NODE=f"{per_node * s.threads}(x{n})")
+    return replace(s, nodes=n, ntasks=n * per_node, env=env)
+
+
+def after_node_loss(rc, s, sig, out, ran):
+    """A failed multi-node attempt (not bad input, not after a warning or SIGTERM): when nodes
+    of the allocation no longer answer, name them and the ranks they held and go on without
+    them: shrink the job to the nodes left and launch again in it (--resume auto continues
+    from the newest checkpoint under the smaller layout; docs in slurm/README.md), or, if
+    Slurm will not shrink it, wait until Slurm marks them down and requeue. Returns None (no
+    node lost), the Settings to launch again with, or the job's status."""
+    if rc in (0, EXIT_USAGE, PREEMPTED) or sig.warned or sig.terminated or s.nodes < 2 \
+            or s.job == NOJOB:
+        return None
+    nodes = allocation_nodes(s)
+    lost = lost_nodes(s, nodes)
+    if not lost:
+        return None
+    held = ranks_on(out, lost)
+    what = "; ".join(f"{n} (ranks {', '.join(map(str, held[n]))})" if held.get(n) else n
+                     for n in lost)
+    alive = [n for n in nodes if n not in lost]
+    log(f"lost node(s) {what}; {len(alive)} of the {len(nodes)} nodes still answer (the "
+        f"attempt ran {ran:.0f} s)")
+    record(out, f"lost restart={s.restart} nodes={','.join(lost)}")
+    if s.restart >= s.max_restarts:
+        log(f"restarted {s.restart} times (MPIGPT2_MAX_RESTARTS={s.max_restarts}): not going on")
+        return rc
+    smaller = shrink(s, alive) if alive else None
+    if smaller is not None:
+        log(f"shrank the job to {smaller.env['SLURM_JOB_NODELIST']}: launching {smaller.ntasks} "
+            f"ranks there; they resume from {out}/checkpoints")
+        record(out, f"shrink restart={s.restart} nodes={','.join(alive)} ranks={smaller.ntasks}")
+        return replace(smaller, restart=s.restart + 1)
+    wait_down(s, lost)
+    return requeue(s, out)
 
 
 def parse(argv):
@@ -468,20 +597,29 @@ def main(argv=None):
         die(f"cannot create {out}: {e.strerror}")
     if note:
         log(f"resume: {note}")
-    if s.job != NOJOB and not s.dry_run:
-        clean_shm(s)
-    launcher, plugin = choose_launcher(s, kind)
-    sig.launcher = launcher
-    cmd = launch_command(s, launcher, plugin, mpiexec, flags)
-    where = s.env.get("SLURM_JOB_NODELIST") or socket.gethostname()
-    log(f"job {s.job} restart {s.restart} on {where}: {s.ntasks} ranks x {s.threads} thread(s), "
-        f"launcher {launcher}{f' --mpi={plugin}' if plugin else ''}, MPI {kind}, out {out}")
-    log(f"command: {shlex.join(cmd)}")
-    if s.dry_run:
-        return 0
-    if sig.terminated:  # Slurm ended the job during the set-up
-        return 143
-    return finish(run(cmd, s, sig, out), s, sig, out)
+    while True:  # one attempt, and another on the nodes left after a node was lost
+        if s.job != NOJOB and not s.dry_run:
+            clean_shm(s)
+        launcher, plugin = choose_launcher(s, kind)
+        sig.launcher = launcher
+        cmd = launch_command(s, launcher, plugin, mpiexec, flags)
+        where = s.env.get("SLURM_JOB_NODELIST") or socket.gethostname()
+        log(f"job {s.job} restart {s.restart} on {where}: {s.ntasks} ranks x {s.threads} "
+            f"thread(s), launcher {launcher}{f' --mpi={plugin}' if plugin else ''}, MPI {kind}, "
+            f"out {out}")
+        log(f"command: {shlex.join(cmd)}")
+        if s.dry_run:
+            return 0
+        if sig.terminated:  # Slurm ended the job during the set-up
+            return 143
+        t0 = time.time()
+        rc = run(cmd, s, sig, out)
+        after = after_node_loss(rc, s, sig, out, time.time() - t0)
+        if after is None:
+            return finish(rc, s, sig, out)
+        if not isinstance(after, Settings):
+            return after
+        s = after
 
 
 if __name__ == "__main__":

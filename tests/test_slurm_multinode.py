@@ -25,6 +25,7 @@ from helpers import mpiexec
 from multinode_cluster import MultiNodeCluster, NamespacesRefused
 from slurm_cluster import Unavailable, serve
 from slurm_jobs import Job
+from tolerances import PARITY_F32
 from mpigpt2.model.config import PRESETS
 from mpigpt2.model.params import num_parameters
 
@@ -137,3 +138,52 @@ def test_preempted_across_nodes_resumes_bit_for_bit(cluster, shards, reference, 
     assert job.losses() == reference[0], job.report()  # every step once, bit for bit
     assert (tmp_path / "m.bin").read_bytes() == reference[1]
     assert len(set(hosts(job.out_dir).values())) == 2
+
+
+def nd_flags(shards):
+    """B 12 divides by dp·M for dp 3 and dp 2; --pp only, so dp follows the ranks there are."""
+    train, _ = shards
+    return ["--model", "gpt2-tiny", "--batch-size", "12", "--seq-len", str(T), "--steps", "8",
+            "--checkpoint-every", "2", "--keep-checkpoints", "0", "--val-data", "",
+            "--sample-tokens", "0", "--train-data", str(train), "--pp", "2", "--microbatches",
+            "2", "--slice-tokens", "16", "--peak-gflops", "100"]
+
+
+@pytest.mark.timeout(900)
+def test_a_node_dies_and_the_job_goes_on_with_the_nodes_left(cluster, shards, tmp_path):
+    """Submitted with a node range (-N 2-3), the job runs pp 2 × dp 3 on three nodes; node3
+    (its slurmd and ranks 4, 5) is killed while rank 0 sleeps in step 3. The attempt ends
+    within 15 s naming the lost node and its ranks, nothing is left running, the job shrinks
+    to the two nodes left and launches there, resumes from the step-2 checkpoint as pp 2 × dp 2,
+    and its losses equal one process's within the parity matrix's float32 tolerance. (Last in
+    the module: node3 stays down.)"""
+    one = tmp_path / "one"
+    r = subprocess.run([sys.executable, "-m", "mpigpt2.train", *nd_flags(shards), "--pp", "1",
+                        "--out-dir", str(one)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    job = Job(cluster, tmp_path / "job", nd_flags(shards) + ["--inject-delay", "0:3:8"],
+              sbatch=("-N", "2-3", "--ntasks-per-node", "2"))
+    deadline = time.time() + 240
+    while not job.logged(2):
+        assert time.time() < deadline and job.alive(), job.report()
+        time.sleep(0.2)
+    assert sorted(set(hosts(job.out_dir).values())) == ["node1", "node2", "node3"]
+    killed = time.time()
+    cluster.kill_node("node3")
+    while not any(a.startswith("end restart=0") for a in job.attempts()):
+        assert time.time() - killed < 15, job.report()
+        time.sleep(0.1)
+    assert not [p for n in ("node1", "node2") for p in cluster.node_pids(n)
+                if b"mpigpt2.train" in Path(f"/proc/{p}/cmdline").read_bytes()], job.report()
+    info = job.finish(timeout=300)
+    out = job.output()
+    assert "lost node(s) node3 (ranks 4, 5)" in out, job.report()
+    assert "shrank the job to node[1-2]" in out, job.report()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", job.report()
+    assert [a.split(" ")[0] for a in job.attempts()] == ["start", "end", "lost", "shrink",
+                                                         "start", "end"], job.report()
+    assert "ranks 6 = pp 2 × dp 3" in out and "ranks 4 = pp 2 × dp 2" in out, job.report()
+    assert set(hosts(job.out_dir).values()) == {"node1", "node2"}
+    got, want = dict(job.losses()), dict(losses(one))
+    assert sorted(got) == list(range(8)), job.report()
+    assert max(abs(got[s] - want[s]) / abs(want[s]) for s in want) <= PARITY_F32

@@ -2,6 +2,7 @@
 mpiexec scripts on PATH, fake checkpoint and /dev/shm directories, Slurm's variables set by hand.
 tests/test_slurm.py runs the same code on a real Slurm."""
 
+import json
 import os
 import signal
 import subprocess
@@ -538,3 +539,62 @@ def test_slurm_mode_dry_run_and_its_own_options(fake, tmp_path):
     r = subprocess.run([sys.executable, "-m", "mpigpt2.launch", "slurm", "--bogus"], env=env,
                        cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "unrecognized arguments: --bogus" in r.stderr, r
+
+
+# -- a lost node (the real thing: tests/test_slurm_multinode.py) --------------------------------
+LOST_SRUN = r"""#!/bin/bash
+for a in "$@"; do case $a in -w) next=1 ;; *) [ -n "$next" ] && node=$a; next= ;; esac; done
+echo "$node" >> "$FAKE_LOG"
+case " $FAKE_DEAD " in *" $node "*) exit 1 ;; esac
+case " $FAKE_SLOW " in *" $node "*) sleep 30 ;; esac
+exit 0
+"""
+SHRINK_SCONTROL = r"""#!/bin/bash
+echo "$*" >> "$FAKE_LOG.scontrol"
+case "$1 $2" in
+  "show hostnames") echo node1; echo node2; echo node3; echo node4 ;;
+  "show job") echo "JobId=$3 JobState=RUNNING NodeList=node[1-2] NumNodes=2" ;;
+  update*) exit "${FAKE_UPDATE_RC:-0}" ;;
+esac
+"""
+
+
+def lost_settings(tmp_path, **env):
+    d = tmp_path / "bin"
+    d.mkdir(exist_ok=True)
+    script(d / "srun", LOST_SRUN)
+    script(d / "scontrol", SHRINK_SCONTROL)
+    e = dict(os.environ, PATH=f"{d}:{os.environ['PATH']}", FAKE_LOG=str(tmp_path / "log"),
+             SLURM_JOB_ID=JOB, SLURM_JOB_NUM_NODES="4", SLURM_NTASKS="8",
+             SLURM_CPUS_PER_TASK="2", SLURM_JOB_NODELIST="node[1-4]",
+             MPIGPT2_NODE_PROBE_TIMEOUT="2", **env)
+    return slurmjob.settings(e)
+
+
+def test_lost_nodes_are_the_ones_that_fail_or_do_not_answer(tmp_path):
+    """Every node probed at once; a failing one and one that does not answer in time are
+    lost, within the bound."""
+    s = lost_settings(tmp_path, FAKE_DEAD="node3", FAKE_SLOW="node4")
+    t0 = time.time()
+    assert slurmjob.lost_nodes(s, slurmjob.allocation_nodes(s)) == ["node3", "node4"]
+    assert time.time() - t0 < 10
+    assert sorted((tmp_path / "log").read_text().split()) == ["node1", "node2", "node3", "node4"]
+
+
+def test_shrink_sets_the_smaller_allocation(tmp_path):
+    s = lost_settings(tmp_path)
+    smaller = slurmjob.shrink(s, ["node1", "node2"])
+    assert (smaller.nodes, smaller.ntasks, smaller.threads) == (2, 4, 2)
+    e = smaller.env
+    assert (e["SLURM_JOB_NODELIST"], e["SLURM_NNODES"], e["SLURM_NTASKS"]) == ("node[1-2]", "2",
+                                                                               "4")
+    assert e["SLURM_TASKS_PER_NODE"] == "2(x2)" and e["SLURM_JOB_CPUS_PER_NODE"] == "4(x2)"
+    assert f"update JobId={JOB} NodeList=node1,node2" in (tmp_path / "log.scontrol").read_text()
+    assert slurmjob.shrink(lost_settings(tmp_path, FAKE_UPDATE_RC="1"), ["node1"]) is None
+
+
+def test_ranks_on_reads_the_rank_table(tmp_path):
+    table = [{"rank": r, "host": f"node{r // 2 + 1}", "pid": 100 + r} for r in range(6)]
+    (tmp_path / "config.json").write_text(json.dumps({"ranks": table}))
+    assert slurmjob.ranks_on(str(tmp_path), ["node3"]) == {"node3": [4, 5]}
+    assert slurmjob.ranks_on(str(tmp_path / "missing"), ["node3"]) == {}
