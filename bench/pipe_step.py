@@ -153,7 +153,8 @@ def variants(args, world, cfg):
                                  virtual_stages=int(v) if v else None)
             key = (layout.stage_layers, layout.ranks_of_stages)
             if key not in shared:
-                grid = make_grid(world, args.pp, args.dp, wte_ranks=layout.wte_ranks)
+                grid = make_grid(world, args.pp, args.dp, wte_ranks=layout.wte_ranks,
+                                 order=layout.rank_order)
                 spec = layout.rank_spec(grid.stage)
                 stage = Stage(cfg, spec, np.float32)
                 init_params(cfg, spec, stage.p, seed=0)

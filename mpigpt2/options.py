@@ -79,6 +79,10 @@ def parse_args(argv=None):
     a("--virtual-stages", type=int, default=None, metavar="V", help="stages per rank (layers "
       "split over pp·V stages): interleaved-1f1b, looped-bfs and zb-h1 place stages r, r+pp, … "
       "on rank r; zb-v (V = 2) r and 2pp-1-r (default 1; 2 for zb-v)")
+    a("--rank-order", default="auto", help="pipe: world rank = replica·pp + stage (a "
+      "replica's stages on neighbouring ranks); data: stage·dp + replica (a stage's replicas "
+      "side by side); auto: whichever sends fewer bytes between nodes (README: The parallel "
+      "layout)")
     a("--print-schedule", action="store_true", help="print the step × rank table and exit")
     a("--schedule-out", default=None, metavar="FILE.csv", help="with --print-schedule: also "
       "write the schedule as a file --schedule reads (torch's format when k = T, else with "

@@ -45,9 +45,9 @@ def node_memory_bytes():
         return None
 
 
-def plan(args, world, node_ranks=(0,)):
+def plan(args, world, node_ranks=(0,), node_of=None):
     """Check the flags and files and resolve them into a Plan (world: the grid's size,
-    node_ranks: the world ranks on this rank's node)."""
+    node_ranks: the world ranks on this rank's node, node_of: every rank's node)."""
     check_args(args)
     cfg = load_config(args.model)
     B, T = args.batch_size, args.seq_len
@@ -58,7 +58,8 @@ def plan(args, world, node_ranks=(0,)):
                          args.microbatches,
                          None if args.slice_tokens == "auto" else args.slice_tokens, args.schedule,
                          node_memory_bytes(), len(node_ranks),
-                         args.virtual_stages)
+                         args.virtual_stages, args.rank_order,
+                         node_of if node_of is not None and len(node_of) == world else None)
     train = DataLoader(args.train_data, B, T, vocab_size=cfg.vocab_size, flag="--train-data",
                        shuffle=args.shuffle, seed=args.seed)
     notes = []

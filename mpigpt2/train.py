@@ -62,9 +62,10 @@ def main(argv=None):
     with waiter.bounded("the node's ranks (Comm_split_type, set-up)"):
         local = world.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks sharing this node
         node_ranks = local.allgather(world.Get_rank())
+        node_of = world.allgather(min(node_ranks))  # each rank's node (its lowest rank)
     print0 = print_on_rank0(world.Get_rank())
     # -- set-up: checked on every rank, agreed, before any compute ----------------------------
-    plan = agree(world, lambda: make_plan(args, grid_size(args, world), node_ranks),
+    plan = agree(world, lambda: make_plan(args, grid_size(args, world), node_ranks, node_of),
                  args.debug, waiter)
     threads = args.threads or max(1, (os.cpu_count() or 1) // local.Get_size())
     plan, tuned = resolve_slices(args, plan, world, threads, print0, waiter)
@@ -168,7 +169,7 @@ class Run:
 def start(args, plan, world, print0, waiter):
     """The grid, this rank's stage with its weights, the optimizer and the runner."""
     layout = plan.layout
-    grid = make_grid(world, layout.pp, layout.dp, waiter, layout.wte_ranks)
+    grid = make_grid(world, layout.pp, layout.dp, waiter, layout.wte_ranks, layout.rank_order)
     spec = layout.rank_spec(grid.stage)
     stage = Stage(plan.cfg, spec, np.dtype(args.dtype))
     opt = make_optimizer(grid, stage, args.zero, args.beta1, args.beta2, args.eps,
@@ -231,10 +232,26 @@ def open_outputs(run, threads, ranks_per_node, tuned):
     run.print0(f"peak {run.peak[0]:.1f} GFLOP/s per core ({run.peak[1]}) × {run.cores} cores; "
                f"{mx.flops_per_token(cfg, T) / 1e6:.1f} MFLOP per token")
     run.print0(rank_table(ranks, args.out_dir))
+    run.print0(placement_line(layout, ranks))
     if plan.resume is not None:
         run.print0(f"resumed from {plan.resume.path} at step {plan.start_step}")
     for note in plan.notes:
         run.print0(note)
+
+
+def placement_line(layout, ranks, shown=8):
+    """Which (stage, replica) each node holds, node by node: rank(s stage, r replica)."""
+    if ranks is None:
+        return ""
+    nodes = {}
+    for r, (host, _) in enumerate(ranks):
+        q, rep = layout.coords(r)
+        nodes.setdefault(host, []).append(f"{r}(s{q} r{rep})")
+    parts = [f"{host}: {' '.join(xs[:16])}{' …' if len(xs) > 16 else ''}"
+             for host, xs in list(nodes.items())[:shown]]
+    more = f" | … ({len(nodes)} nodes)" if len(nodes) > shown else ""
+    return (f"placement ({layout.rank_order} rank order, {len(nodes)} node(s)): "
+            + " | ".join(parts) + more)
 
 
 def rank_table(ranks, out_dir, shown=16):

@@ -29,9 +29,9 @@ def step_record(per_rank, layout, T):
     compute = [[a for a in prog if a.kind in COMPUTE] for prog in progs]
     seconds, spans = {}, {}
     for r in per_rank:  # the mean over replicas of each action; each replica's span
-        for a, sec in zip(compute[r["rank"] % pp], r["actions"]):
+        q, rep = layout.coords(r["rank"])
+        for a, sec in zip(compute[q], r["actions"]):
             seconds[a] = seconds.get(a, 0.0) + sec / layout.dp
-        rep = r["rank"] // pp
         spans[rep] = max(spans.get(rep, 0.0), r["pipeline"])
     span = float(np.mean(list(spans.values())))
     _, end, predicted = costs.measured_pipeline(progs, seconds)

@@ -77,6 +77,36 @@ def measured_pipeline(progs, seconds):
     return timeline, end, (1.0 - work / (len(progs) * end) if end > 0 else 0.0)
 
 
+def _ring_bytes(nodes, nbytes):
+    """Bytes a ring allreduce of nbytes over ranks on `nodes` (in ring order) sends between
+    nodes: 2·(n−1)/n · nbytes over every ring edge that joins two nodes."""
+    n = len(nodes)
+    if n < 2:
+        return 0.0
+    return sum(nodes[i] != nodes[(i + 1) % n] for i in range(n)) * 2 * (n - 1) / n * nbytes
+
+
+def cross_node_bytes(layout, node_of, stage_bytes, act_bytes, wte_bytes=0):
+    """Bytes one step sends between nodes under layout's rank order, node_of[world rank]
+    giving each rank's node: every pipeline boundary whose two stages sit on different nodes
+    carries act_bytes (a replica's activations forward and gradients back); each stage's
+    data-parallel ring its gradient bytes without wte (stage_bytes[pipe rank]); and the ring
+    of every rank holding the tied wte (the first and last stage of each replica, in the
+    embed communicator's order) wte_bytes (docs/design.md#layout)."""
+    pp, dp, total = layout.pp, layout.dp, 0.0
+    for q in range(dp):
+        for s in range(pp - 1):
+            if node_of[layout.world_rank(s, q)] != node_of[layout.world_rank(s + 1, q)]:
+                total += act_bytes
+    for s in range(pp):
+        total += _ring_bytes([node_of[layout.world_rank(s, q)] for q in range(dp)],
+                             stage_bytes[s])
+    first, last = layout.wte_ranks
+    holders = sorted({(q * pp + s, layout.world_rank(s, q)) for q in range(dp)
+                      for s in (first, last)})
+    return total + _ring_bytes([node_of[w] for _, w in holders], wte_bytes)
+
+
 def allreduce_seconds(nbytes, dp):
     """A ring allreduce of nbytes over dp ranks."""
     return 2.0 * (dp - 1) / dp * nbytes / ALLREDUCE_BPS

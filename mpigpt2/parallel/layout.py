@@ -23,6 +23,17 @@ class Layout:
     placement: tuple = ()    # the pipe rank of every stage; () = one stage per rank
     slice_lengths: tuple = ()  # explicit slice lengths summing to T; () = uniform k
                                # (docs/design.md#non-uniform-slices)
+    rank_order: str = "pipe"   # pipe: world rank = replica·pp + stage; data: stage·dp + replica
+                               # (docs/design.md#layout)
+
+    def coords(self, rank):
+        """(pipe rank, replica) of world rank `rank`."""
+        if self.rank_order == "data":
+            return rank // self.dp, rank % self.dp
+        return rank % self.pp, rank // self.pp
+
+    def world_rank(self, stage, replica):
+        return stage * self.dp + replica if self.rank_order == "data" else replica * self.pp + stage
 
     def lengths(self, T):
         """The token count of every slice of a micro-batch, in order."""
@@ -209,9 +220,33 @@ def resolve_slices(slice_tokens, T, pp):
     return slice_tokens, ()
 
 
+RANK_ORDERS = ("pipe", "data", "auto")
+
+
+def choose_rank_order(cfg, layout, B, T, node_of, order):
+    """The rank order ("pipe" or "data") that sends fewer bytes between nodes per step
+    (costs.cross_node_bytes) on this node map (node_of[world rank]); "pipe" on one node or a
+    tie. An explicit order is kept."""
+    if order != "auto":
+        return order
+    if not node_of or len(set(node_of)) < 2:
+        return "pipe"
+    from dataclasses import replace
+    from mpigpt2.model.params import ParamLayout
+    wte = 4 * cfg.padded_vocab_size * cfg.channels
+    stage_bytes = [4 * ParamLayout(cfg, layout.rank_spec(r)).size
+                   - (wte if r in layout.wte_ranks and layout.pp > 1 else 0)
+                   for r in range(layout.pp)]
+    act = 2 * (B // layout.dp) * T * cfg.channels * 4
+    cost = {o: costs.cross_node_bytes(replace(layout, rank_order=o), node_of, stage_bytes, act,
+                                      wte if layout.pp > 1 else 0)
+            for o in ("pipe", "data")}
+    return "data" if cost["data"] < cost["pipe"] else "pipe"
+
+
 def resolve(world, cfg, B, T, pp=None, dp=None, stage_layers=None, microbatches=None,
             slice_tokens=None, schedule=None, mem_bytes=None, ranks_per_node=None,
-            virtual_stages=None):
+            virtual_stages=None, rank_order="pipe", node_of=None):
     """Check the requested layout and fill in defaults; raise UserError naming the bad flag."""
     L = cfg.num_layers
     for flag, v in (("--pp", pp), ("--dp", dp), ("--microbatches", microbatches)):
@@ -261,8 +296,13 @@ def resolve(world, cfg, B, T, pp=None, dp=None, stage_layers=None, microbatches=
                         f"layers with --stage-layers")
     counts = (parse_stage_layers(stage_layers, pp, L, len(placement) // pp) if stage_layers
               else balanced_partition(cfg, T, len(placement)))
+    if rank_order not in RANK_ORDERS:
+        raise UserError(f"--rank-order {rank_order!r}: choose one of {', '.join(RANK_ORDERS)}")
     layout = Layout(pp, dp, counts, microbatches, slice_tokens, schedule, len(placement) // pp,
                     () if placement == tuple(range(pp)) else placement, lengths)
+    from dataclasses import replace
+    layout = replace(layout, rank_order=choose_rank_order(cfg, layout, B, T, node_of,
+                                                          rank_order))
     try:
         layout.programs(T)
     except (OSError, ValueError) as e:  # (ScheduleError is a ValueError)

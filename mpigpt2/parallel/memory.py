@@ -95,7 +95,8 @@ def rank_estimate(cfg, layout, rank, B, T, itemsize, zero, rank0=False, progs=No
 def node_estimate(cfg, layout, node_ranks, B, T, itemsize, zero):
     """(bytes on this node at its peak, the largest rank's Estimate, that rank)."""
     progs = layout.programs(T)
-    per = {r: rank_estimate(cfg, layout, r % layout.pp, B, T, itemsize, zero, r == 0, progs)
+    per = {r: rank_estimate(cfg, layout, layout.coords(r)[0], B, T, itemsize, zero, r == 0,
+                            progs)
            for r in node_ranks}
     worst = max(per, key=lambda r: per[r].total)
     return sum(e.total for e in per.values()), per[worst], worst

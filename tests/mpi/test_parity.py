@@ -69,7 +69,7 @@ def reference(dtype, clip=0.0):
 
 def train_layout(comm, lay, dtype, zero=0, overlap=True, clip=0.0):
     """The trainer's own step (parallel.step.train_step) on a sub-communicator, in-memory data."""
-    grid = make_grid(comm, lay.pp, lay.dp, wte_ranks=lay.wte_ranks)
+    grid = make_grid(comm, lay.pp, lay.dp, wte_ranks=lay.wte_ranks, order=lay.rank_order)
     stage = Stage(CFG, lay.rank_spec(grid.stage), dtype)
     init_params(CFG, stage.spec, stage.p, SEED)
     opt = make_optimizer(grid, stage, zero, overlap=overlap)
@@ -164,6 +164,11 @@ CASES = [
     (2, 1, (16, 8, 5, 3), 2, "interleaved-1f1b@2", None),
     (2, 2, (1, 30, 1), 2, "zb-v", None, 1, False, CLIP),
     (1, 2, (24, 8), 2, "gpipe", None),
+    # the "data" rank order (a stage's replicas on neighbouring ranks: name+data)
+    (2, 2, 8, 2, "1f1b+data", None),
+    (2, 3, 8, 2, "zb-h1+data", "3,1", 1, True),
+    (2, 2, 1, 2, "zb-v+data", None, 1, False),
+    (4, 2, 8, 4, "1f1b+data", None, 0, True, CLIP),
 ]
 
 _REF = {}
@@ -188,13 +193,15 @@ def case(c):
                               for c in map(case, CASES)])
 def test_parity(pp, dp, k, M, sched, split, dtype, zero, overlap, clip):
     world = MPI.COMM_WORLD
+    sched, _, order = sched.partition("+")  # name+data: the data rank order
     sched, _, v = sched.partition("@")  # name@v: v virtual stages per rank
     v = int(v) if v else (2 if sched.endswith(("zb-v", "ZBVZeroBubble", "DualPipeV")) else 1)
     if sched.startswith("torch:"):  # a schedule file from torch's own builder, one per rank
         from helpers_torch_schedules import torch_schedule_csv
         sched = str(torch_schedule_csv(os.path.join(tempfile.gettempdir(), f"mpigpt2-parity-"
                                                     f"{os.getpid()}.csv"), sched[6:], pp, M, v))
-    lay = resolve(pp * dp, CFG, B, T, pp, dp, split, M, k, sched, virtual_stages=v)
+    lay = resolve(pp * dp, CFG, B, T, pp, dp, split, M, k, sched, virtual_stages=v,
+                  rank_order=order or "pipe")
     inside = world.Get_rank() < pp * dp
     comm = world.Split(0 if inside else MPI.UNDEFINED, world.Get_rank())
     verdict, memory = None, None
@@ -207,7 +214,7 @@ def test_parity(pp, dp, k, M, sched, split, dtype, zero, overlap, clip):
         if measure:
             peak = tracemalloc.get_traced_memory()[1]
             tracemalloc.stop()
-            est = rank_estimate(CFG, lay, comm.Get_rank() % pp, B, T, 4, zero,
+            est = rank_estimate(CFG, lay, lay.coords(comm.Get_rank())[0], B, T, 4, zero,
                                 rank0=comm.Get_rank() == 0)
             memory = (world.Get_rank(), peak, est.total)
         comm.Free()

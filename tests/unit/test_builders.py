@@ -172,3 +172,37 @@ def test_uneven_chunks_need_explicit_layers():
     lay = resolve(2, cfg, 8, 64, pp=2, virtual_stages=2, stage_layers="2,1,2,1",
                   schedule="zb-v")
     assert lay.stages_of(0) == (0, 3) and lay.rank_spec(0).layers == (0, 1, 5)
+
+
+def test_cross_node_bytes_and_the_rank_order():
+    """pp 2 × dp 2 on two nodes of two ranks (node_of = 0 0 1 1): the pipe order keeps each
+    pipeline on a node and sends both stages' gradient rings across (2 edges each); the data
+    order keeps each ring on a node and sends both pipelines' activations across. auto picks
+    the cheaper; one node, or a tie, keeps pipe."""
+    from dataclasses import replace
+    from mpigpt2.parallel.layout import choose_rank_order
+    cfg = PRESETS["gpt2-tiny"]
+    lay = resolve(4, cfg, 8, 64, pp=2)
+    node_of = [0, 0, 1, 1]
+    pipe, data = replace(lay, rank_order="pipe"), replace(lay, rank_order="data")
+    assert [pipe.coords(r) for r in range(4)] == [(0, 0), (1, 0), (0, 1), (1, 1)]
+    assert [data.coords(r) for r in range(4)] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert all(x.world_rank(*x.coords(r)) == r for x in (pipe, data) for r in range(4))
+    assert costs.cross_node_bytes(pipe, node_of, [100, 30], 7) == 2 * (100 + 30)
+    assert costs.cross_node_bytes(data, node_of, [100, 30], 7) == 2 * 7
+    # the tied wte's ring (in the pipe order's order: s0r0 s1r0 s0r1 s1r1) crosses twice in
+    # the pipe order (nodes 0 0 1 1) and four times in the data order (0 1 0 1), 1.5 W each
+    assert costs.cross_node_bytes(pipe, node_of, [100, 30], 7, 1000) == 260 + 3000
+    assert costs.cross_node_bytes(data, node_of, [100, 30], 7, 1000) == 14 + 6000
+    # gpt2-tiny: the 50k-row wte dominates, its ring crosses less in the pipe order
+    assert choose_rank_order(cfg, lay, 8, 64, node_of, "auto") == "pipe"
+    # wide layers and a small vocabulary: the stages' gradients outweigh the activations
+    wide = GPTConfig(max_seq_len=64, vocab_size=64, padded_vocab_size=64, num_layers=4,
+                     num_heads=4, channels=512)
+    assert choose_rank_order(wide, resolve(4, wide, 8, 64, pp=2), 8, 64, node_of,
+                             "auto") == "data"
+    assert resolve(4, wide, 8, 64, pp=2, rank_order="auto", node_of=node_of).rank_order == "data"
+    assert choose_rank_order(wide, lay, 8, 64, [0, 0, 0, 0], "auto") == "pipe"
+    assert choose_rank_order(wide, lay, 8, 64, node_of, "pipe") == "pipe"
+    with pytest.raises(UserError, match="--rank-order 'zig'"):
+        resolve(4, cfg, 8, 64, pp=2, rank_order="zig")
