@@ -198,11 +198,13 @@ def open_outputs(run, threads, ranks_per_node, tuned):
     """config.json and metrics.jsonl on rank 0, the matmul peak for MFU, the opening lines."""
     args, plan, cfg, layout = run.args, run.plan, run.plan.cfg, run.plan.layout
     size = run.world.Get_size()
-    run.cores = min(os.cpu_count() or 1, ranks_per_node * threads) * (size // ranks_per_node)
     kept_val = False
     with run.grid.waiter.bounded("the rank table (gather)"):
-        ranks = run.world.gather((socket.gethostname(), os.getpid()), root=0)
+        got = run.world.gather((socket.gethostname(), os.getpid(), os.cpu_count() or 1,
+                                ranks_per_node), root=0)
+    ranks = None if got is None else [(host, pid) for host, pid, _, _ in got]
     if run.rank == 0:
+        run.cores = mx.node_cores(got, threads)
         run.peak = peak_gflops_per_core(args.peak_gflops)
         config = {"model": cfg.as_dict(), "layout": layout.as_dict(), "world": size,
                   "ranks": [{"rank": r, "host": h, "pid": pid} for r, (h, pid) in

@@ -98,6 +98,7 @@ def test_srun_two_nodes(cluster, shards, reference, tmp_path, distribution, orde
                     "--rank-order", order, "--out-dir", out, "--save", tmp_path / "m.bin",
                     timeout=300, check=False)
     assert r.returncode == 0, r.stdout + r.stderr + cluster.logs()
+    assert "× 4 cores" in r.stdout, r.stdout  # two nodes' own cores: 2 ranks × 1 thread each
     crossed = sent(before, traffic(cluster))
     assert losses(out) == reference[0]
     assert (tmp_path / "m.bin").read_bytes() == reference[1]

@@ -59,6 +59,13 @@ def action_width(layout, T):
     return max(sum(a.kind in COMPUTE for a in prog) for prog in _programs(layout, T)[0])
 
 
+def node_cores(got, threads):
+    """The cores the job uses, node by node: each node's own count of CPUs, at most its ranks
+    × BLAS threads (got: (host, pid, CPUs, ranks on the node) of every rank)."""
+    nodes = {host: min(cpus, here * threads) for host, _, cpus, here in got}
+    return sum(nodes.values())
+
+
 def phase_line(p):
     """One rank's phase times for the step line: forward, backward, waiting on pipeline
     messages, exposed gradient/parameter communication, update (ms)."""

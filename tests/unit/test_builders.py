@@ -206,3 +206,13 @@ def test_cross_node_bytes_and_the_rank_order():
     assert choose_rank_order(wide, lay, 8, 64, node_of, "pipe") == "pipe"
     with pytest.raises(UserError, match="--rank-order 'zig'"):
         resolve(4, cfg, 8, 64, pp=2, rank_order="zig")
+
+
+def test_cores_count_each_node_on_its_own():
+    """MFU's core count: per node its own CPUs, at most its ranks × threads (3 ranks on two
+    nodes: 2 + 1 cores, where the old rank-0 extrapolation said 2)."""
+    from mpigpt2.observe.metrics import node_cores
+    got = [("a", 1, 4, 2), ("a", 2, 4, 2), ("b", 3, 4, 1)]
+    assert node_cores(got, 1) == 3
+    assert node_cores(got, 4) == 4 + 4
+    assert node_cores([("a", 1, 2, 8)] * 8, 1) == 2  # oversubscribed: the node's 2 CPUs
