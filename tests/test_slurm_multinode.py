@@ -161,6 +161,19 @@ def test_preempted_across_nodes_resumes_bit_for_bit(cluster, shards, reference, 
     assert len(set(hosts(job.out_dir).values())) == 2
 
 
+@pytest.mark.timeout(300)
+def test_a_rank_count_no_layout_fits_is_refused(cluster, shards, tmp_path):
+    """sbatch -N 3 with one task per node: 3 ranks for pp 2 × dp 2. One clear line on every
+    node's behalf, status 2 before any compute, no requeue and no node-loss handling."""
+    job = Job(cluster, tmp_path, flags(shards), sbatch=("-N", "3", "--ntasks-per-node", "1"))
+    info = job.finish(timeout=240)
+    out = job.output()
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", job.report()
+    assert info["Restarts"] == "0" and "lost node" not in out, job.report()
+    assert "error: --pp 2 × --dp 2 = 4, but mpiexec started 3 ranks" in out, job.report()
+    assert not (job.out_dir / "metrics.jsonl").exists()
+
+
 def nd_flags(shards):
     """B 12 divides by dp·M for dp 3 and dp 2; --pp only, so dp follows the ranks there are."""
     train, _ = shards

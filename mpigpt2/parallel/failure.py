@@ -6,6 +6,7 @@ outcome so that rank 0 prints one clear line and every rank exits with status 2.
 (docs/design.md#waiting)
 """
 
+import signal
 import sys
 import traceback
 
@@ -54,5 +55,8 @@ def agree(comm, fn, debug=False, waiter=None):
             where = f" (rank {r})" if comm.Get_size() > 1 and r != 0 else ""
             print(f"error{where}: {e}", file=sys.stderr, flush=True)
         sys.stdout.flush()
+        # every rank exits 2 on its own: a launcher that ends the others as soon as the first
+        # one exits (srun --kill-on-bad-exit) must not turn their 2 into SIGTERM's 143
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         sys.exit(EXIT_USAGE)
     return result
