@@ -21,8 +21,6 @@ import json
 import os
 import secrets
 import subprocess
-import time
-from pathlib import Path
 
 from slurm_cluster import MARKER, SlurmCluster, kill_marked, tool
 
@@ -118,14 +116,6 @@ class MultiNodeCluster(SlurmCluster):
             raise
         return self
 
-    def _start_watchdog(self):
-        import sys
-        from slurm_cluster import WATCHDOG
-        self.watchdog = subprocess.Popen(
-            [sys.executable, "-c", WATCHDOG, str(os.getpid()), self.marker,
-             str(Path(__file__).parent)], start_new_session=True,
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
     def stop(self):
         try:
             super().stop()
@@ -142,20 +132,6 @@ class MultiNodeCluster(SlurmCluster):
         """A Slurm client command in the controller's namespace (where its address is)."""
         return super().run("nsenter", f"--net=/run/netns/{self.netns['ctl']}", *cmd,
                            timeout=timeout, check=check, env=env)
-
-    def _wait_idle(self, timeout):
-        deadline = time.time() + timeout
-        state = ""
-        while time.time() < deadline:
-            self._check_alive()
-            r = self.run("sinfo", "-h", "-N", "-o", "%N %T", check=False, timeout=20)
-            state = r.stdout.strip()
-            if r.returncode == 0 and sorted(state.splitlines()) == sorted(
-                    f"{n} idle" for n in self.nodes):
-                return
-            time.sleep(0.3)
-        raise RuntimeError(f"the nodes are not idle after {timeout}s (sinfo: {state!r}):\n"
-                           + self.logs())
 
     # -- what tests look at -------------------------------------------------------------------
     def tx_bytes(self, node):

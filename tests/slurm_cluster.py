@@ -174,6 +174,7 @@ class SlurmCluster:
             raise ValueError(f"{root}: path too long for a unix socket")
         self.conf = self.root / "slurm.conf"
         self.marker = str(self.root)
+        self.nodes = ["localhost"]  # the slurmd node names
 
     # -- environment for daemons and clients ----------------------------------------------------
     def env(self, extra=None):
@@ -199,10 +200,7 @@ class SlurmCluster:
         for d in ("munge", "state", "spool", "log", "run"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
         os.chmod(self.root / "munge", 0o700)
-        self.watchdog = subprocess.Popen(
-            [sys.executable, "-c", WATCHDOG, str(os.getpid()), self.marker,
-             str(Path(__file__).parent)], start_new_session=True,
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._start_watchdog()
         try:
             self._start_munge()
             self._write_conf()
@@ -213,6 +211,12 @@ class SlurmCluster:
             self.stop()
             raise
         return self
+
+    def _start_watchdog(self):
+        self.watchdog = subprocess.Popen(
+            [sys.executable, "-c", WATCHDOG, str(os.getpid()), self.marker,
+             str(Path(__file__).parent)], start_new_session=True,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def _daemon(self, name, cmd):
         out = open(self.root / "log" / f"{name}.out", "wb")
@@ -299,9 +303,10 @@ MailProg=/bin/true
         state = ""
         while time.time() < deadline:
             self._check_alive()
-            r = self.run("sinfo", "-h", "-N", "-o", "%T", check=False, timeout=20)
+            r = self.run("sinfo", "-h", "-N", "-o", "%N %T", check=False, timeout=20)
             state = r.stdout.strip()
-            if r.returncode == 0 and state == "idle":
+            if r.returncode == 0 and sorted(state.splitlines()) == sorted(
+                    f"{n} idle" for n in self.nodes):
                 return
             time.sleep(0.3)
         raise RuntimeError(f"the node is not idle after {timeout}s (sinfo: {state!r}):\n"
