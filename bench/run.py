@@ -836,10 +836,41 @@ def frontier_ratio_rows(M, cfg, got):
     return rows
 
 
+def bench_plan(run):
+    """Row 12: the planner's predicted step of every layout that runs on this node against
+    the measured one (bench/plan_check.py). The compute is calibrated afresh first, so the
+    prediction and the runs see the machine in the same state."""
+    import plan_check as pc
+    from mpigpt2.model.config import preset
+    from mpigpt2.parallel import calibrate
+    run.quiet.wait()
+    calibrate.load(preset(pc.MODEL), cache=False)  # fresh, then cached for predict()
+    rows = []
+    for i, (label, n, flags) in enumerate(pc.PLAN_LAYOUTS):
+        cfg = f"{pc.MODEL}, B={pc.B} T={pc.T}, {n} rank(s): {flags}"
+        try:
+            r = train_run(run, n, pc.train_flags(flags), label=label, timeout=900)
+        except SubprocessFailed as e:
+            rows.append(error_row(f"12.{i}", f"plan {label}", cfg, e))
+            continue
+        pred = pc.predict(n, flags)
+        best, med = r["best_step_ms"] / 1e3, r["median_step_ms"] / 1e3
+        rows.append(row(
+            f"12.{i}", f"plan {label}: predicted ÷ measured step", config=cfg,
+            metric="ratio (predicted ÷ best measured step)", value=pred["step"] / best,
+            checks=[(Target("<=", 0.15, on="|predicted ÷ best measured − 1|"),
+                     abs(pred["step"] / best - 1))],
+            notes=(f"predicted {pred['step']:.3f} s (pipeline {pred['pipeline']:.3f}, reduce "
+                   f"{pred['reduce']:.3f}, optimizer {pred['optimizer']:.3f}, bubble "
+                   f"{pred['bubble']:.3f}); measured best {best:.3f} s, median {med:.3f} s"),
+            details={"predicted": pred, **r}))
+    return rows
+
+
 BENCHES = [("0", bench_check), ("1", bench_single), ("2", bench_mfu), ("3", bench_slicing),
            ("4", bench_dp), ("5", bench_schedules), ("6", bench_param_memory),
            ("7", bench_zero), ("8", bench_autotune), ("9", bench_oversubscribed),
-           ("10", bench_frontier)]
+           ("10", bench_frontier), ("12", bench_plan)]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -92,6 +92,14 @@ def parse_args(argv=None):
       "gradients reduced onto their owners, updated shards broadcast back")
     a("--no-overlap", action="store_true", help="start gradient reduction only after the whole "
       "backward, and finish parameter allgathers right after the update (for comparison)")
+    a("--grad-reduce", choices=("auto", "mpi", "hier"), default="auto", help="gradient "
+      "reduction: mpi (MPI's allreduce), hier (reduce inside each node, allreduce between "
+      "node leaders, broadcast inside the node), auto: time both at start-up where a data-"
+      "parallel group has several ranks on a node and spans nodes, else mpi")
+    a("--net-gbps", type=float, default=None, help="bandwidth between nodes, Gbit/s, for the "
+      "default layout (default: probed at start-up when the job spans nodes)")
+    a("--net-latency-us", type=float, default=None, help="latency between nodes, µs (see "
+      "--net-gbps)")
     a("--threads", type=int, default=None, help="BLAS threads per rank (default cores / ranks)")
     a("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0 = only "
       "at the end and on preemption)")
@@ -129,7 +137,8 @@ def check_args(args):
                                   ("beta2", 0, False, None), ("eps", 0, True, None),
                                   ("weight_decay", 0, False, None), ("grad_clip", 0, False, None),
                                   ("min_lr_frac", 0, False, 1), ("stall_seconds", 0, True, None),
-                                  ("wait_timeout", 0, True, None), ("peak_gflops", 0, True, None)):
+                                  ("wait_timeout", 0, True, None), ("peak_gflops", 0, True, None),
+                                  ("net_gbps", 0, True, None), ("net_latency_us", 0, False, None)):
         try:
             check_number("--" + flag.replace("_", "-"), getattr(args, flag), lo, lo_open, hi)
         except UserError as e:

@@ -32,6 +32,7 @@ class Plan:
     val: Optional[DataLoader]
     resume: Optional[rs.Resume]
     notes: list  # printed by rank 0 once the run starts
+    net: tuple = (None, "")  # (stepcost.Net the default layout used, where it came from)
 
     @property
     def start_step(self):
@@ -45,9 +46,10 @@ def node_memory_bytes():
         return None
 
 
-def plan(args, world, node_ranks=(0,), node_of=None):
+def plan(args, world, node_ranks=(0,), node_of=None, net=(None, "")):
     """Check the flags and files and resolve them into a Plan (world: the grid's size,
-    node_ranks: the world ranks on this rank's node, node_of: every rank's node)."""
+    node_ranks: the world ranks on this rank's node, node_of: every rank's node, net: the
+    (stepcost.Net, source) of train.network)."""
     check_args(args)
     cfg = load_config(args.model)
     B, T = args.batch_size, args.seq_len
@@ -59,7 +61,8 @@ def plan(args, world, node_ranks=(0,), node_of=None):
                          None if args.slice_tokens == "auto" else args.slice_tokens, args.schedule,
                          node_memory_bytes(), len(node_ranks),
                          args.virtual_stages, args.rank_order,
-                         node_of if node_of is not None and len(node_of) == world else None)
+                         node_of if node_of is not None and len(node_of) == world else None,
+                         net[0])
     train = DataLoader(args.train_data, B, T, vocab_size=cfg.vocab_size, flag="--train-data",
                        shuffle=args.shuffle, seed=args.seed)
     notes = []
@@ -79,7 +82,7 @@ def plan(args, world, node_ranks=(0,), node_of=None):
             raise UserError(f"--save {args.save} exists and is not a regular file; give a file "
                             f"name like model.bin")
         check_writable(os.path.dirname(os.path.abspath(args.save)), "--save")
-    return Plan(cfg, layout, train, val, resume, notes)
+    return Plan(cfg, layout, train, val, resume, notes, net)
 
 
 def validation_loader(args, cfg, notes):

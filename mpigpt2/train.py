@@ -41,8 +41,9 @@ from mpigpt2.observe.peak import peak_gflops_per_core
 from mpigpt2.observe.runlog import RunLog
 from mpigpt2.observe.trace import Tracer, merge, trace_path
 from mpigpt2.options import parse_args
-from mpigpt2.parallel import autotune, costs, schedule, schedule_file, signals
-from mpigpt2.parallel.collectives import barrier, gather_model, gather_rows, sum_to_root
+from mpigpt2.parallel import autotune, costs, netprobe, schedule, schedule_file, signals
+from mpigpt2.parallel.collectives import (barrier, choose_reduction, gather_model, gather_rows,
+                                          sum_to_root)
 from mpigpt2.parallel.failure import agree, install_excepthook
 from mpigpt2.parallel.grid import make_grid
 from mpigpt2.parallel.optimizer import make_optimizer
@@ -64,9 +65,10 @@ def main(argv=None):
         node_ranks = local.allgather(world.Get_rank())
         node_of = world.allgather(min(node_ranks))  # each rank's node (its lowest rank)
     print0 = print_on_rank0(world.Get_rank())
+    net = network(args, world, node_of, waiter)
     # -- set-up: checked on every rank, agreed, before any compute ----------------------------
-    plan = agree(world, lambda: make_plan(args, grid_size(args, world), node_ranks, node_of),
-                 args.debug, waiter)
+    plan = agree(world, lambda: make_plan(args, grid_size(args, world), node_ranks, node_of,
+                                          net), args.debug, waiter)
     threads = args.threads or max(1, (os.cpu_count() or 1) // local.Get_size())
     plan, tuned = resolve_slices(args, plan, world, threads, print0, waiter)
     if args.print_schedule:
@@ -90,6 +92,17 @@ def make_waiter(args):
         return v if isinstance(v, float) and math.isfinite(v) and v > 0 else default
     return Waiter(stall_seconds=valid(args.stall_seconds, 60.0), abort=args.stall_abort,
                   timeout=valid(args.wait_timeout, 1800.0))
+
+
+def network(args, world, node_of, waiter):
+    """(Net, source) for the default layout: the flags', else a probe when the job spans
+    nodes (parallel/netprobe.py). Bad flag values skip the probe; check_args then refuses
+    them on every rank."""
+    if args.net_gbps is not None or args.net_latency_us is not None:
+        ok = all(x is None or (math.isfinite(x) and x >= 0) for x in
+                 (args.net_gbps, args.net_latency_us)) and args.net_gbps != 0
+        return (netprobe.from_flags(args.net_gbps, args.net_latency_us) if ok else None), "flags"
+    return netprobe.measure(world, node_of, waiter)
 
 
 def print_on_rank0(rank):
@@ -172,8 +185,12 @@ def start(args, plan, world, print0, waiter):
     grid = make_grid(world, layout.pp, layout.dp, waiter, layout.wte_ranks, layout.rank_order)
     spec = layout.rank_spec(grid.stage)
     stage = Stage(plan.cfg, spec, np.dtype(args.dtype))
+    mode, timed = choose_reduction(grid, stage.layout.size, "mpi" if args.zero else
+                                   args.grad_reduce)
+    plan.notes.append(reduction_line(mode, timed, args))
     opt = make_optimizer(grid, stage, args.zero, args.beta1, args.beta2, args.eps,
-                         args.weight_decay, overlap=not args.no_overlap)
+                         args.weight_decay, overlap=not args.no_overlap,
+                         hierarchical=mode == "hier")
     if plan.resume is not None:
         m, v = opt.moment_buffers()
         ck.load_into(plan.resume.path, plan.resume.state, spec, stage.p, stage.layout.views(m),
@@ -192,6 +209,15 @@ def start(args, plan, world, print0, waiter):
     faults.install_checkpoint_crash()
     return Run(args, plan, world, grid, stage, opt, runner, tracer, print0,
                last_checkpoint=plan.resume and plan.resume.path)
+
+
+def reduction_line(mode, timed, args):
+    """The gradient reduction in use and, when auto timed both, the two times."""
+    why = ("ZeRO-1 reduce-scatters" if args.zero else "--grad-reduce" if args.grad_reduce != "auto"
+           else f"timed: MPI {1e3 * timed['mpi']:.1f} ms, hierarchical {1e3 * timed['hier']:.1f}"
+           f" ms" if timed else "no data-parallel group spans nodes with ranks to share")
+    name = {"mpi": "MPI's allreduce", "hier": "hierarchical (node, leaders, node)"}[mode]
+    return f"gradient reduction: {name} ({why})"
 
 
 def open_outputs(run, threads, ranks_per_node, tuned):
@@ -235,6 +261,8 @@ def open_outputs(run, threads, ranks_per_node, tuned):
                f"{mx.flops_per_token(cfg, T) / 1e6:.1f} MFLOP per token")
     run.print0(rank_table(ranks, args.out_dir))
     run.print0(placement_line(layout, ranks))
+    if plan.net[1] not in ("", "one node"):
+        run.print0(netprobe.describe(*plan.net))
     if plan.resume is not None:
         run.print0(f"resumed from {plan.resume.path} at step {plan.start_step}")
     for note in plan.notes:

@@ -7,6 +7,8 @@ gradients — the gradient of the global mean loss.
 (docs/design.md#gradient-reduction-and-zero-1)
 """
 
+import time
+
 import numpy as np
 from mpi4py import MPI
 
@@ -22,17 +24,28 @@ class GradReducer:
     replica: the tied embedding), wpe and lnf over the data group, after the backward.
     """
 
-    def __init__(self, grid, stage):
+    def __init__(self, grid, stage, hierarchical=False, node_id=None):
         self.grid, self.g = grid, stage.g
         self.reqs = []
         self.nl = stage.nl
         self.started = set()
         self.data_active = grid.dp > 1
         self.embed_active = grid.embed != MPI.COMM_NULL and grid.embed.Get_size() > 1
+        self.hier = []  # (comm, its NodeHierarchy) when reducing hierarchically
+        if hierarchical:
+            for comm, on in ((grid.data, self.data_active), (grid.embed, self.embed_active)):
+                if on:
+                    self.hier.append((comm, NodeHierarchy(comm, grid.waiter, node_id)))
+        self.pending = []  # (NodeHierarchy, array) whose in-node reduce has started
 
     def _start(self, comm, arrays):
+        h = next((h for c, h in self.hier if c is comm), None)
         for a in arrays:
-            self.reqs.append(comm.Iallreduce(MPI.IN_PLACE, a, op=MPI.SUM))
+            if h is None:
+                self.reqs.append(comm.Iallreduce(MPI.IN_PLACE, a, op=MPI.SUM))
+            else:
+                self.reqs.append(h.start(a))
+                self.pending.append((h, a))
 
     def start_layer(self, i):
         """Layer i (local index) has its final gradient: start its bucket."""
@@ -56,7 +69,79 @@ class GradReducer:
 
     def wait(self):
         self.grid.waiter.wait(self.reqs, "allreduce", lambda: f"{len(self.reqs)} gradient allreduces")
-        self.reqs, self.started = [], set()
+        if self.pending:
+            finish_hierarchical(self.pending, self.grid.waiter)
+        self.reqs, self.started, self.pending = [], set(), []
+
+
+class NodeHierarchy:
+    """A communicator's ranks grouped by node (docs/design.md#hierarchical-reduction): `node`
+    holds the ranks sharing this rank's node, `leaders` the lowest of each node's (COMM_NULL
+    elsewhere). color: group by this number instead of by shared memory (the parity matrix
+    emulates nodes on one machine so)."""
+
+    def __init__(self, comm, waiter, color=None):
+        with waiter.bounded("the node groups of a reduction (Comm_split, set-up)"):
+            rank = comm.Get_rank()
+            self.node = (comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank) if color is None
+                         else comm.Split(color, rank))
+            lead = self.node.Get_rank() == 0
+            self.leaders = comm.Split(0 if lead else MPI.UNDEFINED, rank)
+            sizes = comm.allgather(self.node.Get_size())
+            self.nodes = sum(comm.allgather(lead))
+        self.useful = self.nodes > 1 and max(sizes) > 1  # both levels do something
+
+    def start(self, a):
+        """Phase 1: reduce a onto the node's leader (in place there)."""
+        if self.node.Get_rank() == 0:
+            return self.node.Ireduce(MPI.IN_PLACE, a, op=MPI.SUM, root=0)
+        return self.node.Ireduce(a, None, op=MPI.SUM, root=0)
+
+
+def finish_hierarchical(pending, waiter):
+    """Phases 2 and 3 of every started hierarchical reduction: allreduce between the node
+    leaders, then broadcast inside each node (so every replica holds the same bits)."""
+    reqs = [h.leaders.Iallreduce(MPI.IN_PLACE, a, op=MPI.SUM) for h, a in pending
+            if h.leaders != MPI.COMM_NULL and h.leaders.Get_size() > 1]
+    waiter.wait(reqs, "allreduce", lambda: f"{len(reqs)} gradient allreduces between nodes")
+    reqs = [h.node.Ibcast(a, root=0) for h, a in pending if h.node.Get_size() > 1]
+    waiter.wait(reqs, "allreduce", lambda: f"{len(reqs)} in-node gradient broadcasts")
+
+
+PROBE_FLOATS = 4 << 20  # the timed reductions' size, at most (16 MiB of float32)
+
+
+def choose_reduction(grid, nparams, mode, reps=3):
+    """(mode, {"mpi": s, "hier": s}) for --grad-reduce `mode`: auto times MPI's allreduce and
+    the hierarchical reduction of min(nparams, PROBE_FLOATS) floats over the data group (best
+    of reps, the slowest rank's) where some group spans nodes with several ranks on one, and
+    every rank takes the faster; otherwise MPI's, untimed."""
+    if mode != "auto":
+        return mode, {}
+    if grid.dp < 2:
+        return "mpi", {}
+    h = NodeHierarchy(grid.data, grid.waiter)
+    if not allreduce_sum(grid.world, [float(h.useful)], grid.waiter)[0]:
+        return "mpi", {}
+    buf = np.ones(min(nparams, PROBE_FLOATS), dtype=np.float32)
+    times = []
+    for name in ("mpi", "hier"):
+        best = float("inf")
+        for _ in range(reps):
+            barrier(grid.world, grid.waiter)
+            t0 = time.perf_counter()
+            if name == "mpi":
+                grid.waiter.wait([grid.data.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)],
+                                 "allreduce")
+            else:
+                grid.waiter.wait([h.start(buf)], "allreduce")
+                finish_hierarchical([(h, buf)], grid.waiter)
+            best = min(best, time.perf_counter() - t0)
+        times.append(best)
+    slowest = np.array(times)
+    grid.waiter.wait([grid.world.Iallreduce(MPI.IN_PLACE, slowest, op=MPI.MAX)], "reduce")
+    got = {"mpi": float(slowest[0]), "hier": float(slowest[1])}
+    return ("hier" if got["hier"] < got["mpi"] else "mpi"), got
 
 
 def sum_to_root(comm, values, waiter=None):

@@ -1,7 +1,7 @@
-"""The one cost model (pure): FLOPs per stage, pipeline step time, bubble, allreduce time.
-
-layout (default pp), observe.metrics (the predicted bubble of the step line), autotune (the
-step time of each slice length) and --print-schedule all price a step here.
+"""The cost model's parts (pure): FLOPs per stage, pipeline step time, bubble, bytes between
+nodes. parallel/stepcost.py puts them together into the one step-time model (the default
+layout and the planner); observe.metrics (the predicted bubble of the step line), autotune (the
+step time of each slice length) and --print-schedule price a step here.
 """
 
 # constants of the default-layout model (orders of magnitude measured on our machines)
@@ -105,20 +105,3 @@ def cross_node_bytes(layout, node_of, stage_bytes, act_bytes, wte_bytes=0):
     holders = sorted({(q * pp + s, layout.world_rank(s, q)) for q in range(dp)
                       for s in (first, last)})
     return total + _ring_bytes([node_of[w] for _, w in holders], wte_bytes)
-
-
-def allreduce_seconds(nbytes, dp):
-    """A ring allreduce of nbytes over dp ranks."""
-    return 2.0 * (dp - 1) / dp * nbytes / ALLREDUCE_BPS
-
-
-def predicted_step_seconds(cfg, B, T, world, pp, stage_layers, slices=4):
-    """Rough step time of layout (pp, world/pp) with M = pp micro-batches: the slowest
-    stage's compute (forward + backward ≈ 3× forward) pipelined, plus the gradient allreduce
-    of the largest stage. For ranking layouts only."""
-    dp = world // pp
-    M, n = pp, (slices if pp > 1 else 1)
-    unit = 3.0 * (B / dp / M) * (T / n) * max(stage_costs(cfg, T, stage_layers)) / RANK_FLOPS
-    C = cfg.channels
-    stage_params = max(stage_layers) * 12 * C * C + cfg.padded_vocab_size * C
-    return pipeline_seconds([unit] * n, M, pp) + allreduce_seconds(4 * stage_params, dp)

@@ -1,6 +1,7 @@
 """The parallel layout: pp × dp grid sizes, stage partition, micro-batches and slices (pure).
 (docs/design.md#layout)"""
 
+import functools
 from dataclasses import dataclass, asdict
 
 from mpigpt2.base.errors import UserError
@@ -89,10 +90,11 @@ class Layout:
         return d
 
 
-def default_pp(world, cfg, B, T, mem_bytes=None, ranks_per_node=None):
+def default_pp(world, cfg, B, T, mem_bytes=None, ranks_per_node=None, net=None, node_of=None):
     """Default rule: among the pp that divide world (pp ≤ L, B divisible by dp·pp) and whose
     per-rank training state fits in half the node's memory, the one with the smallest
-    predicted step time (ties: the larger pp). dp = world / pp."""
+    predicted step time (stepcost.default_layout_seconds on the job's network; ties: the
+    larger pp). dp = world / pp."""
     from mpigpt2.model.params import num_parameters
     L = cfg.num_layers
     ranks_per_node = ranks_per_node or world
@@ -106,10 +108,12 @@ def default_pp(world, cfg, B, T, mem_bytes=None, ranks_per_node=None):
         fits = [p for p in cands
                 if costs.STATE_BYTES * num_parameters(cfg) / p * ranks_per_node <= mem_bytes / 2]
         cands = fits or [max(cands)]
-    return min(cands, key=lambda p: (costs.predicted_step_seconds(
-        cfg, B, T, world, p, balanced_partition(cfg, T, p)), -p))
+    from mpigpt2.parallel.stepcost import default_layout_seconds
+    return min(cands, key=lambda p: (default_layout_seconds(
+        cfg, B, T, world, p, balanced_partition(cfg, T, p), net, node_of), -p))
 
 
+@functools.lru_cache(maxsize=256)
 def balanced_partition(cfg, T, pp):
     """Contiguous split of L layers into pp stages (≥ 1 each) minimising the dearest stage."""
     L = cfg.num_layers
@@ -246,14 +250,14 @@ def choose_rank_order(cfg, layout, B, T, node_of, order):
 
 def resolve(world, cfg, B, T, pp=None, dp=None, stage_layers=None, microbatches=None,
             slice_tokens=None, schedule=None, mem_bytes=None, ranks_per_node=None,
-            virtual_stages=None, rank_order="pipe", node_of=None):
+            virtual_stages=None, rank_order="pipe", node_of=None, net=None):
     """Check the requested layout and fill in defaults; raise UserError naming the bad flag."""
     L = cfg.num_layers
     for flag, v in (("--pp", pp), ("--dp", dp), ("--microbatches", microbatches)):
         if v is not None and v < 1:
             raise UserError(f"{flag} must be ≥ 1, got {v}")
     if pp is None and dp is None:
-        pp = default_pp(world, cfg, B, T, mem_bytes, ranks_per_node)
+        pp = default_pp(world, cfg, B, T, mem_bytes, ranks_per_node, net, node_of)
     if pp is None:
         if world % dp:
             raise UserError(f"--dp {dp} does not divide the {world} MPI ranks")

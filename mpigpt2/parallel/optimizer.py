@@ -15,10 +15,11 @@ from mpigpt2.parallel.zero import ShardedAdam
 class ReplicatedAdam:
     """--zero 0: every replica keeps the whole AdamW state of its stage."""
 
-    def __init__(self, grid, stage, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+    def __init__(self, grid, stage, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                 hierarchical=False, node_id=None):
         self.grid, self.stage = grid, stage
         self.adam = AdamW(stage.layout.size, stage.dtype, beta1, beta2, eps, weight_decay)
-        self.reducer = GradReducer(grid, stage)
+        self.reducer = GradReducer(grid, stage, hierarchical, node_id)
 
     def grad_norm(self):
         """Global norm of the reduced gradient: every replica holds it whole, so the pipe
@@ -79,8 +80,10 @@ class ZeroAdam(ShardedAdam):
 
 
 def make_optimizer(grid, stage, zero=0, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
-                   overlap=True):
-    """The optimizer of --zero `zero` over this rank's stage."""
+                   overlap=True, hierarchical=False, node_id=None):
+    """The optimizer of --zero `zero` over this rank's stage; hierarchical: reduce the
+    replicated optimizer's gradients node by node, nodes told by shared memory or by node_id
+    (ZeRO-1 reduce-scatters with MPI's own)."""
     if zero:
         return ZeroAdam(grid, stage, beta1, beta2, eps, weight_decay, overlap)
-    return ReplicatedAdam(grid, stage, beta1, beta2, eps, weight_decay)
+    return ReplicatedAdam(grid, stage, beta1, beta2, eps, weight_decay, hierarchical, node_id)

@@ -96,3 +96,34 @@ class PipeP2P:
         late = [n for n in self.send_names if n is not None]
         self.sends, self.send_names = [], []
         return late
+
+
+PROBE_TAG = 7  # set-up only: no pipeline message is in flight yet
+
+
+def _spin(reqs, deadline, what):
+    """Busy-poll reqs (a latency probe must not sleep between polls) until the deadline."""
+    import time
+    while not MPI.Request.Testall(reqs):
+        if time.perf_counter() > deadline:
+            raise TimeoutError(what)
+
+
+def pingpong(comm, peer, first, nbytes, reps, seconds=10.0):
+    """Best one-way time (s) of nbytes between this rank and peer over reps round trips;
+    `first` sends first, the peer echoes. Bounded: TimeoutError after `seconds`
+    (docs/design.md#the-network-model)."""
+    import time
+    buf = np.zeros(max(1, nbytes), np.uint8)
+    deadline, best = time.perf_counter() + seconds, float("inf")
+    what = f"the network probe with rank {peer}"
+    for _ in range(reps + 1):  # (the first round trip connects)
+        t0 = time.perf_counter()
+        if first:
+            _spin([comm.Isend(buf, peer, PROBE_TAG)], deadline, what)
+            _spin([comm.Irecv(buf, peer, PROBE_TAG)], deadline, what)
+        else:
+            _spin([comm.Irecv(buf, peer, PROBE_TAG)], deadline, what)
+            _spin([comm.Isend(buf, peer, PROBE_TAG)], deadline, what)
+        best = min(best, (time.perf_counter() - t0) / 2)
+    return best

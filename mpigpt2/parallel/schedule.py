@@ -141,17 +141,29 @@ def lower(compute, r, pipe, train=True):
     return prog
 
 
+_BUILT = {}             # (builder, p, M, n, placement) -> validated programs (tuples)
+_BUILT_ACTIONS = 1 << 21  # actions kept in all (the planner prices each shape many times)
+
+
 def build(name, p, M, n, placement=None):
     """Per-rank lowered programs for schedule name (a builder's name or a .csv file) over the
-    stages of placement (default: one per rank); validated before they are returned."""
+    stages of placement (default: one per rank); validated before they are returned. A
+    builder's programs are pure functions of the shape: the last few are kept and copied out."""
     from mpigpt2.parallel import builders
     if name in builders.BUILDERS:
-        pipe = make_pipe(p, M, n, placement)
-        compute = builders.BUILDERS[name](pipe)
-    else:  # a schedule file (parallel/schedule_file.py) names its own placement
-        from mpigpt2.parallel import schedule_file
-        placement, compute = schedule_file.compute_lists(schedule_file.read_rows(name), p, M, n)
-        pipe = make_pipe(p, M, n, placement)
+        key = (name, p, M, n, tuple(placement) if placement is not None else None)
+        if key not in _BUILT:
+            pipe = make_pipe(p, M, n, placement)
+            progs = [lower(c, r, pipe) for r, c in enumerate(builders.BUILDERS[name](pipe))]
+            validate(progs, pipe)
+            _BUILT[key] = tuple(tuple(prog) for prog in progs)
+            while len(_BUILT) > 1 and sum(map(len, (a for v in _BUILT.values() for a in v))) \
+                    > _BUILT_ACTIONS:
+                _BUILT.pop(next(iter(_BUILT)))  # the oldest first
+        return [list(prog) for prog in _BUILT[key]]
+    from mpigpt2.parallel import schedule_file  # a file names its own placement
+    placement, compute = schedule_file.compute_lists(schedule_file.read_rows(name), p, M, n)
+    pipe = make_pipe(p, M, n, placement)
     progs = [lower(c, r, pipe) for r, c in enumerate(compute)]
     validate(progs, pipe)
     return progs
@@ -309,7 +321,7 @@ def _dependency(a):
 
 
 def simulate(progs, f_cost=1, b_cost=1, i_cost=1, w_cost=1, costs=None):
-    """Tick-by-tick execution; returns per-rank lists of (start, action).
+    """Execution in time; returns per-rank lists of (start, action).
 
     Costs per kind (integers: ticks), or costs(action) -> ticks (measured, any positive
     numbers; docs/design.md#predicted-and-measured-bubble). Sends complete at once (receives
@@ -324,31 +336,34 @@ def simulate(progs, f_cost=1, b_cost=1, i_cost=1, w_cost=1, costs=None):
     pc, free_at = [0] * p, [0] * p
     done = {}  # ("F" | "back", s, mb, j) -> time its result is available
     timeline = [[] for _ in range(p)]
-    while any(pc[r] < len(comp[r]) for r in range(p)):
-        best = None  # (start time, rank): run the earliest start next (event simulation)
+    # An action starts when its rank is free and its input exists, so its start does not
+    # depend on the order the ranks are advanced in: sweep the ranks, each as far as its
+    # inputs allow, until all are done (or a sweep moves none: a deadlock).
+    left = sum(len(c) for c in comp)
+    while left:
+        moved = 0
         for r in range(p):
-            if pc[r] >= len(comp[r]):
-                continue
-            a = comp[r][pc[r]]
-            dep = _dependency(a)
-            ready = 0 if dep is None or (dep[0] == "back" and dep[1] > last) \
-                else done.get(dep)
-            if ready is None:
-                continue
-            start = max(free_at[r], ready)
-            if best is None or (start, r) < best:
-                best = (start, r)
-        if best is None:
+            prog, i, t = comp[r], pc[r], free_at[r]
+            while i < len(prog):
+                a = prog[i]
+                dep = _dependency(a)
+                ready = 0 if dep is None or (dep[0] == "back" and dep[1] > last) \
+                    else done.get(dep)
+                if ready is None:
+                    break
+                start = max(t, ready)
+                t = start + cost(a)
+                done[("back" if a.kind in BACKWARD_KINDS else a.kind, a.s, a.mb, a.j)] = t
+                timeline[r].append((start, a))
+                i += 1
+            moved += i - pc[r]
+            pc[r], free_at[r] = i, t
+        if not moved:
             stuck = [(r, comp[r][pc[r]]) for r in range(p) if pc[r] < len(comp[r])]
             raise ScheduleError(f"deadlock: ranks wait on {', '.join(str(a) for _, a in stuck)}"
                                 f" (marked: each waits for another's)\n"
                                 + listing(progs, stuck))
-        start, r = best
-        a = comp[r][pc[r]]
-        free_at[r] = start + cost(a)
-        done[("back" if a.kind in BACKWARD_KINDS else a.kind, a.s, a.mb, a.j)] = free_at[r]
-        timeline[r].append((start, a))
-        pc[r] += 1
+        left -= moved
     return timeline
 
 

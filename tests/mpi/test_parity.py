@@ -67,12 +67,14 @@ def reference(dtype, clip=0.0):
     return losses, m.params, grads, norms
 
 
-def train_layout(comm, lay, dtype, zero=0, overlap=True, clip=0.0):
-    """The trainer's own step (parallel.step.train_step) on a sub-communicator, in-memory data."""
+def train_layout(comm, lay, dtype, zero=0, overlap=True, clip=0.0, hier=False):
+    """The trainer's own step (parallel.step.train_step) on a sub-communicator, in-memory data.
+    hier: hierarchical gradient reduction over emulated nodes of two ranks each."""
     grid = make_grid(comm, lay.pp, lay.dp, wte_ranks=lay.wte_ranks, order=lay.rank_order)
     stage = Stage(CFG, lay.rank_spec(grid.stage), dtype)
     init_params(CFG, stage.spec, stage.p, SEED)
-    opt = make_optimizer(grid, stage, zero, overlap=overlap)
+    opt = make_optimizer(grid, stage, zero, overlap=overlap, hierarchical=hier,
+                         node_id=comm.Get_rank() // 2)
     M = lay.microbatches
     rows = B // lay.dp
     runner = Runner(grid, stage, lay, T, rows // M, reducer=opt.reducer, overlap=overlap)
@@ -169,6 +171,10 @@ CASES = [
     (2, 3, 8, 2, "zb-h1+data", "3,1", 1, True),
     (2, 2, 1, 2, "zb-v+data", None, 1, False),
     (4, 2, 8, 4, "1f1b+data", None, 0, True, CLIP),
+    # hierarchical gradient reduction over emulated nodes of two ranks (+hier)
+    (1, 4, 8, 2, "1f1b+hier", None),
+    (2, 4, 8, 2, "zb-h1+data+hier", None),
+    (2, 3, 8, 2, "1f1b+hier", "3,1", 0, True, CLIP),
 ]
 
 _REF = {}
@@ -193,7 +199,8 @@ def case(c):
                               for c in map(case, CASES)])
 def test_parity(pp, dp, k, M, sched, split, dtype, zero, overlap, clip):
     world = MPI.COMM_WORLD
-    sched, _, order = sched.partition("+")  # name+data: the data rank order
+    sched, *opts = sched.split("+")  # +data: the data rank order; +hier: hierarchical
+    order = "data" if "data" in opts else None
     sched, _, v = sched.partition("@")  # name@v: v virtual stages per rank
     v = int(v) if v else (2 if sched.endswith(("zb-v", "ZBVZeroBubble", "DualPipeV")) else 1)
     if sched.startswith("torch:"):  # a schedule file from torch's own builder, one per rank
@@ -210,7 +217,7 @@ def test_parity(pp, dp, k, M, sched, split, dtype, zero, overlap, clip):
         if measure:
             tracemalloc.start()  # numpy reports its buffers: the real peak, for the estimate
         losses, params, grads, tied_equal, norms = train_layout(comm, lay, dtype, zero, overlap,
-                                                                clip)
+                                                                clip, "hier" in opts)
         if measure:
             peak = tracemalloc.get_traced_memory()[1]
             tracemalloc.stop()

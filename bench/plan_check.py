@@ -1,0 +1,56 @@
+"""The planner's predictions against measured steps (bench row 12): every layout of PLAN_LAYOUTS
+priced by mpigpt2.parallel.planner.evaluate (compute calibrated on this CPU, the network of
+this node) and run by `python -m mpigpt2.train` on this node."""
+
+import os
+
+import numpy as np
+
+MODEL, B, T = "gpt2-124m", 4, 128
+STEPS = 7          # the first two are left out of the median (bench/train_run.py)
+# (label, ranks, train flags): every layout that runs on a 2-core node without
+# oversubscription, over the planner's dimensions (threads, dp, ZeRO, pp, M, k, schedule, v)
+PLAN_LAYOUTS = (
+    ("1 rank × 1 thread", 1, "--pp 1 --dp 1 --threads 1"),
+    ("1 rank × 2 threads", 1, "--pp 1 --dp 1 --threads 2"),
+    ("dp 2", 2, "--pp 1 --dp 2"),
+    ("dp 2, ZeRO-1", 2, "--pp 1 --dp 2 --zero 1"),
+    ("pp 2, M 2, k T", 2, "--pp 2 --microbatches 2 --slice-tokens 128"),
+    ("pp 2, M 1, k T/4", 2, "--pp 2 --microbatches 1 --slice-tokens 32"),
+    ("pp 2 zb-h1, M 2, k T/2", 2, "--pp 2 --microbatches 2 --slice-tokens 64 --schedule zb-h1"),
+    ("pp 2 interleaved v 2, M 2, k T/2", 2, "--pp 2 --microbatches 2 --slice-tokens 64 "
+     "--schedule interleaved-1f1b --virtual-stages 2"),
+    ("pp 2 zb-v, M 1, k T/4", 2, "--pp 2 --microbatches 1 --slice-tokens 32 --schedule zb-v"),
+)
+
+
+def _flag(flags, name, default=None, cast=int):
+    words = flags.split()
+    return cast(words[words.index(name) + 1]) if name in words else default
+
+
+def predict(ranks, flags, cores=None):
+    """{"step", "pipeline", "reduce", "optimizer", "bubble"} predicted for one row, seconds."""
+    from mpigpt2.model.config import preset
+    from mpigpt2.parallel import calibrate, planner, stepcost
+    from mpigpt2.parallel.layout import resolve
+    cfg = preset(MODEL)
+    cores = cores or os.cpu_count() or 1
+    lay = resolve(ranks, cfg, B, T, pp=_flag(flags, "--pp"), dp=_flag(flags, "--dp"),
+                  microbatches=_flag(flags, "--microbatches"),
+                  slice_tokens=_flag(flags, "--slice-tokens"),
+                  schedule=_flag(flags, "--schedule", cast=str),
+                  virtual_stages=_flag(flags, "--virtual-stages"))
+    threads = _flag(flags, "--threads", 1)
+    cal, _ = calibrate.load(cfg, np.float32)
+    share = max(1.0, ranks * threads / cores)
+    cluster = planner.Cluster(1, cores, 24 << 30, stepcost.Net())
+    p = planner.evaluate(cfg, lay, B, T, cluster, stepcost.MeasuredModel(cfg, cal, threads,
+                                                                         share),
+                         ranks, threads, _flag(flags, "--zero", 0), cal["adamw"])
+    return p.cost
+
+
+def train_flags(flags):
+    return (f"--model {MODEL} --batch-size {B} --seq-len {T} --steps {STEPS} "
+            f"--lr 1e-4 {flags}").split()

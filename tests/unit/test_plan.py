@@ -1,0 +1,109 @@
+"""`python -m mpigpt2.plan`: ranked layouts the trainer accepts, memory refusals, bad input.
+(The predictions against measured steps are bench row 12; README: Planning a cluster.)"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mpigpt2 import plan
+from mpigpt2.base.errors import UserError
+from mpigpt2.model.config import PRESETS
+from mpigpt2.options import parse_args as train_args
+from mpigpt2.parallel import memory
+from mpigpt2.parallel.layout import resolve
+
+TINY = ["--model", "gpt2-tiny", "--batch-size", "8", "--seq-len", "64"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(autouse=True)
+def own_cache(cache_dir, monkeypatch):
+    """A calibration cache of the module's own (gpt2-tiny measured once, then reused)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_dir))
+
+
+def run_plan(*argv):
+    return subprocess.run([sys.executable, "-m", "mpigpt2.plan", *argv], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_every_ranked_layout_is_one_the_trainer_accepts(tmp_path, capsys):
+    out = tmp_path / "plans.json"
+    assert plan.main(["--nodes", "2", "--cores-per-node", "4", "--mem-per-node", "16GiB",
+                      "--json", str(out)] + TINY) == 0
+    text = capsys.readouterr().out
+    plans = json.loads(out.read_text())
+    steps = [p["step_s"] for p in plans]
+    assert steps == sorted(steps) and len(plans) > 20
+    cfg = PRESETS["gpt2-tiny"]
+    shapes = set()
+    for p in plans:
+        a = train_args(p["flags"].split() + TINY)
+        world = 2 * p["ranks_per_node"]
+        lay = resolve(world, cfg, 8, 64, a.pp, a.dp, None, a.microbatches, a.slice_tokens,
+                      a.schedule, virtual_stages=a.virtual_stages, rank_order=a.rank_order)
+        assert lay.as_dict() == p["layout"]
+        assert a.threads * p["ranks_per_node"] == 4
+        # the memory column is the trainer's own estimate of the largest rank
+        est = max(memory.rank_estimate(cfg, lay, r, 8, 64, 4, a.zero, r == 0).total
+                  for r in range(lay.pp))
+        assert p["rank_bytes"] == est
+        shapes.add((lay.pp, lay.virtual_stages, lay.schedule, a.zero, lay.rank_order))
+    # the grid covers the dimensions: pipeline depths, virtual stages, ZeRO and both orders
+    assert {s[0] for s in shapes} >= {1, 2, 4} and {s[1] for s in shapes} == {1, 2}
+    assert {s[3] for s in shapes} == {0, 1} and {s[4] for s in shapes} == {"pipe", "data"}
+    assert text.splitlines()[1].split()[:2] == ["#", "step"]  # the table after one header line
+
+
+def test_memory_refusals_are_said(capsys):
+    # 4 ranks of gpt2-tiny need ~1 GiB together at the leanest: 700 MiB refuses some
+    assert plan.main(["--nodes", "1", "--cores-per-node", "4", "--mem-per-node", "1200MiB"]
+                     + TINY) == 0
+    out = capsys.readouterr().out
+    assert "refused (memory): layouts needing more than 90% of a node's memory" in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--nodes", "0", "--cores-per-node", "4"], "--nodes must be ≥ 1, got 0"),
+    (["--nodes", "2", "--cores-per-node", "-4"], "--cores-per-node must be ≥ 1, got -4"),
+    (["--nodes", "2", "--cores-per-node", "4", "--mem-per-node", "256Gb"], "unknown unit 'Gb'"),
+    (["--nodes", "2", "--cores-per-node", "4", "--mem-per-node", "12 parsecs"],
+     "unknown unit 'parsecs'"),
+    (["--nodes", "2", "--cores-per-node", "4", "--mem-per-node", "0GiB"], "must be > 0"),
+    (["--nodes", "2", "--cores-per-node", "4", "--net-gbps", "0"], "--net-gbps must be > 0"),
+    (["--nodes", "2", "--cores-per-node", "4", "--net-latency-us", "nan"],
+     "--net-latency-us must be a finite number"),
+    (["--nodes", "2", "--cores-per-node", "4", "--model", "gpt5"], "unknown model preset"),
+])
+def test_bad_input_is_one_line_and_status_2(argv, message):
+    r = run_plan(*argv, "--batch-size", "8", "--seq-len", "64")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+
+
+def test_a_model_that_fits_nowhere():
+    r = run_plan("--nodes", "1", "--cores-per-node", "2", "--mem-per-node", "64MiB", *TINY)
+    assert r.returncode == 2
+    # refused before anything is measured: the one line is all there is
+    assert r.stderr.startswith("error: gpt2-tiny with B 8 × T 64 fits nowhere on 1 node(s)")
+    assert "needs" in r.stderr and "MiB per node, more than 90% of 64 MiB" in r.stderr
+    assert r.stderr.count("\n") == 1 and r.stdout == ""
+
+
+def test_seq_len_beyond_the_context():
+    with pytest.raises(UserError, match="exceeds gpt2-tiny's context of 256"):
+        plan.main(["--nodes", "1", "--cores-per-node", "2", "--model", "gpt2-tiny",
+                   "--batch-size", "8", "--seq-len", "512"])
+
+
+def test_train_refuses_bad_network_flags(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "mpigpt2.train", "--net-gbps", "-1", "--out-dir",
+                        str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--net-gbps must be > 0" in r.stderr, r.stderr
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()
