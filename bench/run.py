@@ -844,7 +844,7 @@ def bench_plan(run):
     from mpigpt2.model.config import preset
     from mpigpt2.parallel import calibrate
     run.quiet.wait()
-    calibrate.load(preset(pc.MODEL), cache=False)  # fresh, then cached for predict()
+    calibrate.load(preset(pc.MODEL), refresh=True)  # fresh, then cached for predict()
     rows = []
     for i, (label, n, flags) in enumerate(pc.PLAN_LAYOUTS):
         cfg = f"{pc.MODEL}, B={pc.B} T={pc.T}, {n} rank(s): {flags}"

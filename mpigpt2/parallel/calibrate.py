@@ -23,6 +23,8 @@ import numpy as np
 from mpigpt2.base.machine import cpu_name
 
 TOKENS = (16, 64, 256, 1024)   # token counts measured per piece
+CAL_T = 16                     # ...as rows of CAL_T tokens: attention over few keys, which
+                               # the "attention" entry then prices separately
 MAX_FLOP = 4e11                # skip a point whose layer forward+backward exceeds this
 REPS = 2                       # best of
 OPT_PARAMS = 1 << 22           # parameters of the timed AdamW update
@@ -48,13 +50,14 @@ def _pieces(cfg):
             "embed": StageSpec(0, 0, True, False)}
 
 
-def _time_piece(cfg, spec, m, dtype, reps):
-    """Best-of-reps (forward, backward) seconds of one slice of m tokens through spec."""
+def _time_piece(cfg, spec, m, dtype, reps, T=CAL_T):
+    """Best-of-reps (forward, backward) seconds of one slice of m tokens (m/T rows of T)
+    through spec."""
     from mpigpt2.model.params import init_params
     from mpigpt2.model.stage import Stage
     st = Stage(cfg, spec, dtype)
     init_params(cfg, spec, st.p, seed=0)
-    T = min(m, cfg.max_seq_len)
+    T = min(T, m, cfg.max_seq_len)
     b = max(1, m // T)
     rng = np.random.default_rng(0)
     C = cfg.channels
@@ -78,19 +81,36 @@ def _flop(cfg, m):
     return 3 * m * max(24 * cfg.channels ** 2, 2 * cfg.channels * cfg.padded_vocab_size)
 
 
+def attention_flops(b, k, keys, C):
+    """Forward FLOPs of the attention products (QKᵀ and att·V) of one layer over b rows × k
+    queries attending to `keys` keys on average."""
+    return 4 * b * k * keys * C
+
+
 def measure(cfg, dtype=np.float32, reps=REPS):
-    """{piece: {threads: {m: [forward s, backward s]}}, "adamw": s per parameter}."""
+    """{piece: {threads: {m: [forward s, backward s]}}, "attention": {threads: [forward,
+    backward seconds per attention FLOP]}, "adamw": s per parameter}."""
     from threadpoolctl import threadpool_limits
     from mpigpt2.model.optim import AdamW
-    out = {}
+    out = {"attention": {}}
     threads = (1, 2) if (os.cpu_count() or 1) >= 2 else (1,)
+    ms = [m for m in TOKENS if m == TOKENS[0] or _flop(cfg, m) <= MAX_FLOP]
     for name, spec in _pieces(cfg).items():
         out[name] = {}
         for t in threads:
             with threadpool_limits(t, user_api="blas"):
-                out[name][str(t)] = {str(m): _time_piece(cfg, spec, m, dtype, reps)
-                                     for m in TOKENS if m == TOKENS[0]
-                                     or _flop(cfg, m) <= MAX_FLOP}
+                out[name][str(t)] = {str(m): _time_piece(cfg, spec, m, dtype, reps) for m in ms}
+    # attention: the layer over one long row against the same tokens in short rows
+    m, spec = ms[-1], _pieces(cfg)["layer"]
+    T = min(m, cfg.max_seq_len)
+    extra = attention_flops(m // T, T, (T + 1) / 2, cfg.channels) - attention_flops(
+        m // CAL_T, CAL_T, (CAL_T + 1) / 2, cfg.channels)
+    for t in threads:
+        with threadpool_limits(t, user_api="blas"):
+            long = _time_piece(cfg, spec, m, dtype, reps, T=T)
+        short = out["layer"][str(t)][str(m)]
+        out["attention"][str(t)] = [max(a - b, 1e-9) / max(extra, 1) for a, b in zip(long,
+                                                                                   short)]
     rng = np.random.default_rng(0)
     p = rng.standard_normal(OPT_PARAMS).astype(dtype)
     g = rng.standard_normal(OPT_PARAMS).astype(dtype)
@@ -110,16 +130,17 @@ def _valid(entry):
             len(v) == 2 and all(x > 0 and math.isfinite(x) for x in v)
             for piece in ("layer", "head", "embed") for per_m in entry[piece].values()
             for v in per_m.values())
-        return ok and "1" in entry["layer"]
+        return ok and "1" in entry["layer"] and "1" in entry["attention"]
     except (KeyError, TypeError, AttributeError):
         return False
 
 
-def load(cfg, dtype=np.float32, cache=True):
-    """(the calibration of cfg on this CPU, 'cache' | 'measured')."""
+def load(cfg, dtype=np.float32, cache=True, refresh=False):
+    """(the calibration of cfg on this CPU, 'cache' | 'measured'); refresh: measure anew
+    and replace the cached one."""
     from mpigpt2.parallel.autotune import _read_cache
     path, k = cache_path(), key(cfg, dtype)
-    if cache:
+    if cache and not refresh:
         entry = _read_cache(path).get(k)
         if _valid(entry):
             return entry, "cache"

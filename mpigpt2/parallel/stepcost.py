@@ -20,6 +20,9 @@ SIMULATE_UNITS = 1536
 LOOPBACK_BPS = costs.ALLREDUCE_BPS  # bytes/s between ranks of one node, unless measured
 LOOPBACK_LATENCY = 3e-6   # s
 STEP_OVERHEAD = 2e-3      # s per step: data, loss and metrics gathers, Python bookkeeping
+ZERO_COMM = 4.0           # ZeRO-1's rooted reduces and broadcasts (a few per tensor and owner)
+                          # ÷ a ring allreduce of the same bytes: measured on a 2-core node,
+                          # gpt2-124m dp 2 (docs/design.md#the-step-model)
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,10 @@ def hierarchical_allreduce(nbytes, nodes, net):
 
 class ComputeModel:
     """Seconds of a stage's forward and backward over one slice. piece(name, m) gives the
-    (forward, backward) seconds of "layer", "head" or "embed" over m tokens (no prefix)."""
+    (forward, backward) seconds of "layer", "head" or "embed" over m tokens in rows of CAL_T
+    tokens; attention() the (forward, backward) seconds per attention FLOP
+    beyond those rows' own."""
+    CAL_T = 16  # (parallel/calibrate.py's CAL_T)
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -68,14 +74,19 @@ class ComputeModel:
     def piece(self, name, m):
         raise NotImplementedError
 
+    def attention(self):
+        raise NotImplementedError
+
     def stage(self, spec, b, k, prefix):
         """(forward, backward) seconds of stage spec over a slice of b rows × k tokens that
-        starts at token `prefix` (attention over the earlier tokens costs extra)."""
+        starts at token `prefix`: its queries attend to prefix + (k + 1)/2 keys on average,
+        the pieces were timed with (CAL_T + 1)/2."""
         m, C, nl = b * k, self.cfg.channels, len(spec.layers)
         lf, lb = self.piece("layer", m)
-        rate = costs.layer_cost(self.cfg, 0) * m / max(lf, 1e-12)  # forward FLOP/s of a layer
-        extra = 4 * b * k * prefix * C / rate  # QKᵀ and att·V over `prefix` more keys
-        f, bw = nl * (lf + extra), nl * (lb + 2 * extra)
+        keys = prefix + (k + 1) / 2 - ((min(self.CAL_T, m) + 1) / 2 if self.CAL_T else 0)
+        af, ab = self.attention()
+        extra = 4 * b * k * keys * C
+        f, bw = nl * (lf + extra * af), nl * (lb + extra * ab)
         for name, on in (("head", spec.last), ("embed", spec.first)):
             if on:
                 pf, pb = self.piece(name, m)
@@ -84,7 +95,9 @@ class ComputeModel:
 
 
 class FlopModel(ComputeModel):
-    """A FLOP rate (costs.RANK_FLOPS) per rank; a backward costs two forwards."""
+    """A FLOP rate (costs.RANK_FLOPS) per rank; a backward costs two forwards; the pieces
+    have no attention (all of it is priced by attention())."""
+    CAL_T = 0
 
     def __init__(self, cfg, flops=costs.RANK_FLOPS):
         super().__init__(cfg)
@@ -95,6 +108,9 @@ class FlopModel(ComputeModel):
                      "embed": costs.embed_cost(self.cfg)}[name]
         f = per_token * m / self.flops
         return f, 2 * f
+
+    def attention(self):
+        return 1 / self.flops, 2 / self.flops
 
 
 class MeasuredModel(ComputeModel):
@@ -128,6 +144,15 @@ class MeasuredModel(ComputeModel):
         elif self.threads > 1:
             scale = 1.0 / self.threads
         return tuple(x * scale * self.share for x in t1)
+
+    def attention(self):
+        by_threads = self.cal["attention"]
+        one = by_threads["1"]
+        if self.threads > 1 and "2" in by_threads:
+            scale = (sum(by_threads["2"]) / sum(one)) ** math.log2(self.threads)
+        else:
+            scale = 1.0 / self.threads
+        return tuple(x * scale * self.share for x in one)
 
 
 def _action_costs(cfg, layout, B, T, compute, net, node_of):
@@ -190,11 +215,18 @@ def step_seconds(cfg, layout, B, T, compute, net=Net(), node_of=None, zero=False
     pipe, idle = pipeline or pipeline_part(cfg, layout, B, T, compute, net, node_of)
     nodes = node_of or [0] * (layout.pp * layout.dp)
     allreduce = hierarchical_allreduce if hierarchical else ring_allreduce
+    wte = cfg.padded_vocab_size * cfg.channels if layout.pp > 1 else 0
+    first, last = layout.wte_ranks
+    holders = [nodes[layout.world_rank(s, q)] for q in range(layout.dp) for s in (first, last)]
     reduce = opt = 0.0
     for r in range(layout.pp):
         P = ParamLayout(cfg, layout.rank_spec(r)).size
         ring = [nodes[layout.world_rank(r, q)] for q in range(layout.dp)]
-        reduce = max(reduce, allreduce(4 * P, ring, net) )
+        own = wte if r in (first, last) else 0  # the tied wte: summed over its holders
+        t = allreduce(4 * (P - own), ring, net)
+        if own:
+            t += allreduce(4 * own, holders if first != last else ring, net)
+        reduce = max(reduce, t * (ZERO_COMM if zero else 1.0))
         opt = max(opt, P / (layout.dp if zero else 1) * adamw_seconds)
     total = pipe + reduce + opt + STEP_OVERHEAD
     return {"step": total, "pipeline": pipe, "reduce": reduce, "optimizer": opt,

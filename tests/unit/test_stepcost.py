@@ -41,7 +41,8 @@ def test_flop_model_prices_a_stage_from_the_flops():
     m = stepcost.FlopModel(CFG, flops=1e9)
     spec = StageSpec(0, 2, True, False)
     f, b = m.stage(spec, 2, 8, 0)
-    want = (2 * costs.layer_cost(CFG, 0) + costs.embed_cost(CFG)) * 16 / 1e9
+    attention = 2 * 4 * 2 * 8 * 4.5 * CFG.channels  # 2 layers, 8 queries over 4.5 keys each
+    want = ((2 * costs.layer_cost(CFG, 0) + costs.embed_cost(CFG)) * 16 + attention) / 1e9
     assert f == pytest.approx(want) and b == pytest.approx(2 * want)
     # a later slice attends to the 8 tokens before it: 4·b·k·prefix·C more forward FLOPs a layer
     f2, b2 = m.stage(spec, 2, 8, 8)
@@ -54,6 +55,7 @@ def test_one_process_step_is_forward_backward_optimizer_overhead():
     m = stepcost.FlopModel(CFG, flops=1e9)
     got = stepcost.step_seconds(CFG, lay, 4, 32, m, NET, adamw_seconds=1e-9)
     fwd = (4 * costs.layer_cost(CFG, 0) + costs.embed_cost(CFG) + costs.head_cost(CFG)) * 128
+    fwd += 4 * 4 * 4 * 32 * 16.5 * CFG.channels  # 4 layers' attention: 32 queries, 16.5 keys
     params = ParamLayout(CFG, lay.rank_spec(0)).size
     assert got["pipeline"] == pytest.approx(3 * fwd / 1e9)
     assert got["reduce"] == 0 and got["bubble"] == pytest.approx(0, abs=1e-12)
@@ -115,6 +117,7 @@ def test_measured_model_interpolates_and_scales():
     cal = {name: {"1": {"16": [1.0, 2.0], "64": [2.0, 4.0]},
                   "2": {"16": [0.6, 1.2], "64": [1.2, 2.4]}} for name in ("layer", "head",
                                                                            "embed")}
+    cal["attention"] = {"1": [1e-9, 2e-9], "2": [0.6e-9, 1.2e-9]}
     m1 = stepcost.MeasuredModel(CFG, cal)
     assert m1.piece("layer", 16) == pytest.approx((1.0, 2.0))
     assert m1.piece("layer", 64) == pytest.approx((2.0, 4.0))
@@ -125,6 +128,12 @@ def test_measured_model_interpolates_and_scales():
     assert m4.piece("head", 64) == pytest.approx((2.0 * 0.36, 4.0 * 0.36))
     shared = stepcost.MeasuredModel(CFG, cal, share=2.0)
     assert shared.piece("embed", 16) == pytest.approx((2.0, 4.0))
+    assert m4.attention() == pytest.approx((0.36e-9, 0.72e-9))
+    # a one-layer stage over 1 row × 16 tokens at prefix 0: the calibration's own rows
+    spec = StageSpec(0, 1, False, False)
+    assert m1.stage(spec, 1, 16, 0) == pytest.approx((1.0, 2.0))
+    f, b = m1.stage(spec, 1, 16, 100)  # 100 more keys per query: 4·16·100·C FLOPs more
+    assert (f - 1.0, b - 2.0) == pytest.approx((4 * 16 * 100 * 32 * 1e-9, 4 * 16 * 100 * 32 * 2e-9))
 
 
 def test_net_flags():
