@@ -1,4 +1,4 @@
-"""Row 6: one AdamW step over GPT-2 124M's parameters, one thread, by each candidate means.
+"""Row 13: one AdamW step over GPT-2 124M's parameters, one thread, by each candidate means.
 
     python bench/adamw_step.py --impl mpigpt2|numpy-blocked|numexpr|torch [--steps 5]
     python bench/adamw_step.py --impl numpy-blocked --block 65536

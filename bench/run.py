@@ -854,7 +854,7 @@ def frontier_ratio_rows(M, cfg, got):
 
 
 # ------------------------------------------------------------------------------------------------
-# row 11: one AdamW step over GPT-2 124M's parameters, 1 thread: the fused step, the means it
+# row 13: one AdamW step over GPT-2 124M's parameters, 1 thread: the fused step, the means it
 # was chosen against, and torch's fused AdamW (bench/adamw_step.py)
 
 ADAMW_CANDIDATES = [  # (label, adamw_step.py flags, note)
@@ -880,7 +880,7 @@ def bench_adamw(run):
             try:
                 (res,), info = sub(run, cmd, timeout=600, what=f"AdamW {label}", env=env)
             except SubprocessFailed as e:
-                rows.append(error_row(f"11.{label}", f"adamw/{label}", cfg, e))
+                rows.append(error_row(f"13.{label}", f"adamw/{label}", cfg, e))
                 continue
             if label in got:  # the second mpigpt2 run, timed: its first call loaded the cache
                 res = dict(res, first_call_compile_s=got[label]["first_call_s"])
@@ -890,13 +890,13 @@ def bench_adamw(run):
                  + (f" (compiling: {r['first_call_compile_s']:.2f} s)"
                     if "first_call_compile_s" in r else ""))
         same = "" if r.get("bits_equal_mpigpt2", True) else "; **bits differ from mpigpt2**"
-        rows.append(row(f"11.{label}", f"adamw/{label} step", config=cfg,
+        rows.append(row(f"13.{label}", f"adamw/{label} step", config=cfg,
                         metric="ms per step (best)", value=1e3 * r["best_s"],
                         notes=f"{r['note']}; median {1e3 * r['median_s']:.0f} ms; {first}; "
                         f"CPU/wall {r['cpu_per_wall']:.2f}{same}", details=r))
     if "mpigpt2" in got and "torch" in got:
         ours, theirs = got["mpigpt2"], got["torch"]
-        rows.append(row("11", "adamw/mpigpt2 ÷ torch fused", config=cfg,
+        rows.append(row("13", "adamw/mpigpt2 ÷ torch fused", config=cfg,
                         metric="step time ratio (best ÷ best)",
                         value=ours["best_s"] / theirs["best_s"],
                         target=Target("<=", 1.5, note="issue 15"),
@@ -908,7 +908,7 @@ def bench_adamw(run):
 BENCHES = [("0", bench_check), ("1", bench_single), ("2", bench_mfu), ("3", bench_slicing),
            ("4", bench_dp), ("5", bench_schedules), ("6", bench_param_memory),
            ("7", bench_zero), ("8", bench_autotune), ("9", bench_oversubscribed),
-           ("10", bench_frontier), ("11", bench_adamw)]
+           ("10", bench_frontier), ("13", bench_adamw)]
 
 
 # ------------------------------------------------------------------------------------------------
