@@ -1,4 +1,5 @@
-"""Row 1: one full training step (forward + backward + AdamW) on one process, one thread.
+"""Row 1: one full training step (forward + backward + AdamW + zero grad) on one process, one
+thread.
 
     python bench/single_step.py --impl mpigpt2|torch --model gpt2-124m --B 4 --T 64
     python bench/single_step.py --check     # the torch baseline computes mpigpt2's loss/grads
@@ -17,6 +18,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import emit, summary  # noqa: E402
 
+# the timed parts of a step; "update" is the optimizer step alone (row 1 compares it with torch's)
+PHASES = ("forward", "backward", "update", "zero_grad")
+
 
 def batch(cfg, B, T, seed=1234):
     """The same random tokens for both implementations: x, y (B, T) int64."""
@@ -33,7 +37,7 @@ def run_mpigpt2(cfg, B, T, warmup, steps):
     x, y = x.astype(np.int32), y.astype(np.int32)
     model = GPT(cfg, seed=0)
     opt = AdamW(model.flat.size, np.float32)
-    times, phases, losses = [], {"forward": [], "backward": [], "update": []}, []
+    times, phases, losses = [], {k: [] for k in PHASES}, []
     for t in range(1, warmup + steps + 1):
         if t == warmup + 1:
             c0 = time.process_time()
@@ -43,12 +47,13 @@ def run_mpigpt2(cfg, B, T, warmup, steps):
         model.backward()
         t2 = time.perf_counter()
         opt.step(model.flat, model.grad_flat, t, 1e-4)
-        model.zero_grad()
         t3 = time.perf_counter()
+        model.zero_grad()
+        t4 = time.perf_counter()
         losses.append(loss)
         if t > warmup:
-            times.append(t3 - t0)
-            for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
+            times.append(t4 - t0)
+            for k, dt in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
                 phases[k].append(dt)
     return times, phases, losses, {"cpu_per_wall": (time.process_time() - c0) / sum(times)}
 
@@ -62,7 +67,7 @@ def run_torch(cfg, B, T, warmup, steps, head, interop=True):
     x, y = (torch.from_numpy(a) for a in batch(cfg, B, T))
     model = TorchGPT2(cfg, head=head, seed=0)
     opt, kind = make_optimizer(model)
-    times, phases, losses = [], {"forward": [], "backward": [], "update": []}, []
+    times, phases, losses = [], {k: [] for k in PHASES}, []
     for t in range(1, warmup + steps + 1):
         if t == warmup + 1:
             c0 = time.process_time()
@@ -72,12 +77,13 @@ def run_torch(cfg, B, T, warmup, steps, head, interop=True):
         loss.backward()
         t2 = time.perf_counter()
         opt.step()
-        opt.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        t4 = time.perf_counter()
         losses.append(loss.item())
         if t > warmup:
-            times.append(t3 - t0)
-            for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
+            times.append(t4 - t0)
+            for k, dt in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
                 phases[k].append(dt)
     extra = {"optimizer": kind, "threads": torch.get_num_threads(), "head": head,
              "cpu_per_wall": (time.process_time() - c0) / sum(times)}

@@ -1,51 +1,65 @@
 """AdamW exactly as llm.c's gpt2_update, in place over a flat buffer, plus the lr schedule."""
 
+import functools
 import math
 
 import numpy as np
 
-CHUNK = 1 << 15  # elements per pass; keeps the ~8 passes over a chunk inside the L2 cache
+
+@functools.cache
+def _fused_kernel():
+    """The update of one element per iteration, compiled once (numba, cached on disk).
+
+    No fastmath: every operation rounds to the array dtype, in the order written (no FMA
+    contraction, no reassociation), so the result is that of the same ops done array by array;
+    tests/unit/test_optim.py checks the bits. error_model="numpy": IEEE division, no checks.
+    (docs/design.md#the-fused-adamw-step)
+    """
+    from numba import njit
+
+    @njit(cache=True, nogil=True, error_model="numpy", boundscheck=False)
+    def adamw_fused(p, g, m, v, s, b1, c1, b2, c2, r2, eps, k, dw, decay):
+        for i in range(p.size):
+            gi = g[i] * s                              # clipping scale (× 1 is exact)
+            mi = m[i] * b1 + gi * c1                   # m = b1*m + (1-b1)*g
+            vi = v[i] * b2 + (gi * gi) * c2            # v = b2*v + (1-b2)*g*g
+            u = mi / ((np.sqrt(vi * r2) + eps) * k)    # lr * m_hat / (sqrt(v_hat) + eps)
+            if decay:
+                u = u + p[i] * dw                      # + lr * wd * (old) param
+            m[i] = mi
+            v[i] = vi
+            p[i] = p[i] - u
+
+    return adamw_fused
 
 
 class AdamW:
-    """Bias-corrected AdamW; eps after the sqrt; decoupled weight decay on every parameter."""
+    """Bias-corrected AdamW; eps after the sqrt; decoupled weight decay on every parameter.
+
+    One fused pass over the buffers per step. Every scalar is rounded to the array dtype once
+    per step, then: m = b1·m + (1−b1)·g; v = b2·v + ((g·g)·(1−b2)); p −= m / ((sqrt(v·(1/bc2))
+    + eps) · (bc1/lr)) + (lr·wd)·p, where bc = 1 − β^t and g is pre-multiplied by the clipping
+    scale. bc1/lr is lr·m_hat's divisor folded into one number (inf when lr = 0: the moments
+    move, the parameters do not).
+    """
 
     def __init__(self, size, dtype, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
         self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, eps, weight_decay
         self.m = np.zeros(size, dtype=dtype)  # first moment
         self.v = np.zeros(size, dtype=dtype)  # second moment
-        self._tmp = np.empty(min(size, CHUNK), dtype=dtype)
-        self._tmp2 = np.empty(min(size, CHUNK), dtype=dtype)
 
-    def step(self, params, grads, t, lr, grad_scale=1.0, lo=0, hi=None):
-        """Update params[lo:hi] in place; t is the 1-based step count (bias correction)."""
-        b1, b2, eps, wd = self.beta1, self.beta2, self.eps, self.weight_decay
+    def step(self, params, grads, t, lr, grad_scale=1.0):
+        """Update params in place from grads (contiguous, same size and dtype as the moments);
+        t is the 1-based step count (bias correction)."""
+        dt = self.m.dtype.type
+        b1, b2, wd = self.beta1, self.beta2, self.weight_decay
         bc1, bc2 = 1.0 - b1 ** t, 1.0 - b2 ** t
-        per_lr = bc1 / lr if lr else np.inf  # lr = 0: the moments move, the parameters do not
-        hi = params.size if hi is None else hi
-        for a in range(lo, hi, CHUNK):
-            z = min(a + CHUNK, hi)
-            p, g, m, v = params[a:z], grads[a:z], self.m[a:z], self.v[a:z]
-            tmp, gs = self._tmp[:z - a], self._tmp2[:z - a]
-            if grad_scale != 1.0:
-                np.multiply(g, grad_scale, out=gs)
-                g = gs
-            m *= b1                               # m = b1*m + (1-b1)*g
-            np.multiply(g, 1.0 - b1, out=tmp)
-            m += tmp
-            v *= b2                               # v = b2*v + (1-b2)*g*g
-            np.multiply(g, g, out=tmp)
-            tmp *= 1.0 - b2
-            v += tmp
-            np.multiply(v, 1.0 / bc2, out=tmp)    # sqrt(v_hat) + eps
-            np.sqrt(tmp, out=tmp)
-            tmp += eps
-            tmp *= per_lr                         # lr * m_hat / (sqrt(v_hat) + eps)
-            np.divide(m, tmp, out=tmp)            #   = m / ((sqrt(v_hat) + eps) * bc1 / lr)
-            if wd != 0.0:                         # + lr * wd * param (the old param)
-                np.multiply(p, lr * wd, out=gs)
-                tmp += gs
-            p -= tmp
+        k = bc1 / lr if lr else np.inf
+        for a in (params, grads):
+            assert a.dtype == self.m.dtype and a.shape == self.m.shape and a.flags.c_contiguous
+        _fused_kernel()(params, grads, self.m, self.v, dt(grad_scale), dt(b1), dt(1.0 - b1),
+                        dt(b2), dt(1.0 - b2), dt(1.0 / bc2), dt(self.eps), dt(k), dt(lr * wd),
+                        wd != 0.0)
 
     def state(self):
         return {"m": self.m, "v": self.v}
