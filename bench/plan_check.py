@@ -24,19 +24,31 @@ PLAN_LAYOUTS = (
 )
 
 
+# (label, train flags) on the emulated cluster (bench/plan_cluster.py): two nodes, one rank
+# and one BLAS thread each, the links between them veth pairs
+CLUSTER = (
+    ("dp 2 over 2 nodes", "--pp 1 --dp 2"),
+    ("pp 2 over 2 nodes, M 2, k T/2", "--pp 2 --microbatches 2 --slice-tokens 64"),
+    ("pp 2 zb-h1 over 2 nodes, M 2, k T/4", "--pp 2 --microbatches 2 --slice-tokens 32 "
+     "--schedule zb-h1"),
+)
+
+
 def _flag(flags, name, default=None, cast=int):
     words = flags.split()
     return cast(words[words.index(name) + 1]) if name in words else default
 
 
-def predict(ranks, flags, cores=None):
-    """{"step", "pipeline", "reduce", "optimizer", "bubble"} predicted for one row, seconds."""
+def predict(ranks, flags, cores=None, nodes=1, net=None):
+    """{"step", "pipeline", "reduce", "optimizer", "bubble"} predicted for one row, seconds:
+    `ranks` ranks on each of `nodes` nodes of `cores` cores, linked by net."""
     from mpigpt2.model.config import preset
     from mpigpt2.parallel import calibrate, planner, stepcost
     from mpigpt2.parallel.layout import resolve
     cfg = preset(MODEL)
     cores = cores or os.cpu_count() or 1
-    lay = resolve(ranks, cfg, B, T, pp=_flag(flags, "--pp"), dp=_flag(flags, "--dp"),
+    world = ranks * nodes
+    lay = resolve(world, cfg, B, T, pp=_flag(flags, "--pp"), dp=_flag(flags, "--dp"),
                   microbatches=_flag(flags, "--microbatches"),
                   slice_tokens=_flag(flags, "--slice-tokens"),
                   schedule=_flag(flags, "--schedule", cast=str),
@@ -44,11 +56,21 @@ def predict(ranks, flags, cores=None):
     threads = _flag(flags, "--threads", 1)
     cal, _ = calibrate.load(cfg, np.float32)
     share = max(1.0, ranks * threads / cores)
-    cluster = planner.Cluster(1, cores, 24 << 30, stepcost.Net())
+    cluster = planner.Cluster(nodes, cores, 24 << 30, net or stepcost.Net())
     p = planner.evaluate(cfg, lay, B, T, cluster, stepcost.MeasuredModel(cfg, cal, threads,
                                                                          share),
                          ranks, threads, _flag(flags, "--zero", 0), cal["adamw"])
     return p.cost
+
+
+def probed_net():
+    """The emulated cluster's links as the trainer's start-up probe cached them."""
+    from mpigpt2.parallel import netprobe, stepcost
+    from mpigpt2.parallel.autotune import _read_cache
+    for key, v in _read_cache(netprobe.cache_path()).items():
+        if key.startswith("node1 <-> node2"):
+            return stepcost.Net(*v)
+    return None
 
 
 def train_flags(flags):

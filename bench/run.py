@@ -881,6 +881,38 @@ def bench_plan(run):
                    f"{pred['reduce']:.3f}, optimizer {pred['optimizer']:.3f}, bubble "
                    f"{pred['bubble']:.3f}); measured best {best:.3f} s, median {med:.3f} s"),
             details={"predicted": pred, **r}))
+    return rows + plan_cluster_rows(run)
+
+
+def plan_cluster_rows(run):
+    """Row 12 on the emulated two-node cluster (bench/plan_cluster.py; root, Slurm)."""
+    import plan_check as pc
+    from mpigpt2.parallel import netprobe
+    try:
+        lines, info = sub(run, [python(), "bench/plan_cluster.py"], timeout=1800,
+                          what="plan on the emulated cluster", attempts=1)
+    except SubprocessFailed as e:
+        return [error_row("12.cluster", "plan on the emulated cluster", "", e)]
+    net = pc.probed_net()
+    rows = []
+    for i, r in enumerate(lines):
+        cfg = (f"{pc.MODEL}, B={pc.B} T={pc.T}, srun -N 2, 1 rank × 1 thread per node: "
+               f"{r['flags']}")
+        pred = pc.predict(1, r["flags"] + " --threads 1", cores=1, nodes=2, net=net)
+        best = r["best_step_ms"] / 1e3
+        rows.append(row(
+            f"12.c{i}", f"plan {r['label']}: predicted ÷ measured step", config=cfg,
+            metric="ratio (predicted ÷ best measured step)", value=pred["step"] / best,
+            checks=[(Target("<=", 0.15, on="|predicted ÷ best measured − 1|"),
+                     abs(pred["step"] / best - 1))],
+            notes=(f"predicted {pred['step']:.3f} s (pipeline {pred['pipeline']:.3f}, reduce "
+                   f"{pred['reduce']:.3f}, optimizer {pred['optimizer']:.3f}); measured best "
+                   f"{best:.3f} s, median {r['median_step_ms'] / 1e3:.3f} s; "
+                   f"{netprobe.describe(net, 'probe') if net else 'no probed network'}"),
+            details={"predicted": pred, **r, **info}))
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------
 # row 13: one AdamW step over GPT-2 124M's parameters, 1 thread: the fused step, the means it
 # was chosen against, and torch's fused AdamW (bench/adamw_step.py)

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 
 from mpigpt2.parallel import costs
+from mpigpt2.parallel.calibrate import CAL_T
 
 SIMULATE_UNITS = 1536
 LOOPBACK_BPS = costs.ALLREDUCE_BPS  # bytes/s between ranks of one node, unless measured
@@ -66,7 +67,7 @@ class ComputeModel:
     (forward, backward) seconds of "layer", "head" or "embed" over m tokens in rows of CAL_T
     tokens; attention() the (forward, backward) seconds per attention FLOP
     beyond those rows' own."""
-    CAL_T = 16  # (parallel/calibrate.py's CAL_T)
+    CAL_T = CAL_T  # the rows the pieces were timed in (parallel/calibrate.py)
 
     def __init__(self, cfg):
         self.cfg = cfg

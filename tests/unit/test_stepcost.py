@@ -141,3 +141,14 @@ def test_net_flags():
     assert net.inter_bps == pytest.approx(12.5e9) and net.inter_latency == pytest.approx(2e-6)
     assert netprobe.from_flags(None, None) == stepcost.Net()
     assert "between nodes 2.0 µs 100.0 Gbit/s" in netprobe.describe(net, "flags")
+
+
+def test_the_default_layout_follows_the_network():
+    """Two nodes of four ranks: on a 100 Gbit/s fabric gpt2-124m stays data parallel; on
+    1 Gbit/s the gradient ring across the nodes costs more than a pipeline's bubble."""
+    from mpigpt2.parallel.layout import default_pp
+    cfg, nodes = PRESETS["gpt2-124m"], [0] * 4 + [1] * 4
+    fast = stepcost.Net(inter_bps=100e9 / 8, inter_latency=2e-6)
+    slow = stepcost.Net(inter_bps=1e9 / 8, inter_latency=50e-6)
+    assert default_pp(8, cfg, 8, 64, None, 4, fast, nodes) == 1
+    assert default_pp(8, cfg, 8, 64, None, 4, slow, nodes) == 4
