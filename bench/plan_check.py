@@ -39,9 +39,19 @@ def _flag(flags, name, default=None, cast=int):
     return cast(words[words.index(name) + 1]) if name in words else default
 
 
-def predict(ranks, flags, cores=None, nodes=1, net=None):
+def calibrate_now():
+    """The compute of MODEL measured afresh (and cached): this host's speed drifts by a
+    quarter over minutes, so every row is predicted from a calibration taken just before it
+    runs."""
+    from mpigpt2.model.config import preset
+    from mpigpt2.parallel import calibrate
+    return calibrate.load(preset(MODEL), np.float32, refresh=True)[0]
+
+
+def predict(ranks, flags, cores=None, nodes=1, net=None, cal=None):
     """{"step", "pipeline", "reduce", "optimizer", "bubble"} predicted for one row, seconds:
-    `ranks` ranks on each of `nodes` nodes of `cores` cores, linked by net."""
+    `ranks` ranks on each of `nodes` nodes of `cores` cores, linked by net, from the
+    calibration `cal` (default: the cached one)."""
     from mpigpt2.model.config import preset
     from mpigpt2.parallel import calibrate, planner, stepcost
     from mpigpt2.parallel.layout import resolve
@@ -54,7 +64,7 @@ def predict(ranks, flags, cores=None, nodes=1, net=None):
                   schedule=_flag(flags, "--schedule", cast=str),
                   virtual_stages=_flag(flags, "--virtual-stages"))
     threads = _flag(flags, "--threads", 1)
-    cal, _ = calibrate.load(cfg, np.float32)
+    cal = cal or calibrate.load(cfg, np.float32)[0]
     share = max(1.0, ranks * threads / cores)
     cluster = planner.Cluster(nodes, cores, 24 << 30, net or stepcost.Net())
     p = planner.evaluate(cfg, lay, B, T, cluster, stepcost.MeasuredModel(cfg, cal, threads,

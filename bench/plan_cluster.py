@@ -31,6 +31,7 @@ def main():
     try:
         cluster.start()
         for label, flags in pc.CLUSTER:
+            cal = pc.calibrate_now()
             out = root / label.replace(" ", "_").replace(",", "")
             data = os.path.join(ROOT, "data/tinyshakespeare/tiny_shakespeare_train.bin")
             r = cluster.run("srun", "-N", "2", "-n", "2", "--ntasks-per-node", "1",
@@ -45,7 +46,8 @@ def main():
             net = next((x for x in r.stdout.splitlines() if x.startswith("network (")), "")
             steps = steps_of(out)
             emit({"label": label, "flags": flags, "best_step_ms": 1e3 * min(steps),
-                  "median_step_ms": 1e3 * statistics.median(steps), "network": net})
+                  "median_step_ms": 1e3 * statistics.median(steps), "network": net,
+                  "calibration": cal})
     finally:
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)

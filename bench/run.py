@@ -855,22 +855,20 @@ def frontier_ratio_rows(M, cfg, got):
 
 def bench_plan(run):
     """Row 12: the planner's predicted step of every layout that runs on this node against
-    the measured one (bench/plan_check.py). The compute is calibrated afresh first, so the
-    prediction and the runs see the machine in the same state."""
+    the measured one (bench/plan_check.py). The compute is calibrated afresh right before
+    each run, so prediction and run see the machine in the same state."""
     import plan_check as pc
-    from mpigpt2.model.config import preset
-    from mpigpt2.parallel import calibrate
-    run.quiet.wait()
-    calibrate.load(preset(pc.MODEL), refresh=True)  # fresh, then cached for predict()
     rows = []
     for i, (label, n, flags) in enumerate(pc.PLAN_LAYOUTS):
         cfg = f"{pc.MODEL}, B={pc.B} T={pc.T}, {n} rank(s): {flags}"
+        run.quiet.wait()
+        cal = pc.calibrate_now()  # just before the run: the host's speed drifts
         try:
             r = train_run(run, n, pc.train_flags(flags), label=label, timeout=900)
         except SubprocessFailed as e:
             rows.append(error_row(f"12.{i}", f"plan {label}", cfg, e))
             continue
-        pred = pc.predict(n, flags)
+        pred = pc.predict(n, flags, cal=cal)
         best, med = r["best_step_ms"] / 1e3, r["median_step_ms"] / 1e3
         rows.append(row(
             f"12.{i}", f"plan {label}: predicted ÷ measured step", config=cfg,
@@ -898,7 +896,8 @@ def plan_cluster_rows(run):
     for i, r in enumerate(lines):
         cfg = (f"{pc.MODEL}, B={pc.B} T={pc.T}, srun -N 2, 1 rank × 1 thread per node: "
                f"{r['flags']}")
-        pred = pc.predict(1, r["flags"] + " --threads 1", cores=1, nodes=2, net=net)
+        pred = pc.predict(1, r["flags"] + " --threads 1", cores=1, nodes=2, net=net,
+                          cal=r.pop("calibration"))
         best = r["best_step_ms"] / 1e3
         rows.append(row(
             f"12.c{i}", f"plan {r['label']}: predicted ÷ measured step", config=cfg,
