@@ -196,10 +196,16 @@ def main(argv=None):
         val_tokens = args.val_tokens
         if val_tokens is None:
             val_tokens = 0 if args.val_shards else 32768
-        prepare_corpus(args.cmd, args.files, args.out_dir, field=getattr(args, "field", "text"),
-                       prefix=args.prefix, shard_tokens=args.shard_tokens,
-                       val_tokens=val_tokens, val_shards=args.val_shards, workers=args.workers,
-                       skip_bad=getattr(args, "skip_bad", False), quiet=args.quiet)
+        try:
+            prepare_corpus(args.cmd, args.files, args.out_dir,
+                           field=getattr(args, "field", "text"), prefix=args.prefix,
+                           shard_tokens=args.shard_tokens, val_tokens=val_tokens,
+                           val_shards=args.val_shards, workers=args.workers,
+                           skip_bad=getattr(args, "skip_bad", False), quiet=args.quiet)
+        except KeyboardInterrupt:
+            print(f"interrupted: the finished shards stay in {args.out_dir}; run the same "
+                  "command again to continue", file=sys.stderr)
+            return 130
     return 0
 
 

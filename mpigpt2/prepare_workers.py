@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import queue
 import signal
+import threading
 import time
 
 from mpigpt2.base.errors import UserError
@@ -54,52 +55,78 @@ class InlineSource:
         self.gen.close()
 
 
-def _pool_worker(spec, w, n, start, q, parent):
-    """A worker process: its results into its bounded queue; stops if the writer is gone."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the writer, which ends us
-    for item in produce(spec, w, n, start):
-        while True:
+def _send_all(items, conn, parent):
+    """Send items through conn from a thread, QUEUE_DEPTH ahead at most. A pipe has no feeder
+    thread to wait for at exit; if the writer dies its end closes and send() fails."""
+    box = queue.Queue(QUEUE_DEPTH)
+    failed = threading.Event()
+
+    def sender():
+        while (item := box.get()) is not None:
             try:
-                q.put(item, timeout=POLL_SECONDS)
+                conn.send(item)
+            except OSError:  # BrokenPipeError: the writer is gone
+                failed.set()
+                return
+
+    t = threading.Thread(target=sender, daemon=True)
+    t.start()
+    for item in items:
+        while not failed.is_set():
+            try:
+                box.put(item, timeout=POLL_SECONDS)
                 break
             except queue.Full:
-                if os.getppid() != parent:  # the writer was killed: nobody will read this
-                    return
-        if item[0] != "ok":
-            return
+                if os.getppid() != parent:
+                    failed.set()
+        if failed.is_set() or item[0] != "ok":
+            break
+    while not failed.is_set() and t.is_alive():
+        try:
+            box.put(None, timeout=POLL_SECONDS)
+            break
+        except queue.Full:
+            failed.set() if os.getppid() != parent else None
+    while t.is_alive() and not failed.is_set() and os.getppid() == parent:
+        t.join(POLL_SECONDS)
+
+
+def _pool_worker(spec, w, n, start, conn, parent):
+    """A worker process: its results, in order, to the writer through conn."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the writer, which ends us
+    _send_all(produce(spec, w, n, start), conn, parent)
 
 
 class PoolSource:
-    """--workers N > 1: N spawned processes; block k comes from worker k mod N's queue."""
+    """--workers N > 1: N spawned processes; block k comes from worker k mod N."""
 
     def __init__(self, spec, n, start):
         ctx = multiprocessing.get_context("spawn")  # no fork: safe next to threads and MPI
-        self.n = n
-        self.queues = [ctx.Queue(QUEUE_DEPTH) for _ in range(n)]
-        self.procs = [ctx.Process(target=_pool_worker, daemon=True,
-                                  args=(spec, w, n, start, self.queues[w], os.getpid()))
-                      for w in range(n)]
-        for p in self.procs:
-            p.start()
+        self.n, self.conns, self.procs = n, [], []
+        for w in range(n):
+            r, s = ctx.Pipe(duplex=False)
+            self.procs.append(ctx.Process(target=_pool_worker, daemon=True,
+                                          args=(spec, w, n, start, s, os.getpid())))
+            self.procs[-1].start()
+            s.close()  # only the worker holds the sending end: its sends fail if we die
+            self.conns.append(r)
 
     def get(self, k):
         w = k % self.n
+        conn, p = self.conns[w], self.procs[w]
         t0 = time.monotonic()
-        while True:
-            try:
-                return self.queues[w].get(timeout=POLL_SECONDS)
-            except queue.Empty:
-                pass
-            p = self.procs[w]
-            if not p.is_alive():
-                try:  # it may have put its last item just before exiting
-                    return self.queues[w].get(timeout=POLL_SECONDS)
-                except queue.Empty:
-                    raise RuntimeError(f"prepare worker {w} died (exit code {p.exitcode}) "
-                                       f"before block {k}") from None
+        while not conn.poll(POLL_SECONDS):
+            if not p.is_alive() and not conn.poll(POLL_SECONDS):
+                raise RuntimeError(f"prepare worker {w} died (exit code {p.exitcode}) "
+                                   f"before block {k}")
             if time.monotonic() - t0 > STALL_SECONDS:
                 raise RuntimeError(f"prepare worker {w} gave no block {k} for "
                                    f"{STALL_SECONDS:.0f} s")
+        try:
+            return conn.recv()
+        except EOFError:
+            raise RuntimeError(f"prepare worker {w} closed its pipe before block {k} "
+                               f"(exit code {p.exitcode})") from None
 
     def close(self):
         for p in self.procs:
@@ -110,6 +137,5 @@ class PoolSource:
             if p.is_alive():
                 p.kill()
                 p.join(JOIN_SECONDS)
-        for q in self.queues:
-            q.cancel_join_thread()
-            q.close()
+        for c in self.conns:
+            c.close()

@@ -36,7 +36,8 @@ def expand_inputs(items, kind):
     for item in items:
         if os.path.isdir(item):
             found = _in_directory(item, kind)
-            what = f"directory {item} has no {'/'.join(SUFFIXES[kind])}[.gz|.zst|.xz] files"
+            what = (f"input {item} is a directory with no {'/'.join(SUFFIXES[kind])}"
+                    "[.gz|.zst|.xz] files")
         elif glob.has_magic(item):
             found = sorted(p for p in glob.glob(item) if not os.path.isdir(p))
             what = f"{item} matches no files"

@@ -86,8 +86,9 @@ class ShardStream:
         self.blocks_seen = k + 1
 
     def _close(self, next_block, next_offset, before):
-        w, self.writer = self.writer, None
-        w.commit()
+        w = self.writer
+        w.commit()  # an interrupt in here still finds it in self.writer, and abort() cleans up
+        self.writer = None
         self.m["shards"].append({
             "name": os.path.basename(w.path), "split": self._split(len(self.m["shards"])),
             "tokens": w.count, "sha256": mf.file_sha256(w.path),
