@@ -143,8 +143,9 @@ class Opened:
         try:
             data = self.stream.read(n)
         except (EOFError, OSError, zlib.error, lzma.LZMAError) as e:
-            raise UserError(f"input {self.path}: truncated or corrupt {self.kind or ''} data "
-                            f"({e}) — re-download or recompress it").replace("  ", " ") from None
+            what = f"{self.kind} data" if self.kind else "data"
+            raise UserError(f"input {self.path}: truncated or corrupt {what} ({e}) — "
+                            "re-download or recompress it") from None
         except Exception as e:  # zstandard.ZstdError is not an OSError
             if type(e).__name__ != "ZstdError":
                 raise

@@ -75,22 +75,22 @@ def test_any_documents_any_sizes(tmp_path_factory, docs, shard, chunk):
     assert shards_in(d / "out") == expected_shards(docs, shard)
 
 
+def corpus(d, n, seed, nfiles, how, shard):
+    """Compressed JSON Lines files of n generated documents, and their expected shards."""
+    docs = documents(n, seed=seed, empty_every=11)
+    return write_jsonl(d, docs, nfiles, how), expected_shards(docs, shard, 1000)
+
+
 @pytest.fixture(scope="module")
 def big(tmp_path_factory):
-    """A corpus for the worker-count and kill tests: 4 compressed JSON Lines files."""
-    d = tmp_path_factory.mktemp("big")
-    docs = documents(3000, seed=5, empty_every=11)
-    paths = write_jsonl(d, docs, 4, "gz")
-    return paths, expected_shards(docs, 5000, 1000)
+    """For the worker-count tests: 4 gzip files, ~37 shards."""
+    return corpus(tmp_path_factory.mktemp("big"), 3000, 5, 4, "gz", 5000)
 
 
 @pytest.fixture(scope="module")
 def bigger(tmp_path_factory):
-    """Long enough (~2.5M tokens, ~125 shards) for a kill to land in the middle of the run."""
-    d = tmp_path_factory.mktemp("bigger")
-    docs = documents(40000, seed=6, empty_every=13)
-    paths = write_jsonl(d, docs, 3, "zst")
-    return paths, expected_shards(docs, 20000, 1000)
+    """Long enough (~2.5M tokens, ~120 shards) for a kill to land in the middle of the run."""
+    return corpus(tmp_path_factory.mktemp("bigger"), 40000, 6, 3, "zst", 20000)
 
 
 def cli(paths, out, *extra, shard=5000):
