@@ -836,10 +836,54 @@ def frontier_ratio_rows(M, cfg, got):
     return rows
 
 
+# ------------------------------------------------------------------------------------------------
+# row 11: prepare's throughput at 1 and 2 workers and its peak memory (issue 16)
+
+def bench_prepare(run):
+    """tokens/s of `prepare jsonl` on a generated zstd corpus at 1 and 2 workers, and the peak
+    RSS of its process tree at two (full mode: three, one above 1 GiB) corpus sizes."""
+    big, small = (40, 10) if run.quick else (200, 50)
+    sizes = [small] if run.quick else [small, 1100]
+    cfg = (f"generated JSON Lines, 4 zstd files, default --shard-tokens 10^8, --val-tokens "
+           f"32768; bench/prepare_corpus.py")
+    try:
+        lines, info = sub(run, [python(), "bench/prepare_corpus.py", "--mb", str(big),
+                                "--workers", "1", "2"], timeout=1800, what="prepare 1, 2 workers")
+        by = {r["workers"]: r for r in lines}
+        rss = {big: by[2]}
+        for mb in sizes:
+            (r,), _ = sub(run, [python(), "bench/prepare_corpus.py", "--mb", str(mb),
+                                "--workers", "2"], timeout=3600, what=f"prepare {mb} MB")
+            rss[mb] = r
+    except SubprocessFailed as e:
+        return [error_row("11", "prepare", cfg, e)]
+    oc = {"others_cpu_frac": info.get("others_cpu_frac")}
+    c = f"{cfg}; {big} MB ({by[1]['tokens']:,} tokens)"
+    rows = [row(f"11.tps{w}", f"prepare tokens/s, {w} worker(s)", config=c, metric="tokens/s",
+                value=by[w]["tokens_per_s"], reference="reported",
+                notes=f"{by[w]['seconds']:.1f} s, {by[w]['mb_per_s']:.1f} MB/s of JSON Lines, "
+                f"peak RSS {by[w]['peak_rss_mb']:.0f} MiB (all processes)",
+                details={**by[w], **oc}) for w in (1, 2)]
+    rows.append(row("11.speedup", "prepare 2 ÷ 1 workers", config=c, metric="tokens/s ratio",
+                    value=by[2]["tokens_per_s"] / by[1]["tokens_per_s"],
+                    target=Target(">=", 1.8), details=oc,
+                    notes="includes each worker's start-up (imports, tokenizer ≈ 0.5 s)"))
+    lo, hi = min(rss), max(rss)
+    rows.append(row("11.rss", "prepare peak RSS vs corpus size", config=cfg + ", 2 workers",
+                    metric=f"peak RSS MiB (all processes), {hi} MB corpus", value=rss[hi][
+                        "peak_rss_mb"], checks=[(Target("<=", 1.1, on=f"÷ {lo} MB corpus's"),
+                                                 rss[hi]["peak_rss_mb"] / rss[lo]["peak_rss_mb"]),
+                                                (Target("<", 1024), rss[hi]["peak_rss_mb"])],
+                    notes="; ".join(f"{mb} MB: {r['peak_rss_mb']:.0f} MiB" for mb, r in
+                                    sorted(rss.items())), details={str(k): v for k, v in
+                                                                   rss.items()}))
+    return rows
+
+
 BENCHES = [("0", bench_check), ("1", bench_single), ("2", bench_mfu), ("3", bench_slicing),
            ("4", bench_dp), ("5", bench_schedules), ("6", bench_param_memory),
            ("7", bench_zero), ("8", bench_autotune), ("9", bench_oversubscribed),
-           ("10", bench_frontier)]
+           ("10", bench_frontier), ("11", bench_prepare)]
 
 
 # ------------------------------------------------------------------------------------------------
