@@ -174,7 +174,8 @@ def _corpus_parser(c, kind):
     c.add_argument("--val-shards", type=nonneg_int, default=0, metavar="K",
                    help="the first K whole shards are val (llm.c: 1); excludes --val-tokens")
     c.add_argument("--workers", type=positive_int, default=None, metavar="N",
-                   help="encoding processes (default: the CPUs; under mpiexec each rank is one)")
+                   help="encoding processes (default: the CPUs, or 1 for inputs under 4 MB; "
+                        "under mpiexec each rank is one)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

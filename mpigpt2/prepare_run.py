@@ -15,6 +15,7 @@ from mpigpt2.formats.shardstream import (ShardStream, discard, foreign_shards, r
 from mpigpt2.prepare_workers import InlineSource, PoolSource
 
 PROGRESS_BYTES = 8 << 20  # show a progress bar above this much input
+SMALL_INPUT = 4 << 20  # below this, starting worker processes costs more than it saves
 MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
 
 
@@ -170,7 +171,9 @@ def prepare_corpus(kind, items, out_dir, *, field="text", prefix=None, shard_tok
                             "without mpiexec)")
         from mpigpt2.prepare_mpi import run_mpi
         return run_mpi(spec, out_dir, options, quiet)
-    workers = workers or len(os.sched_getaffinity(0))
+    if workers is None:
+        small = sum(os.path.getsize(p) for p in spec.paths) < SMALL_INPUT
+        workers = 1 if small else len(os.sched_getaffinity(0))
     m, made_dir = setup(out_dir, spec, options)
     if m.get("complete"):
         print(f"{out_dir}: already complete ({len(m['shards'])} shards verified)")

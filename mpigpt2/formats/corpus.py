@@ -24,8 +24,8 @@ def _in_directory(d, kind):
     found = []
     for root, dirs, files in os.walk(d):
         dirs[:] = [x for x in dirs if not x.startswith(".")]
-        found += [os.path.join(root, f) for f in files
-                  if f.endswith(ends) and not f.startswith(".")]
+        found += [os.path.join(root, f) for f in files  # (not a prepare output's manifest)
+                  if f.endswith(ends) and not f.startswith(".") and f != "manifest.json"]
     return sorted(found)
 
 
