@@ -846,10 +846,13 @@ def bench_prepare(run):
     sizes = [small] if run.quick else [small, 1100]
     cfg = (f"generated JSON Lines, 4 zstd files, default --shard-tokens 10^8, --val-tokens "
            f"32768; bench/prepare_corpus.py")
-    try:
+    try:  # two alternating rounds, 1 then 2 workers: a slow spell of the machine hits both
         lines, info = sub(run, [python(), "bench/prepare_corpus.py", "--mb", str(big),
-                                "--workers", "1", "2"], timeout=1800, what="prepare 1, 2 workers")
-        by = {r["workers"]: r for r in lines}
+                                "--workers", "1", "2", "1", "2"], timeout=1800,
+                          what="prepare 1, 2 workers")
+        by = {w: min((r for r in lines if r["workers"] == w), key=lambda r: r["seconds"])
+              for w in (1, 2)}
+        pairs = [a["seconds"] / b["seconds"] for a, b in zip(lines[0::2], lines[1::2])]
         rss = {big: by[2]}
         for mb in sizes:
             (r,), _ = sub(run, [python(), "bench/prepare_corpus.py", "--mb", str(mb),
@@ -858,16 +861,19 @@ def bench_prepare(run):
     except SubprocessFailed as e:
         return [error_row("11", "prepare", cfg, e)]
     oc = {"others_cpu_frac": info.get("others_cpu_frac")}
-    c = f"{cfg}; {big} MB ({by[1]['tokens']:,} tokens)"
+    c = f"{cfg}; {big} MB ({by[1]['tokens']:,} tokens), best of 2 alternating rounds"
     rows = [row(f"11.tps{w}", f"prepare tokens/s, {w} worker(s)", config=c, metric="tokens/s",
                 value=by[w]["tokens_per_s"], reference="reported",
                 notes=f"{by[w]['seconds']:.1f} s, {by[w]['mb_per_s']:.1f} MB/s of JSON Lines, "
-                f"peak RSS {by[w]['peak_rss_mb']:.0f} MiB (all processes)",
+                f"peak RSS {by[w]['peak_rss_mb']:.0f} MiB (all processes); rounds "
+                + ", ".join(f"{r['seconds']:.1f}" for r in lines if r["workers"] == w) + " s",
                 details={**by[w], **oc}) for w in (1, 2)]
-    rows.append(row("11.speedup", "prepare 2 ÷ 1 workers", config=c, metric="tokens/s ratio",
+    rows.append(row("11.speedup", "prepare 2 ÷ 1 workers", config=c,
+                    metric="tokens/s ratio (best rounds)",
                     value=by[2]["tokens_per_s"] / by[1]["tokens_per_s"],
-                    target=Target(">=", 1.8), details=oc,
-                    notes="includes each worker's start-up (imports, tokenizer ≈ 0.5 s)"))
+                    target=Target(">=", 1.8), details={**oc, "round_ratios": pairs},
+                    notes="each round's ratio " + ", ".join(f"{x:.2f}" for x in pairs)
+                    + "; includes each worker's start-up (imports, tokenizer ≈ 0.4 s)"))
     lo, hi = min(rss), max(rss)
     rows.append(row("11.rss", "prepare peak RSS vs corpus size", config=cfg + ", 2 workers",
                     metric=f"peak RSS MiB (all processes), {hi} MB corpus", value=rss[hi][

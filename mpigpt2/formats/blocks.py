@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpigpt2.base.errors import UserError
-from mpigpt2.formats.corpus import Opened
+from mpigpt2.formats.corpus import Opened, compression_of
 from mpigpt2.formats.tokenizer import EOT
 
 CHUNK_BYTES = 1 << 20  # a block is about this much input: big enough to encode efficiently
@@ -104,6 +104,9 @@ def require_pyarrow():
 def _parquet_file(path, field):
     """pyarrow's ParquetFile for path, checked to hold the column `field`."""
     pq = require_pyarrow()
+    if compression_of(path):
+        raise UserError(f"input {path}: a {compression_of(path)}-compressed Parquet file; Parquet "
+                        "compresses its pages itself — decompress the file first")
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow's ArrowInvalid, OSError, ...: the file is not Parquet

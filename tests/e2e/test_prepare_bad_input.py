@@ -108,6 +108,9 @@ def test_corrupt_parquet(tmp_path, capsys, damage):
 
 def test_parquet_without_the_column_or_pyarrow(tmp_path, capsys, monkeypatch):
     f = write_parquet(tmp_path, documents(10, seed=9), 1)[0]
+    gz = tmp_path / "c.parquet.gz"
+    gz.write_bytes(gzip.compress(f.read_bytes()))
+    fails(capsys, argv("parquet", [gz], tmp_path / "o"), "gzip-compressed Parquet file")
     fails(capsys, argv("parquet", [f], tmp_path / "o", "--field", "body"), "no column 'body'")
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # as if pyarrow were missing
     fails(capsys, argv("parquet", [f], tmp_path / "o"), "pip install 'mpigpt2[parquet]'")
