@@ -961,13 +961,61 @@ def bench_adamw(run):
                         target=Target("<=", 1.5, note="issue 15"),
                         notes=f"median ÷ median {ours['median_s'] / theirs['median_s']:.2f}",
                         details={"others_cpu_frac": others_max([ours, theirs])}))
+# ------------------------------------------------------------------------------------------------
+# row 11: prepare's throughput at 1 and 2 workers and its peak memory (issue 16)
+
+def bench_prepare(run):
+    """tokens/s of `prepare jsonl` on a generated zstd corpus at 1 and 2 workers, and the peak
+    RSS of its process tree at two (full mode: three, one above 1 GiB) corpus sizes."""
+    big, small = (40, 10) if run.quick else (200, 50)
+    sizes = [small] if run.quick else [small, 1100]
+    cfg = (f"generated JSON Lines, 4 zstd files, default --shard-tokens 10^8, --val-tokens "
+           f"32768; bench/prepare_corpus.py")
+    try:  # two alternating rounds, 1 then 2 workers: a slow spell of the machine hits both
+        lines, info = sub(run, [python(), "bench/prepare_corpus.py", "--mb", str(big),
+                                "--workers", "1", "2", "1", "2"], timeout=1800,
+                          what="prepare 1, 2 workers")
+        by = {w: min((r for r in lines if r["workers"] == w), key=lambda r: r["seconds"])
+              for w in (1, 2)}
+        pairs = [a["seconds"] / b["seconds"] for a, b in zip(lines[0::2], lines[1::2])]
+        rss = {big: by[2]}
+        for mb in sizes:
+            (r,), _ = sub(run, [python(), "bench/prepare_corpus.py", "--mb", str(mb),
+                                "--workers", "2"], timeout=3600, what=f"prepare {mb} MB")
+            rss[mb] = r
+    except SubprocessFailed as e:
+        return [error_row("11", "prepare", cfg, e)]
+    oc = {"others_cpu_frac": info.get("others_cpu_frac")}
+    c = f"{cfg}; {big} MB ({by[1]['tokens']:,} tokens), best of 2 alternating rounds"
+    rows = [row(f"11.tps{w}", f"prepare tokens/s, {w} worker(s)", config=c, metric="tokens/s",
+                value=by[w]["tokens_per_s"], reference="reported",
+                notes=f"{by[w]['seconds']:.1f} s, {by[w]['mb_per_s']:.1f} MB/s of JSON Lines, "
+                f"peak RSS {by[w]['peak_rss_mb']:.0f} MiB (all processes); rounds "
+                + ", ".join(f"{r['seconds']:.1f}" for r in lines if r["workers"] == w) + " s",
+                details={**by[w], **oc}) for w in (1, 2)]
+    rows.append(row("11.speedup", "prepare 2 ÷ 1 workers", config=c,
+                    metric="tokens/s ratio (best rounds)",
+                    value=by[2]["tokens_per_s"] / by[1]["tokens_per_s"],
+                    target=Target(">=", 1.8), details={**oc, "round_ratios": pairs},
+                    notes="each round's ratio " + ", ".join(f"{x:.2f}" for x in pairs)
+                    + "; includes each worker's start-up (imports, tokenizer ≈ 0.4 s)"))
+    lo, hi = min(rss), max(rss)
+    rows.append(row("11.rss", "prepare peak RSS vs corpus size", config=cfg + ", 2 workers",
+                    metric=f"peak RSS MiB (all processes), {hi} MB corpus", value=rss[hi][
+                        "peak_rss_mb"], checks=[(Target("<=", 1.1, on=f"÷ {lo} MB corpus's"),
+                                                 rss[hi]["peak_rss_mb"] / rss[lo]["peak_rss_mb"]),
+                                                (Target("<", 1024), rss[hi]["peak_rss_mb"])],
+                    notes="; ".join(f"{mb} MB: {r['peak_rss_mb']:.0f} MiB" for mb, r in
+                                    sorted(rss.items())), details={str(k): v for k, v in
+                                                                   rss.items()}))
     return rows
 
 
 BENCHES = [("0", bench_check), ("1", bench_single), ("2", bench_mfu), ("3", bench_slicing),
            ("4", bench_dp), ("5", bench_schedules), ("6", bench_param_memory),
            ("7", bench_zero), ("8", bench_autotune), ("9", bench_oversubscribed),
-           ("10", bench_frontier), ("12", bench_plan), ("13", bench_adamw)]
+           ("10", bench_frontier), ("11", bench_prepare), ("12", bench_plan),
+           ("13", bench_adamw)]
 
 
 # ------------------------------------------------------------------------------------------------

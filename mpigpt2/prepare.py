@@ -1,12 +1,9 @@
-"""CLI that tokenizes text into llm.c shards: tinyshakespeare (llm.c's split) or any UTF-8 files."""
+"""CLI that tokenizes text into llm.c shards: tinyshakespeare (llm.c's split), or a corpus of text,
+JSON Lines or Parquet files (llm.c's fineweb convention; docs/design.md#preparing-corpora)."""
 
 import argparse
-import codecs
-import contextlib
-import glob
 import hashlib
 import os
-import re
 import sys
 import urllib.request
 
@@ -14,18 +11,15 @@ import numpy as np
 
 from mpigpt2.base.files import check_writable, require_regular
 from mpigpt2.base.errors import UserError, run_cli
+from mpigpt2.formats.blocks import CHUNK_BYTES
 from mpigpt2.formats.shards import ShardWriter
 from mpigpt2.formats.tokenizer import EOT, gpt2_encoding
+from mpigpt2.prepare_run import prepare_corpus
 
 TINYSHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
                        "tinyshakespeare/input.txt")
 TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 TINYSHAKESPEARE_VAL = 32768  # llm.c's val split: the first 32,768 tokens (~10 %)
-CHUNK_BYTES = 1 << 22  # text is read and encoded in ~4 MB pieces; big enough to batch well
-PROGRESS_BYTES = 8 << 20  # show a progress bar above this much input
-# A non-space char followed by a space or newline: no GPT-2 pretoken spans this edge and the
-# split regex has no look-behind, so encoding the two sides separately gives the same tokens.
-_SAFE_CUT = re.compile(r"[^\s][ \n]")
 
 
 def _read_utf8(path, what):
@@ -104,133 +98,11 @@ def prepare_tinyshakespeare(out_dir="data/tinyshakespeare", input_path=None):
     return tuple(w.count for w in writers)
 
 
-class _ShardSink:
-    """Routes a token stream: the first val_tokens to one val shard, the rest to train shards."""
-
-    def __init__(self, out_dir, shard_tokens, val_tokens):
-        self.out_dir, self.shard_tokens, self.val_left = out_dir, shard_tokens, val_tokens
-        self.val, self.train = None, []
-
-    def put(self, toks):
-        toks = np.asarray(toks, dtype=np.int64)
-        while len(toks):
-            if self.val_left > 0:
-                if self.val is None:
-                    self.val = ShardWriter(os.path.join(self.out_dir, "text_val_000000.bin"))
-                w, room = self.val, self.val_left
-            else:
-                if not self.train or self.train[-1].count >= self.shard_tokens:
-                    if self.train:
-                        self.train[-1].finish()  # closes its file: one open shard at a time
-                    name = f"text_train_{len(self.train):06d}.bin"
-                    self.train.append(ShardWriter(os.path.join(self.out_dir, name)))
-                w, room = self.train[-1], self.shard_tokens - self.train[-1].count
-            n = min(room, len(toks))
-            w.write(toks[:n])
-            toks = toks[n:]
-            if w is self.val:
-                self.val_left -= n
-
-    def writers(self):
-        return ([self.val] if self.val else []) + self.train
-
-
-def _check_utf8(path):
-    """Decode the whole file once so a bad byte fails before anything is written."""
-    dec = codecs.getincrementaldecoder("utf-8")()
-    offset = 0
-    try:
-        with open(path, "rb") as f:
-            while chunk := f.read(CHUNK_BYTES):
-                dec.decode(chunk)
-                offset += len(chunk)
-            dec.decode(b"", final=True)
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (bad byte near offset {offset + e.start}) — "
-                        "convert it to UTF-8 or leave it out") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror})") from None
-
-
-def _encode_file(path, enc, sink, chunk_bytes, bar):
-    """Stream one file through the tokenizer in chunks cut only where tokens cannot change."""
-    dec = codecs.getincrementaldecoder("utf-8")()
-    buf = ""
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            buf += dec.decode(chunk)
-            bar.update(len(chunk))
-            last = None
-            for last in _SAFE_CUT.finditer(buf, max(0, len(buf) - 65536)):
-                pass
-            if last is None:  # no cut near the end (one huge word?): look further back
-                for last in _SAFE_CUT.finditer(buf):
-                    pass
-            if last is not None:
-                cut = last.start() + 1
-                sink.put(enc.encode_ordinary(buf[:cut]))
-                buf = buf[cut:]
-    buf += dec.decode(b"", final=True)
-    sink.put(enc.encode_ordinary(buf))
-
-
-class _NoBar:
-    def update(self, n):
-        pass
-
-
-def _progress(total):
-    """A tqdm byte counter on stderr for big inputs; silent when tqdm is missing."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return contextlib.nullcontext(_NoBar())
-    return tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing",
-                disable=total < PROGRESS_BYTES, file=sys.stderr)
-
-
 def prepare_text(files, out_dir, shard_tokens=100_000_000, val_tokens=32768,
-                 chunk_bytes=CHUNK_BYTES):
+                 chunk_bytes=CHUNK_BYTES, workers=1):
     """Tokenize UTF-8 files (one document each, EOT first) into text_{val,train}_NNNNNN.bin."""
-    if shard_tokens < 1 or val_tokens < 0:
-        raise UserError("--shard-tokens must be ≥ 1 and --val-tokens ≥ 0")
-    for p in files:
-        require_regular(p, "input")
-        _check_utf8(p)
-    enc = gpt2_encoding()
-    made_dir = not os.path.isdir(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    sink = _ShardSink(out_dir, shard_tokens, val_tokens)
-    try:
-        with _progress(sum(os.path.getsize(p) for p in files)) as bar:
-            for p in files:
-                sink.put([EOT])
-                _encode_file(p, enc, sink, chunk_bytes, bar)
-        if not sink.train:
-            total = sink.val.count if sink.val else 0
-            raise UserError(f"the inputs give only {total} tokens, none left for training after "
-                            f"--val-tokens {val_tokens}; lower --val-tokens or add text")
-        for w in sink.writers():
-            if not w.done:
-                w.finish()
-    except BaseException:
-        for w in sink.writers():
-            w.abort()
-        if made_dir:
-            with contextlib.suppress(OSError):
-                os.rmdir(out_dir)
-        raise
-    written = set()
-    for w in sink.writers():  # publish only once every shard is complete
-        w.commit()
-        written.add(os.path.abspath(w.path))
-        print(f"wrote {w.count:,} tokens to {w.path}")
-    # Shards left by an earlier, larger run would silently join a --train-data glob.
-    for old in sorted(glob.glob(os.path.join(out_dir, "text_*_" + "[0-9]" * 6 + ".bin"))):
-        if os.path.abspath(old) not in written:
-            os.unlink(old)
-            print(f"removed stale shard {old}")
-    return [w.count for w in sink.writers()]
+    return prepare_corpus("text", files, out_dir, shard_tokens=shard_tokens,
+                          val_tokens=val_tokens, chunk_bytes=chunk_bytes, workers=workers)
 
 
 def _count(s, minimum):
@@ -259,23 +131,52 @@ def build_parser():
                         help="show the full traceback instead of a one-line error")
     p = argparse.ArgumentParser(prog="python -m mpigpt2.prepare", parents=[common],
                                 description="Tokenize text (GPT-2 BPE) into llm.c token shards.")
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{tinyshakespeare,text}")
+    sub = p.add_subparsers(dest="cmd", required=True,
+                           metavar="{tinyshakespeare,text,jsonl,parquet}")
     ts = sub.add_parser("tinyshakespeare", parents=[common],
                         help="tiny shakespeare, split like llm.c (val = first 32,768 tokens)")
     ts.add_argument("--input", metavar="FILE",
                     help="local copy of the text (else $MPIGPT2_TEXT, else download it)")
     ts.add_argument("--out-dir", default="data/tinyshakespeare", metavar="DIR",
                     help="where tiny_shakespeare_{val,train}.bin go (default: %(default)s)")
-    tx = sub.add_parser("text", parents=[common],
-                        help="any UTF-8 files, one document each, into sharded .bin files")
-    tx.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files to tokenize")
-    tx.add_argument("--out-dir", required=True, metavar="DIR",
-                    help="where text_val_000000.bin and text_train_NNNNNN.bin go")
-    tx.add_argument("--shard-tokens", type=positive_int, default=100_000_000,
-                    metavar="N", help="tokens per train shard (default: %(default)s)")
-    tx.add_argument("--val-tokens", type=nonneg_int, default=32768, metavar="N",
-                    help="first N tokens form the val shard; 0 = none (default: %(default)s)")
+    for kind, what in CORPUS_KINDS.items():
+        _corpus_parser(sub.add_parser(kind, parents=[common], help=what), kind)
     return p
+
+
+CORPUS_KINDS = {
+    "text": "UTF-8 text files, one document each",
+    "jsonl": "JSON Lines, one document per line (its --field)",
+    "parquet": "Parquet files, one document per row (column --field; needs mpigpt2[parquet])"}
+
+
+def _corpus_parser(c, kind):
+    """The flags every corpus format shares (docs/design.md#preparing-corpora)."""
+    c.add_argument("files", nargs="+", metavar="FILE",
+                   help="files, directories or globs, in order; gzip/zstd/xz-compressed is fine")
+    c.add_argument("--out-dir", required=True, metavar="DIR",
+                   help="where PREFIX_val_000000.bin, PREFIX_train_NNNNNN.bin and manifest.json "
+                        "go; rerunning the same command resumes an interrupted run")
+    c.add_argument("--prefix", default=kind, metavar="NAME",
+                   help="shard file name prefix (default: %(default)s)")
+    if kind != "text":
+        c.add_argument("--field", default="text", metavar="NAME",
+                       help="the key (jsonl) or column (parquet) holding each document's text "
+                            "(default: %(default)s)")
+        c.add_argument("--skip-bad", action="store_true",
+                       help="skip (and count) lines that are not JSON or lack the field, "
+                            "instead of stopping at the first")
+    c.add_argument("--shard-tokens", type=positive_int, default=100_000_000,
+                   metavar="N", help="tokens per shard (default: %(default)s)")
+    c.add_argument("--val-tokens", type=nonneg_int, default=None, metavar="N",
+                   help="the first N tokens form the val shard (default: 32768 unless "
+                        "--val-shards is given)")
+    c.add_argument("--val-shards", type=nonneg_int, default=0, metavar="K",
+                   help="the first K whole shards are val (llm.c: 1); excludes --val-tokens")
+    c.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                   help="encoding processes (default: the CPUs, or 1 for inputs under 4 MB; "
+                        "under mpiexec each rank is one)")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def check_out_dir(out_dir):
@@ -293,7 +194,19 @@ def main(argv=None):
     if args.cmd == "tinyshakespeare":
         prepare_tinyshakespeare(args.out_dir, args.input)
     else:
-        prepare_text(args.files, args.out_dir, args.shard_tokens, args.val_tokens)
+        val_tokens = args.val_tokens
+        if val_tokens is None:
+            val_tokens = 0 if args.val_shards else 32768
+        try:
+            prepare_corpus(args.cmd, args.files, args.out_dir,
+                           field=getattr(args, "field", "text"), prefix=args.prefix,
+                           shard_tokens=args.shard_tokens, val_tokens=val_tokens,
+                           val_shards=args.val_shards, workers=args.workers,
+                           skip_bad=getattr(args, "skip_bad", False), quiet=args.quiet)
+        except KeyboardInterrupt:
+            print(f"interrupted: the finished shards stay in {args.out_dir}; run the same "
+                  "command again to continue", file=sys.stderr)
+            return 130
     return 0
 
 

@@ -5,6 +5,7 @@ import os
 import numpy as np
 
 from mpigpt2.base.errors import UserError
+from mpigpt2.formats.manifest import check_shard
 from mpigpt2.formats.mt19937 import MT19937, random_permutation
 from mpigpt2.formats.shards import read_shard, shard_paths
 
@@ -66,9 +67,11 @@ class DataLoader:
         self.seed, self.flag = int(seed), flag
         BT = self.B * self.T
         self.ntok = []
+        manifests = {}
         for p in paths:  # validate every shard now, not hours into training
             try:
                 n = len(read_shard(p, vocab_size))
+                check_shard(p, manifests)  # against prepare's manifest.json, if beside it
             except UserError as e:
                 raise UserError(f"{flag}: {e}") from None
             if n < BT + 1:

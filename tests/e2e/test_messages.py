@@ -35,10 +35,10 @@ def test_prepare_out_dir_is_a_file(tmp_path):
     assert (tmp_path / "afile").read_text() == "keep"
 
 
-def test_prepare_text_given_a_directory(tmp_path):
+def test_prepare_text_given_an_empty_directory(tmp_path):
     (tmp_path / "d").mkdir()
     one_line(run([PY, "-m", "mpigpt2.prepare", "text", str(tmp_path / "d"), "--out-dir",
-                  str(tmp_path / "o")]), "is a directory")
+                  str(tmp_path / "o")]), "is a directory with no .txt")
     assert not (tmp_path / "o").exists()
 
 
