@@ -37,7 +37,12 @@ class AtomicFile:
         self.path = os.fspath(path)
         self.tmp = temp_beside(self.path)
         fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        self.f = os.fdopen(fd, "wb")
+        try:
+            self.f = os.fdopen(fd, "wb")
+        except BaseException:
+            os.close(fd)
+            os.unlink(self.tmp)
+            raise
 
     def seal(self):
         """Flush and fsync; the file is complete but still under its temp name."""
@@ -62,10 +67,15 @@ class AtomicFile:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.commit()
-        else:
+        if exc_type is not None:
             self.abort()
+            return
+        try:
+            self.commit()
+        except BaseException:  # (a signal during the fsync: the temp file must not stay)
+            if os.path.exists(self.tmp):
+                self.abort()
+            raise
 
 
 def atomic_write(path, write_fn):
