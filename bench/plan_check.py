@@ -40,9 +40,7 @@ def _flag(flags, name, default=None, cast=int):
 
 
 def calibrate_now():
-    """The compute of MODEL measured afresh (and cached): this host's speed drifts by a
-    quarter over minutes, so every row is predicted from a calibration taken just before it
-    runs."""
+    """The compute of MODEL measured afresh (and cached) for this run's predictions."""
     from mpigpt2.model.config import preset
     from mpigpt2.parallel import calibrate
     return calibrate.load(preset(MODEL), np.float32, refresh=True)[0]

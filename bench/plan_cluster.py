@@ -30,8 +30,8 @@ def main():
                                                                   file=sys.stderr))
     try:
         cluster.start()
+        cal = pc.calibrate_now()
         for label, flags in pc.CLUSTER:
-            cal = pc.calibrate_now()
             out = root / label.replace(" ", "_").replace(",", "")
             data = os.path.join(ROOT, "data/tinyshakespeare/tiny_shakespeare_train.bin")
             r = cluster.run("srun", "-N", "2", "-n", "2", "--ntasks-per-node", "1",

@@ -855,14 +855,14 @@ def frontier_ratio_rows(M, cfg, got):
 
 def bench_plan(run):
     """Row 12: the planner's predicted step of every layout that runs on this node against
-    the measured one (bench/plan_check.py). The compute is calibrated afresh right before
-    each run, so prediction and run see the machine in the same state."""
+    the measured one (bench/plan_check.py). The compute is calibrated afresh first (best of
+    three interleaved rounds), as every run takes the best of its steps."""
     import plan_check as pc
     rows = []
+    run.quiet.wait()
+    cal = pc.calibrate_now()
     for i, (label, n, flags) in enumerate(pc.PLAN_LAYOUTS):
         cfg = f"{pc.MODEL}, B={pc.B} T={pc.T}, {n} rank(s): {flags}"
-        run.quiet.wait()
-        cal = pc.calibrate_now()  # just before the run: the host's speed drifts
         try:
             r = train_run(run, n, pc.train_flags(flags), label=label, timeout=900)
         except SubprocessFailed as e:

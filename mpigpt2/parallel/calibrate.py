@@ -26,7 +26,8 @@ TOKENS = (16, 64, 256, 1024)   # token counts measured per piece
 CAL_T = 64                     # ...as rows of CAL_T tokens: attention over few keys, which
                                # the "attention" entry then prices separately
 MAX_FLOP = 4e11                # skip a point whose layer forward+backward exceeds this
-REPS = 2                       # best of
+REPS = 1                       # best of (after one warm-up pass), per round
+ROUNDS = 3                     # whole rounds, best of
 OPT_PARAMS = 1 << 24           # parameters of the timed AdamW update
 
 _clock = time.perf_counter
@@ -87,9 +88,27 @@ def attention_flops(b, k, keys, C):
     return 4 * b * k * keys * C
 
 
-def measure(cfg, dtype=np.float32, reps=REPS):
+def measure(cfg, dtype=np.float32, reps=REPS, rounds=ROUNDS):
     """{piece: {threads: {m: [forward s, backward s]}}, "attention": {threads: [forward,
-    backward seconds per attention FLOP]}, "adamw": s per parameter}."""
+    backward seconds per attention FLOP]}, "adamw": s per parameter}: the best of `rounds`
+    whole rounds, so a burst of load elsewhere on the machine hits one round, not every
+    repetition of one number."""
+    got = [_measure_round(cfg, dtype, reps) for _ in range(rounds)]
+    return _best(got)
+
+
+def _best(values):
+    """Elementwise min of equally shaped nested dicts / lists / numbers."""
+    first = values[0]
+    if isinstance(first, dict):
+        return {k: _best([v[k] for v in values]) for k in first}
+    if isinstance(first, list):
+        return [_best([v[i] for v in values]) for i in range(len(first))]
+    return min(values)
+
+
+def _measure_round(cfg, dtype, reps):
+    """One round of measure()."""
     from threadpoolctl import threadpool_limits
     from mpigpt2.model.optim import AdamW
     out = {"attention": {}}
