@@ -33,6 +33,18 @@ class Parser(argparse.ArgumentParser):
         super().error(message)
 
 
+def cluster_flags(a):
+    """The flags about nodes and their network (a: the parser's add_argument)."""
+    a("--grad-reduce", choices=("auto", "mpi", "hier"), default="auto", help="gradient "
+      "reduction: mpi (MPI's allreduce), hier (reduce inside each node, allreduce between "
+      "node leaders, broadcast inside the node), auto: time both at start-up where a data-"
+      "parallel group has several ranks on a node and spans nodes, else mpi")
+    a("--net-gbps", type=float, default=None, help="bandwidth between nodes, Gbit/s, for the "
+      "default layout (default: probed at start-up when the job spans nodes)")
+    a("--net-latency-us", type=float, default=None, help="latency between nodes, µs (see "
+      "--net-gbps)")
+
+
 def parse_args(argv=None):
     p = Parser(prog="python -m mpigpt2.train", description=__doc__,
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -92,14 +104,7 @@ def parse_args(argv=None):
       "gradients reduced onto their owners, updated shards broadcast back")
     a("--no-overlap", action="store_true", help="start gradient reduction only after the whole "
       "backward, and finish parameter allgathers right after the update (for comparison)")
-    a("--grad-reduce", choices=("auto", "mpi", "hier"), default="auto", help="gradient "
-      "reduction: mpi (MPI's allreduce), hier (reduce inside each node, allreduce between "
-      "node leaders, broadcast inside the node), auto: time both at start-up where a data-"
-      "parallel group has several ranks on a node and spans nodes, else mpi")
-    a("--net-gbps", type=float, default=None, help="bandwidth between nodes, Gbit/s, for the "
-      "default layout (default: probed at start-up when the job spans nodes)")
-    a("--net-latency-us", type=float, default=None, help="latency between nodes, µs (see "
-      "--net-gbps)")
+    cluster_flags(a)
     a("--threads", type=int, default=None, help="BLAS threads per rank (default cores / ranks)")
     a("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0 = only "
       "at the end and on preemption)")
