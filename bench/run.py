@@ -869,17 +869,23 @@ def bench_plan(run):
             rows.append(error_row(f"12.{i}", f"plan {label}", cfg, e))
             continue
         pred = pc.predict(n, flags, cal=cal)
-        best, med = r["best_step_ms"] / 1e3, r["median_step_ms"] / 1e3
-        rows.append(row(
-            f"12.{i}", f"plan {label}: predicted ÷ measured step", config=cfg,
-            metric="ratio (predicted ÷ best measured step)", value=pred["step"] / best,
-            checks=[(Target("<=", 0.15, on="|predicted ÷ best measured − 1|"),
-                     abs(pred["step"] / best - 1))],
-            notes=(f"predicted {pred['step']:.3f} s (pipeline {pred['pipeline']:.3f}, reduce "
-                   f"{pred['reduce']:.3f}, optimizer {pred['optimizer']:.3f}, bubble "
-                   f"{pred['bubble']:.3f}); measured best {best:.3f} s, median {med:.3f} s"),
-            details={"predicted": pred, **r}))
+        rows.append(plan_row(f"12.{i}", label, cfg, pred, r))
     return rows + plan_cluster_rows(run)
+
+
+def plan_row(rid, label, cfg, pred, r, extra=""):
+    """One layout of row 12: predicted ÷ best measured step, judged within 15 %."""
+    best, med = r["best_step_ms"] / 1e3, r["median_step_ms"] / 1e3
+    return row(
+        rid, f"plan {label}: predicted ÷ measured step", config=cfg,
+        metric="ratio (predicted ÷ best measured step)", value=pred["step"] / best,
+        checks=[(Target("<=", 0.15, on="|predicted ÷ best measured − 1|"),
+                 abs(pred["step"] / best - 1))],
+        notes=(f"predicted {pred['step']:.3f} s (pipeline {pred['pipeline']:.3f}, reduce "
+               f"{pred['reduce']:.3f}, optimizer {pred['optimizer']:.3f}, bubble "
+               f"{pred['bubble']:.3f}); measured best {best:.3f} s, median {med:.3f} s"
+               + (f"; {extra}" if extra else "")),
+        details={"predicted": pred, **r})
 
 
 def plan_cluster_rows(run):
@@ -898,17 +904,8 @@ def plan_cluster_rows(run):
                f"{r['flags']}")
         pred = pc.predict(1, r["flags"] + " --threads 1", cores=1, nodes=2, net=net,
                           cal=r.pop("calibration"))
-        best = r["best_step_ms"] / 1e3
-        rows.append(row(
-            f"12.c{i}", f"plan {r['label']}: predicted ÷ measured step", config=cfg,
-            metric="ratio (predicted ÷ best measured step)", value=pred["step"] / best,
-            checks=[(Target("<=", 0.15, on="|predicted ÷ best measured − 1|"),
-                     abs(pred["step"] / best - 1))],
-            notes=(f"predicted {pred['step']:.3f} s (pipeline {pred['pipeline']:.3f}, reduce "
-                   f"{pred['reduce']:.3f}, optimizer {pred['optimizer']:.3f}); measured best "
-                   f"{best:.3f} s, median {r['median_step_ms'] / 1e3:.3f} s; "
-                   f"{netprobe.describe(net, 'probe') if net else 'no probed network'}"),
-            details={"predicted": pred, **r, **info}))
+        where = netprobe.describe(net, "probe") if net else "no probed network"
+        rows.append(plan_row(f"12.c{i}", r["label"], cfg, pred, {**r, **info}, where))
     return rows
 
 

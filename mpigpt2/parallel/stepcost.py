@@ -11,6 +11,7 @@ The pipelined part is simulated when the schedule has at most SIMULATE_UNITS (st
 micro-batch, slice) units; above that TeraPipe's bound prices the bottleneck rank.
 """
 
+import abc
 import math
 from dataclasses import dataclass
 
@@ -62,7 +63,7 @@ def hierarchical_allreduce(nbytes, nodes, net):
     return inside + ring_allreduce(nbytes, sorted(per_node), net)
 
 
-class ComputeModel:
+class ComputeModel(abc.ABC):
     """Seconds of a stage's forward and backward over one slice. piece(name, m) gives the
     (forward, backward) seconds of "layer", "head" or "embed" over m tokens in rows of CAL_T
     tokens; attention() the (forward, backward) seconds per attention FLOP
@@ -72,11 +73,13 @@ class ComputeModel:
     def __init__(self, cfg):
         self.cfg = cfg
 
+    @abc.abstractmethod
     def piece(self, name, m):
-        raise NotImplementedError
+        """(forward, backward) seconds of piece `name` over m tokens."""
 
+    @abc.abstractmethod
     def attention(self):
-        raise NotImplementedError
+        """(forward, backward) seconds per attention FLOP."""
 
     def stage(self, spec, b, k, prefix):
         """(forward, backward) seconds of stage spec over a slice of b rows × k tokens that
