@@ -39,6 +39,14 @@ def cluster_flags(a):
       "reduction: mpi (MPI's allreduce), hier (reduce inside each node, allreduce between "
       "node leaders, broadcast inside the node), auto: time both at start-up where a data-"
       "parallel group has several ranks on a node and spans nodes, else mpi")
+    a("--shared-dp", choices=("auto", "on", "off"), default="auto", help="node-shared data "
+      "parallelism: the replicas of a stage on one node keep one copy of its parameters and "
+      "Adam state in shared memory and sum gradients in place (ZeRO-1 inside the node); "
+      "auto: on where two or more replicas of a stage share a node, unless --zero 1 or "
+      "--grad-reduce is given")
+    a("--busy-ranks", choices=("auto", "all"), default="auto", help="auto: on a node with "
+      "more ranks than cores (and no --pp/--dp), one rank per core computes and the others "
+      "wait for the end (oversubscribed ranks only time-share the cores); all: every rank")
     a("--net-gbps", type=float, default=None, help="bandwidth between nodes, Gbit/s, for the "
       "default layout (default: probed at start-up when the job spans nodes)")
     a("--net-latency-us", type=float, default=None, help="latency between nodes, µs (see "
@@ -151,6 +159,9 @@ def check_args(args):
             raise UserError(f"optimizer flags out of range: {e}" if optimizer else str(e))
     if not (args.beta1 < 1 and args.beta2 < 1):
         raise UserError("optimizer flags out of range: need 0 ≤ --beta1/--beta2 < 1")
+    if args.shared_dp == "on" and (args.zero or args.grad_reduce != "auto"):
+        raise UserError("--shared-dp on shards the optimizer and reduces inside a node "
+                        "itself: it does not combine with --zero 1 or --grad-reduce")
     if args.seed < 0:
         raise UserError(f"--seed must be ≥ 0, got {args.seed}")
     for flag, spec, n in (("--inject-error", args.inject_error, 2),

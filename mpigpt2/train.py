@@ -41,7 +41,8 @@ from mpigpt2.observe.peak import peak_gflops_per_core
 from mpigpt2.observe.runlog import RunLog
 from mpigpt2.observe.trace import Tracer, merge, trace_path
 from mpigpt2.options import parse_args
-from mpigpt2.parallel import autotune, costs, netprobe, schedule, schedule_file, signals
+from mpigpt2.parallel import (autotune, busy, costs, netprobe, schedule, schedule_file,
+                              shared, signals)
 from mpigpt2.parallel.collectives import (barrier, choose_reduction, gather_model, gather_rows,
                                           sum_to_root)
 from mpigpt2.parallel.failure import agree, install_excepthook
@@ -62,6 +63,26 @@ def main(argv=None):
     waiter = make_waiter(args)  # every wait from here to the end is bounded by it
     with waiter.bounded("the node's ranks (Comm_split_type, set-up)"):
         local = world.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks sharing this node
+    comm, note = busy.split(world, local, args.busy_ranks, bool(args.pp or args.dp or
+                                                                args.print_schedule), waiter)
+    if comm is None:  # (docs/design.md#busy-ranks)
+        signals.install()  # a signal is for the busy ranks to act on
+        return busy.idle(world)
+    if comm.Get_size() == world.Get_size():
+        return main_busy(args, comm, waiter)
+    try:
+        status = main_busy(args, comm, waiter, note)
+    except SystemExit as e:  # (an agreed set-up error)
+        busy.release(world, e.code, waiter)
+        raise
+    busy.release(world, status, waiter)
+    return status
+
+
+def main_busy(args, world, waiter, note=""):
+    """The run on the busy ranks (world: their communicator)."""
+    with waiter.bounded("the node's ranks (Comm_split_type, set-up)"):
+        local = world.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks sharing this node
         node_ranks = local.allgather(world.Get_rank())
         node_of = world.allgather(min(node_ranks))  # each rank's node (its lowest rank)
     print0 = print_on_rank0(world.Get_rank())
@@ -69,6 +90,7 @@ def main(argv=None):
     # -- set-up: checked on every rank, agreed, before any compute ----------------------------
     plan = agree(world, lambda: make_plan(args, grid_size(args, world), node_ranks, node_of,
                                           net), args.debug, waiter)
+    plan.notes.extend([note] if note else [])
     threads = args.threads or max(1, (os.cpu_count() or 1) // local.Get_size())
     plan, tuned = resolve_slices(args, plan, world, threads, print0, waiter)
     if args.print_schedule:
@@ -185,12 +207,17 @@ def start(args, plan, world, print0, waiter):
     grid = make_grid(world, layout.pp, layout.dp, waiter, layout.wte_ranks, layout.rank_order)
     spec = layout.rank_spec(grid.stage)
     stage = Stage(plan.cfg, spec, np.dtype(args.dtype))
-    mode, timed = choose_reduction(grid, stage.layout.size, "mpi" if args.zero else
-                                   args.grad_reduce)
-    plan.notes.append(reduction_line(mode, timed, args))
+    shared_on, why = agree(world, lambda: shared.choose(
+        grid, stage.layout.size, stage.dtype.itemsize, args.shared_dp, args.zero,
+        args.grad_reduce), args.debug, waiter)
+    mode, timed = "mpi", {}
+    if not shared_on:
+        mode, timed = choose_reduction(grid, stage.layout.size, "mpi" if args.zero else
+                                       args.grad_reduce)
+    plan.notes.append(reduction_line(mode, timed, args, shared_on, why))
     opt = make_optimizer(grid, stage, args.zero, args.beta1, args.beta2, args.eps,
                          args.weight_decay, overlap=not args.no_overlap,
-                         hierarchical=mode == "hier")
+                         hierarchical=mode == "hier", shared=shared_on)
     if plan.resume is not None:
         m, v = opt.moment_buffers()
         ck.load_into(plan.resume.path, plan.resume.state, spec, stage.p, stage.layout.views(m),
@@ -200,6 +227,7 @@ def start(args, plan, world, print0, waiter):
         init_params(plan.cfg, spec, stage.p, args.seed)
     else:  # an llm.c .bin or a Hugging Face model
         load_stage_params(args.model, spec, stage.p)
+    opt.loaded()  # (node-shared: local rank 0's copy becomes the node's)
     tracer = Tracer(grid.rank, grid.stage, grid.replica) if args.trace else None
     if tracer is not None:
         waiter.trace = lambda kind, what, t0, t1: tracer.span(f"wait {what}", kind, t0, t1)
@@ -211,13 +239,18 @@ def start(args, plan, world, print0, waiter):
                last_checkpoint=plan.resume and plan.resume.path)
 
 
-def reduction_line(mode, timed, args):
-    """The gradient reduction in use and, when auto timed both, the two times."""
+def reduction_line(mode, timed, args, shared_on=False, shared_why="no data parallelism"):
+    """The gradient reduction in use and why: node-shared, or MPI's / hierarchical (when
+    auto timed both, the two times)."""
+    if shared_on:
+        return (f"gradient reduction: node-shared, in place in shared memory, by slice between "
+                f"nodes ({shared_why})")
     why = ("ZeRO-1 reduce-scatters" if args.zero else "--grad-reduce" if args.grad_reduce != "auto"
            else f"timed: MPI {1e3 * timed['mpi']:.1f} ms, hierarchical {1e3 * timed['hier']:.1f}"
            f" ms" if timed else "no data-parallel group spans nodes with ranks to share")
     name = {"mpi": "MPI's allreduce", "hier": "hierarchical (node, leaders, node)"}[mode]
-    return f"gradient reduction: {name} ({why})"
+    off = f"; node-shared off: {shared_why}" if shared_why != "no data parallelism" else ""
+    return f"gradient reduction: {name} ({why}{off})"
 
 
 def open_outputs(run, threads, ranks_per_node, tuned):
@@ -494,8 +527,9 @@ def report_summary(run):
     """Per-rank memory (parameters, gradients, Adam moments, peak RSS) and the step summary."""
     stage, opt = run.stage, run.opt
     row = {"rank": run.rank, "stage": run.grid.stage, "replica": run.grid.replica,
-           "param_bytes": int(stage.flat.nbytes), "optim_bytes": int(opt.nbytes),
-           "state_bytes": int(stage.flat.nbytes * 2 + opt.nbytes),
+           "host": socket.gethostname(), "param_bytes": int(opt.param_bytes),
+           "optim_bytes": int(opt.nbytes), "grad_bytes": int(stage.grad_flat.nbytes),
+           "state_bytes": int(opt.param_bytes + stage.grad_flat.nbytes + opt.nbytes),
            "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     with run.grid.waiter.bounded("the memory summary (gather)"):
         mem = run.world.gather(row, root=0)
@@ -507,7 +541,13 @@ def report_summary(run):
                    f"{summ['step_ms_mean']:.1f} ms mean, {summ['step_ms_median']:.1f} ms "
                    f"median, {summ['tokens_per_s_mean']:.0f} tok/s, "
                    f"MFU {summ.get('mfu_mean', 0) * 100:.1f}%")
-    run.log.log({"summary": True, "run": summ, "ranks": mem})
+    nodes = {}
+    for r in mem:
+        nodes[r["host"]] = nodes.get(r["host"], 0) + r["param_bytes"] + r["optim_bytes"]
+    largest = max(r["param_bytes"] + r["optim_bytes"] for r in mem)
+    run.print0(f"parameters + Adam state: {largest / 2**20:.1f} MiB on the largest rank, "
+               + ", ".join(f"{v / 2**20:.1f} MiB on {h}" for h, v in nodes.items()))
+    run.log.log({"summary": True, "run": summ, "ranks": mem, "node_state_bytes": nodes})
     run.log.close()
 
 

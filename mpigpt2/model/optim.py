@@ -43,10 +43,14 @@ class AdamW:
     move, the parameters do not).
     """
 
-    def __init__(self, size, dtype, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+    def __init__(self, size, dtype, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                 moments=None):
+        """moments: (m, v) arrays of `size` to keep the state in (e.g. views of memory shared
+        between processes), else fresh zeros."""
         self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, eps, weight_decay
-        self.m = np.zeros(size, dtype=dtype)  # first moment
-        self.v = np.zeros(size, dtype=dtype)  # second moment
+        if moments is None:
+            moments = np.zeros(size, dtype=dtype), np.zeros(size, dtype=dtype)
+        self.m, self.v = moments  # first and second moment
 
     def step(self, params, grads, t, lr, grad_scale=1.0):
         """Update params in place from grads (contiguous, same size and dtype as the moments);

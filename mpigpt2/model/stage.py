@@ -65,6 +65,14 @@ class Stage:
     def zero_grad(self):
         self.grad_flat[...] = 0.0
 
+    def rebind(self, flat=None, grad_flat=None):
+        """Keep the parameters (or gradients) in another (size,) buffer from now on, e.g.
+        memory shared between processes; the named views follow."""
+        if flat is not None:
+            self.flat, self.p = flat, self.layout.views(flat)
+        if grad_flat is not None:
+            self.grad_flat, self.g = grad_flat, self.layout.views(grad_flat)
+
     def begin(self, mb, b, T, c=0):
         """Start micro-batch mb of b sequences of T tokens in chunk c (allocates its KV cache)."""
         NH = self.cfg.num_heads

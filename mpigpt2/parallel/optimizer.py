@@ -9,6 +9,7 @@ import numpy as np
 
 from mpigpt2.model.optim import AdamW
 from mpigpt2.parallel.collectives import GradReducer, allreduce_sum
+from mpigpt2.parallel.shared import SharedAdam
 from mpigpt2.parallel.zero import ShardedAdam
 
 
@@ -37,6 +38,10 @@ class ReplicatedAdam:
     def sync(self):
         """Nothing in flight after a replicated update."""
 
+    def loaded(self):
+        """The stage's parameters were written (initialised, loaded, resumed): they are this
+        rank's own copy already."""
+
     def full_moments(self):
         return self.adam.m, self.adam.v
 
@@ -53,6 +58,10 @@ class ReplicatedAdam:
     @property
     def nbytes(self):
         return self.adam.m.nbytes + self.adam.v.nbytes
+
+    @property
+    def param_bytes(self):
+        return self.stage.flat.nbytes
 
 
 class ZeroAdam(ShardedAdam):
@@ -78,12 +87,24 @@ class ZeroAdam(ShardedAdam):
         shards)."""
         return np.empty_like(self.stage.flat), np.empty_like(self.stage.flat)
 
+    def loaded(self):
+        """The stage's parameters were written: every rank holds them whole already."""
+
+    @property
+    def param_bytes(self):
+        return self.stage.flat.nbytes
+
 
 def make_optimizer(grid, stage, zero=0, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
-                   overlap=True, hierarchical=False, node_id=None):
+                   overlap=True, hierarchical=False, node_id=None, shared=False):
     """The optimizer of --zero `zero` over this rank's stage; hierarchical: reduce the
-    replicated optimizer's gradients node by node, nodes told by shared memory or by node_id
-    (ZeRO-1 reduce-scatters with MPI's own)."""
+    replicated optimizer's gradients node by node; shared: node-shared data parallelism
+    (docs/design.md#node-shared-data-parallelism). Nodes are told by shared memory or by
+    node_id (ZeRO-1 reduce-scatters with MPI's own). Call loaded() once the stage's
+    parameters are written."""
+    hyper = (beta1, beta2, eps, weight_decay)
+    if shared:
+        return SharedAdam(grid, stage, *hyper, node_id=node_id, overlap=overlap)
     if zero:
-        return ZeroAdam(grid, stage, beta1, beta2, eps, weight_decay, overlap)
-    return ReplicatedAdam(grid, stage, beta1, beta2, eps, weight_decay, hierarchical, node_id)
+        return ZeroAdam(grid, stage, *hyper, overlap)
+    return ReplicatedAdam(grid, stage, *hyper, hierarchical, node_id)

@@ -40,6 +40,22 @@ def segment_split(a, b, bounds):
     return counts, displs
 
 
+def buckets(lay, nl):
+    """The reduction buckets of a stage's flat buffer (ParamLayout lay, nl local layers):
+    key -> [(tensor name, a, b)], key = a local layer index (its 12 tensors' rows) or the
+    name of a tensor outside the layers (wte, wpe, lnfw, lnfb)."""
+    out = {}
+    for n in lay.shapes:
+        off, size = lay.offsets[n], int(np.prod(lay.shapes[n]))
+        if n in LAYER_NAMES:
+            per = size // nl
+            for i in range(nl):
+                out.setdefault(i, []).append((n, off + i * per, off + (i + 1) * per))
+        else:
+            out.setdefault(n, []).append((n, off, off + size))
+    return out
+
+
 class Part:
     """Range [a, b) of the stage's flat buffer sharded over comm: the owners' bounds, and my
     shard's summed gradient and Adam moments."""
@@ -74,17 +90,9 @@ class ShardedAdam:
         if tied:
             self.parts.insert(0, Part(grid.embed, 0, W, stage.dtype, hyper))
         # segments: key -> [(part, a, b)]; key = local layer index, or the tensor name
-        self.segments = {}
-        for n in lay.shapes:
-            off, size = lay.offsets[n], int(np.prod(lay.shapes[n]))
-            part = self.parts[0] if n == "wte" else self.parts[-1]
-            if n in LAYER_NAMES:
-                per = size // stage.nl
-                for i in range(stage.nl):
-                    self.segments.setdefault(i, []).append((part, off + i * per,
-                                                            off + (i + 1) * per))
-            else:
-                self.segments.setdefault(n, []).append((part, off, off + size))
+        self.segments = {key: [(self.parts[0] if n == "wte" else self.parts[-1], a, b)
+                               for n, a, b in segs]
+                         for key, segs in buckets(lay, stage.nl).items()}
         self.red_reqs, self.started = [], set()
         self.gather_reqs = {}
 

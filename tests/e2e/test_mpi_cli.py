@@ -28,7 +28,9 @@ def one_process(tmp_path_factory, shards):
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("extra,shown", [
-    ([], "pp 1 × dp 8"),  # the default layout
+    ([], "busy ranks: 2 of 8"),  # the default: one busy rank per core (2 cores here)
+    (["--busy-ranks", "all"], "pp 1 × dp 8"),  # node-shared dp 8
+    (["--busy-ranks", "all", "--shared-dp", "off"], "pp 1 × dp 8"),  # MPI's allreduce
     (["--pp", "4"], "pp 4 × dp 2"),
     (["--pp", "2", "--microbatches", "2", "--slice-tokens", "8", "--schedule", "gpipe"],
      "pp 2 × dp 4"),

@@ -67,14 +67,19 @@ def reference(dtype, clip=0.0):
     return losses, m.params, grads, norms
 
 
-def train_layout(comm, lay, dtype, zero=0, overlap=True, clip=0.0, hier=False):
+def train_layout(comm, lay, dtype, zero=0, overlap=True, clip=0.0, opts=()):
     """The trainer's own step (parallel.step.train_step) on a sub-communicator, in-memory data.
-    hier: hierarchical gradient reduction over emulated nodes of two ranks each."""
+    opts: hier (hierarchical gradient reduction over emulated nodes of two ranks each),
+    shared (node-shared data parallelism on this node), shared4 (the same over emulated
+    nodes of four ranks each)."""
     grid = make_grid(comm, lay.pp, lay.dp, wte_ranks=lay.wte_ranks, order=lay.rank_order)
     stage = Stage(CFG, lay.rank_spec(grid.stage), dtype)
+    opt = make_optimizer(grid, stage, zero, overlap=overlap, hierarchical="hier" in opts,
+                         node_id=(comm.Get_rank() // 4 if "shared4" in opts else
+                                  None if "shared" in opts else comm.Get_rank() // 2),
+                         shared=bool({"shared", "shared4"} & set(opts)))
     init_params(CFG, stage.spec, stage.p, SEED)
-    opt = make_optimizer(grid, stage, zero, overlap=overlap, hierarchical=hier,
-                         node_id=comm.Get_rank() // 2)
+    opt.loaded()
     M = lay.microbatches
     rows = B // lay.dp
     runner = Runner(grid, stage, lay, T, rows // M, reducer=opt.reducer, overlap=overlap)
@@ -88,7 +93,7 @@ def train_layout(comm, lay, dtype, zero=0, overlap=True, clip=0.0, hier=False):
             train_step(runner, opt, x, y, step + 1, LR, 1.0 / (B * T))
             opt.step = update
             grads = gather_model(grid, stage, lay, grads=True)
-            if zero:  # the reduced gradient lives in the shards: assemble it for the check
+            if hasattr(opt, "full_grad"):  # ZeRO's shards, or the shared sum: assemble it
                 grads = gather_model(grid, stage, lay, flat=opt.full_grad())
         result = train_step(runner, opt, x, y, step + 1, LR, 1.0 / (B * T), grad_clip=clip,
                             norm=True)
@@ -175,6 +180,16 @@ CASES = [
     (1, 4, 8, 2, "1f1b+hier", None),
     (2, 4, 8, 2, "zb-h1+data+hier", None),
     (2, 3, 8, 2, "1f1b+hier", "3,1", 0, True, CLIP),
+    # node-shared data parallelism on this node (+shared) and over emulated nodes of four
+    # ranks (+shared4: in place inside a node, allreduced by slice between nodes)
+    (1, 8, 32, 1, "gpipe+shared", None),
+    (1, 4, 8, 2, "1f1b+shared", None, 0, False, CLIP),
+    (2, 4, 8, 2, "zb-h1+shared", "3,1"),
+    (2, 3, 2, 2, "1f1b+data+shared", None, 0, True, CLIP),
+    (2, 2, 8, 2, "zb-v+shared", None),
+    (1, 8, 8, 1, "1f1b+shared4", None, 0, True, CLIP),
+    (2, 4, 8, 2, "interleaved-1f1b@2+data+shared4", None),
+    (2, 4, 1, 2, "zb-h1+shared4", "1,3", 0, False),
 ]
 
 _REF = {}
@@ -217,7 +232,7 @@ def test_parity(pp, dp, k, M, sched, split, dtype, zero, overlap, clip):
         if measure:
             tracemalloc.start()  # numpy reports its buffers: the real peak, for the estimate
         losses, params, grads, tied_equal, norms = train_layout(comm, lay, dtype, zero, overlap,
-                                                                clip, "hier" in opts)
+                                                                clip, opts)
         if measure:
             peak = tracemalloc.get_traced_memory()[1]
             tracemalloc.stop()

@@ -1,0 +1,274 @@
+"""Node-shared data parallelism (--shared-dp): the replicas of a stage that share a node keep one
+copy of its parameters and Adam moments in MPI-3 shared memory and sum their gradients in place
+(docs/design.md#node-shared-data-parallelism).
+
+On a node, the n ranks of a data group (its "locals", local rank i = 0..n-1 in replica order)
+map four windows: the parameters (N), Adam's m and v (N each) and n gradient slots (n·N; local
+rank j's backward writes slot j). Every reduction bucket (a layer's 12 tensors, or wte, wpe,
+lnf) is cut into n slices; local rank i owns slice i of each. When all locals have finished a
+bucket (a polled node barrier), rank i sums its slices over the slots in slot order into slot 0
+(one memory-bound pass, no MPI copy), allreduces them with the ranks of the same local index on
+the other nodes ("cross"; for the tied wte of pp > 1 also with the other wte stage), updates
+them with its own slice of m and v, and a node barrier publishes the parameters: ZeRO-1 inside
+a node for free, and no parameter traffic inside a node at all.
+"""
+
+import functools
+import os
+
+import numpy as np
+from mpi4py import MPI
+
+from mpigpt2.model.optim import AdamW
+from mpigpt2.parallel.collectives import allreduce_sum, barrier
+from mpigpt2.parallel.zero import buckets, shard_bounds
+
+
+@functools.cache
+def _sum_kernel():
+    """slots[0, lo:hi] = slots[0] + slots[1] + … + slots[n-1] over [lo, hi), added in slot
+    order (the order a sequence of in-place adds would use), in one pass."""
+    from numba import njit
+
+    @njit(cache=True, nogil=True, boundscheck=False)
+    def sum_slots(slots, lo, hi):
+        n = slots.shape[0]
+        for x in range(lo, hi):
+            s = slots[0, x]
+            for j in range(1, n):
+                s += slots[j, x]
+            slots[0, x] = s
+
+    return sum_slots
+
+
+class SharedBuffer:
+    """`count` elements of dtype in one MPI-3 shared window over comm (all on its rank 0), as an
+    array every rank of comm maps. MPICH backs it with a /dev/shm file it unlinks at once, so
+    the memory is released when the last process holding it ends, however it ends."""
+
+    def __init__(self, comm, count, dtype):
+        itemsize = np.dtype(dtype).itemsize
+        self.win = MPI.Win.Allocate_shared(count * itemsize if comm.Get_rank() == 0 else 0,
+                                           itemsize, comm=comm)
+        buf, _ = self.win.Shared_query(0)
+        self.array = np.ndarray(buffer=buf, dtype=dtype, shape=(count,))
+        self.win.Lock_all(MPI.MODE_NOCHECK)  # a passive epoch for Sync (memory barrier)
+
+    def sync(self):
+        self.win.Sync()
+
+
+def node_groups(comm, color=None):
+    """(locals, cross) of comm: the ranks sharing this rank's node (or colour), ordered by
+    their rank in comm, and the ranks with this rank's local index on every node."""
+    rank = comm.Get_rank()
+    local = (comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank) if color is None
+             else comm.Split(color, rank))
+    return local, comm.Split(local.Get_rank(), rank)
+
+
+def node_bytes(n, N, itemsize):
+    """Shared bytes of one data group's locals: parameters, m, v and n gradient slots."""
+    return (3 + n) * N * itemsize
+
+
+def shm_room():
+    """Bytes free in /dev/shm (where MPICH puts shared windows); None where it is absent."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+class SharedAdam:
+    """The optimizer of --shared-dp on, and its own gradient reducer (start_layer, start_rest,
+    wait: the interface of collectives.GradReducer)."""
+
+    def __init__(self, grid, stage, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                 node_id=None, overlap=True):
+        self.grid, self.stage, self.overlap = grid, stage, overlap
+        N, dt = stage.layout.size, stage.dtype
+        self.tied = "wte" in stage.layout.shapes and grid.pp > 1
+        with grid.waiter.bounded("the node-shared windows (Comm_split, Win_allocate_shared)"):
+            self.local, self.cross = node_groups(grid.data, node_id)
+            n, li = self.n, self.li = self.local.Get_size(), self.local.Get_rank()
+            # the tied wte: summed with the same local index of both wte stages, every node
+            self.ecross = (grid.embed.Split(li, grid.embed.Get_rank()) if self.tied else None)
+            self.bufs = [SharedBuffer(self.local, N, dt) for _ in range(3)]
+            self.bufs.append(SharedBuffer(self.local, n * N, dt))
+        self.params, self.m, self.v = (b.array for b in self.bufs[:3])
+        self.slots = self.bufs[3].array.reshape(n, N)
+        self.sum = self.slots[0]  # the reduced gradient, after wait()
+        if li == 0:
+            self.m[...] = 0.0
+            self.v[...] = 0.0
+        stage.rebind(grad_flat=self.slots[li])
+        self.ranges = {}  # bucket key -> [(tensor, lo, hi, cross comm)]: my slices
+        self.keys = buckets(stage.layout, stage.nl)
+        for key, segs in self.keys.items():
+            for name, a, b in segs:
+                lo, hi = shard_bounds(b - a, n)[li]
+                comm = self.ecross if name == "wte" and self.tied else self.cross
+                self.ranges.setdefault(key, []).extend([(name, a + lo, a + hi, comm)]
+                                                       if hi > lo else [])
+        hyper = (beta1, beta2, eps, weight_decay)
+        self.adams = [(lo, hi, AdamW(hi - lo, dt, *hyper, moments=(self.m[lo:hi],
+                                                                   self.v[lo:hi])))
+                      for rs in self.ranges.values() for _, lo, hi, _ in rs]
+        self.reducer = self
+        self.queue = []  # (bucket key, its node barrier), in the order started
+        self.reqs = []  # the cross-node allreduces in flight
+        self.started = set()
+
+    # -- gradients ------------------------------------------------------------------------------
+    def start_layer(self, key):
+        """Bucket `key` (a local layer index or a tensor name) is final on this rank."""
+        if key in self.started:
+            return
+        self.started.add(key)
+        self.bufs[3].sync()  # my slot's writes before the barrier that announces them
+        self.queue.append((key, self.local.Ibarrier()))
+        if self.overlap:
+            self._progress()
+
+    def start_rest(self):
+        """After the whole backward: layers not started yet, the embeddings and lnf."""
+        for i in reversed(range(self.stage.nl)):
+            self.start_layer(i)
+        for key in self.keys:
+            self.start_layer(key)
+
+    def _progress(self, block=False):
+        """Sum every bucket whose node barrier completed, in the order started (the cross
+        allreduces must start in one order on every node)."""
+        while self.queue:
+            key, req = self.queue[0]
+            if block:
+                self.grid.waiter.wait([req], "allreduce", lambda: f"the in-node gradient reduction of {key}")
+            elif not req.Test():
+                break
+            self.queue.pop(0)
+            self.bufs[3].sync()
+            for _, lo, hi, comm in self.ranges.get(key, ()):
+                _sum_kernel()(self.slots, lo, hi)
+                if comm.Get_size() > 1:
+                    self.reqs.append(comm.Iallreduce(MPI.IN_PLACE, self.sum[lo:hi],
+                                                     op=MPI.SUM))
+        if self.reqs:
+            MPI.Request.Testall(self.reqs)  # progress the cross-node allreduces
+
+    def wait(self):
+        self._progress(block=True)
+        self.grid.waiter.wait(self.reqs, "allreduce",
+                              lambda: f"{len(self.reqs)} gradient allreduces between nodes")
+        self.reqs, self.started = [], set()
+
+    def full_grad(self):
+        """The stage-sized summed gradient of the last step (slot 0 once every local has
+        summed its slices: a node barrier)."""
+        self._publish()
+        return self.sum
+
+    # -- the optimizer --------------------------------------------------------------------------
+    def grad_norm(self):
+        """Global gradient norm: my slices' sum of squares, counted on the first node only,
+        wte once (the last stage leaves it out when pp > 1)."""
+        st = self.stage
+        skip_wte = st.spec.last and not st.spec.first
+        sumsq = 0.0
+        if self.cross.Get_rank() == 0:
+            sumsq = sum(float(self.sum[lo:hi] @ self.sum[lo:hi])
+                        for rs in self.ranges.values() for name, lo, hi, _ in rs
+                        if not (name == "wte" and skip_wte))
+        return float(np.sqrt(allreduce_sum(self.grid.world, [sumsq], self.grid.waiter)[0]))
+
+    def step(self, t, lr, grad_scale=1.0):
+        """Update my slices of the shared parameters, then publish them (node barrier)."""
+        for lo, hi, adam in self.adams:
+            adam.step(self.params[lo:hi], self.sum[lo:hi], t, lr, grad_scale)
+        self._publish()
+
+    def _publish(self):
+        for b in self.bufs:
+            b.sync()
+        barrier(self.local, self.grid.waiter)
+        for b in self.bufs:
+            b.sync()
+
+    def loaded(self):
+        """The stage's parameters were just written (initialised, loaded or resumed) in its
+        own buffer: local rank 0's become the shared copy every local uses from now on."""
+        if self.li == 0:
+            self.params[...] = self.stage.flat
+        self._publish()
+        self.stage.rebind(flat=self.params)
+
+    def sync(self):
+        """Nothing in flight after an update (the publishing barrier ended it)."""
+
+    # -- checkpoints and reports ----------------------------------------------------------------
+    def full_moments(self):
+        return self.m, self.v
+
+    def moment_buffers(self):
+        """Stage-sized arrays a checkpoint's moments are read into (then set_moments)."""
+        return np.empty_like(self.stage.flat), np.empty_like(self.stage.flat)
+
+    def set_moments(self, m_full, v_full):
+        """Local rank 0 writes them (loaded() publishes)."""
+        if self.li == 0:
+            self.m[...] = m_full
+            self.v[...] = v_full
+
+    @property
+    def nbytes(self):
+        """This rank's share of the node's Adam moments."""
+        return 2 * self.m.nbytes // self.n
+
+    @property
+    def param_bytes(self):
+        """This rank's share of the node's parameters."""
+        return self.params.nbytes // self.n
+
+
+def choose(grid, stage_size, itemsize, mode, zero=0, grad_reduce="auto", color=None):
+    """(on, why) for --shared-dp `mode` (auto|on|off), agreed by every rank: on where two or
+    more replicas of a stage share a node, every node holds as many of each stage, and
+    /dev/shm has room; auto also leaves ZeRO-1 and an explicit --grad-reduce alone.
+    Raises UserError when `on` cannot be honoured."""
+    from mpigpt2.base.errors import UserError
+    if mode == "off":
+        return False, "--shared-dp off"
+    if mode == "auto" and (zero or grad_reduce != "auto"):
+        return False, "--zero 1" if zero else f"--grad-reduce {grad_reduce}"
+    if grid.dp < 2:
+        return False, "no data parallelism"
+    with grid.waiter.bounded("the node-shared check (Comm_split, allgather)"):
+        rank = grid.data.Get_rank()
+        local = (grid.data.Split_type(MPI.COMM_TYPE_SHARED, key=rank) if color is None
+                 else grid.data.Split(color, rank))
+        n = local.Get_size()
+        node = grid.world.Split_type(MPI.COMM_TYPE_SHARED) if color is None else local
+        need = node.allreduce(node_bytes(n, stage_size, itemsize) // n)  # this node's total
+        room = shm_room()
+        fits = room is None or need <= 0.9 * room
+        sizes = grid.world.allgather((n, fits))
+        local.Free()
+        if node is not local:
+            node.Free()
+    counts = sorted({c for c, _ in sizes})
+    why = None
+    if counts == [1]:
+        why = "no two replicas of a stage share a node"
+    elif len(counts) > 1:
+        why = f"nodes hold unequal numbers of a stage's replicas ({counts})"
+    elif not all(f for _, f in sizes):
+        why = (f"/dev/shm has no room for one copy per node (this node needs "
+               f"{need / 2**20:.0f} MiB, {(room or 0) / 2**20:.0f} MiB free)")
+    if why is None:
+        return True, f"{counts[0]} replicas of a stage per node share one copy"
+    if mode == "on" and counts != [1]:
+        raise UserError(f"--shared-dp on: {why}")
+    return False, why
