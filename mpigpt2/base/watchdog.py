@@ -42,6 +42,7 @@ def launcher_rank():
 
 
 MARKER_SECONDS = 5.0
+STALE_SETTLE_SECONDS = 1.0  # a lost rank's peers are killed by the launcher within this
 
 
 def guard_init(argv):
@@ -76,13 +77,45 @@ def _sentinel(r, parent, seconds, rank, job):
         os.kill(parent, signal.SIGKILL)
         return
     said = os.read(r, 1)
+    segments = []
     while said == b"I":  # MPI is up: watch until the end
+        segments = _shm_files(parent)
         said = os.read(r, 1)
-    if said == b"X" or not _first_loss(job):
-        return  # a clean end, or a rank the launcher killed after the first loss
-    _write(f"[rank {rank}] died without a word (pid {parent} on {socket.gethostname()}): "
-           f"killed by a signal (kill -9, the OOM killer) or crashed in native code; the MPI "
-           f"launcher ends the job")
+    if said != b"X" and _first_loss(job):  # (a rank the launcher killed after it: quiet)
+        _write(f"[rank {rank}] died without a word (pid {parent} on {socket.gethostname()}): "
+               f"killed by a signal (kill -9, the OOM killer) or crashed in native code; the "
+               f"MPI launcher ends the job")
+    _remove_stale(segments)  # (after a clean MPI_Finalize there is none left)
+
+
+def _shm_files(pid):
+    """The named (not yet unlinked) /dev/shm files process pid maps: MPICH's own segments,
+    which it unlinks only in MPI_Finalize."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return sorted({line.split(None, 5)[5].strip() for line in f
+                           if " /dev/shm/" in line and not line.rstrip().endswith("(deleted)")})
+    except (OSError, IndexError):
+        return []
+
+
+def _remove_stale(paths, settle=STALE_SETTLE_SECONDS):
+    """After a rank ended without MPI_Finalize: once the launcher has ended the rest of the
+    job, remove the job's shared-memory files that no process maps any more (they would stay
+    in /dev/shm, holding memory, until a reboot). A file another process still maps is
+    kept; several sentinels may race to remove one file."""
+    if not paths:
+        return
+    time.sleep(settle)
+    mapped = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        mapped.update(_shm_files(pid))
+    for path in paths:
+        if path not in mapped:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
 
 def _write(line):

@@ -27,6 +27,18 @@ def rank_pid(proc, rank, marker):
     return None
 
 
+def mapped_shm():
+    """Names of the /dev/shm files some live process maps (another job's are in use)."""
+    names = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                names.update(os.path.basename(x.split()[-1]) for x in f if "/dev/shm/" in x)
+        except OSError:
+            pass
+    return names
+
+
 def train_args(shards, out):
     train, _ = shards
     return ["-m", "mpigpt2.train", "--train-data", str(train), "--val-data=", "--out-dir",
@@ -90,6 +102,7 @@ def test_kill_9_names_the_lost_rank(tmp_path, shards, victim):
     """MPICH kills the other ranks at once and names only a PID; the lost rank's sentinel
     (base/watchdog.py) names the rank, once, and no other rank is reported."""
     out = tmp_path / "o"
+    shm_before = set(os.listdir("/dev/shm"))
     proc = start(mpiexec(4) + [PY] + train_args(shards, out))
     pid = None
     for _ in range(1000):
@@ -99,11 +112,20 @@ def test_kill_9_names_the_lost_rank(tmp_path, shards, victim):
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.02)
     os.kill(pid, signal.SIGKILL)
-    _, err = proc.communicate(timeout=60)
+    out_text, err = proc.communicate(timeout=60)
     assert proc.returncode != 0
     lost = [x for x in err.splitlines() if "died without a word" in x]
     assert len(lost) == 1 and lost[0].startswith(f"[rank {victim}] died without a word (pid "
                                                  f"{pid} "), err
+    # dp 2 on one node: the parameters were in node-shared memory; nothing the job put in
+    # /dev/shm outlives it (MPICH's own segments included: the sentinels remove them)
+    assert "gradient reduction: node-shared" in out_text
+    for _ in range(100):
+        stale = set(os.listdir("/dev/shm")) - shm_before - mapped_shm()
+        if not stale:
+            break
+        time.sleep(0.1)
+    assert not stale, stale
 
 
 def test_a_clean_run_reports_no_loss(tmp_path, shards):

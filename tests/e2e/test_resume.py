@@ -54,6 +54,7 @@ def reference(tmp_path_factory, shards):
         out = tmp_path_factory.mktemp(f"ref{n}")
         r = run(cmd(shards, out, n, *extra))
         assert r.returncode == 0, r.stderr
+        assert n == 1 or "gradient reduction: node-shared" in r.stdout  # (the default)
         refs[n] = (out, extra)
     return refs
 
@@ -87,6 +88,21 @@ def test_resume_under_another_layout(tmp_path, shards, reference):
     r = run(cmd(shards, out, 4, "--pp", "2", "--dp", "2", "--microbatches", "2",
                 "--slice-tokens", "4", "--resume", "auto"))
     assert r.returncode == 0, r.stderr
+    got, want = dict(losses(out)), dict(losses(ref_out))
+    assert sorted(got) == list(range(6, STEPS))
+    assert max(abs(got[s] - want[s]) / want[s] for s in got) < PARITY_F32
+
+
+@pytest.mark.timeout(300)
+def test_resume_node_shared_checkpoint_without_it(tmp_path, shards, reference):
+    """The 4-rank reference ran dp 2 node-shared (one copy of parameters and Adam state per
+    node); its checkpoint resumes under MPI's allreduce with per-rank copies."""
+    ref_out, extra = reference[4]
+    out = tmp_path / "run"
+    shutil.copytree(ref_out / "checkpoints" / "step_00000006", out / "checkpoints" / "step_00000006")
+    r = run(cmd(shards, out, 4, *extra, "--shared-dp", "off", "--resume", "auto"))
+    assert r.returncode == 0, r.stderr
+    assert "node-shared off: --shared-dp off" in r.stdout
     got, want = dict(losses(out)), dict(losses(ref_out))
     assert sorted(got) == list(range(6, STEPS))
     assert max(abs(got[s] - want[s]) / want[s] for s in got) < PARITY_F32
