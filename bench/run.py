@@ -706,8 +706,10 @@ def bench_oversubscribed(run):
     base = ["--model", "gpt2-tiny", "--batch-size", str(B), "--seq-len", "64", "--steps", steps,
             "--train-data", TRAIN_DATA]
     cfg = f"gpt2-tiny B={B} T=64, {steps} steps (2 warm-up excluded), {os.cpu_count()} cores"
+    all8 = ["--busy-ranks", "all"]  # (the default computes on one rank per core: row 14)
     runs = [("n1", 1, ["--threads", str(os.cpu_count() or 1)], None),
-            ("n2", 2, ["--dp", "2"], None), ("n8", 8, [], None), ("n8.blocking", 8, [], BLOCKING),
+            ("n2", 2, ["--dp", "2"], None), ("n8", 8, all8, None),
+            ("n8.blocking", 8, all8, BLOCKING),
             ("n8.pp4", 8, PP4, None), ("n8.pp4.blocking", 8, PP4, BLOCKING)]
     rows, tps = [], {}
     for rid, n, flags, env in runs:
@@ -1008,11 +1010,94 @@ def bench_prepare(run):
     return rows
 
 
+# ------------------------------------------------------------------------------------------------
+# row 14: one node used as well as one process (issue 15): the main job and GPT-2 124M on
+# 8 ranks vs one 2-thread process; node-shared vs MPI-allreduce dp 8 (exposed reduction, bytes)
+
+MAIN_JOB = ["--model", "gpt2-tiny", "--batch-size", "8", "--seq-len", "64", "--lr", "1e-3",
+            "--train-data", TRAIN_DATA]  # `make train`'s shape
+NODE_RUNS = [  # (id, job, ranks, extra flags, what)
+    ("main.n1t2", "main", 1, ["--threads", "2"], "1 process, 2 BLAS threads"),
+    ("main.n8", "main", 8, [], "8 ranks, default layout"),
+    ("main.n8.shared", "main", 8, ["--busy-ranks", "all"], "8 busy ranks, node-shared dp 8"),
+    ("main.n8.mpi", "main", 8, ["--busy-ranks", "all", "--shared-dp", "off"],
+     "8 busy ranks, dp 8 with MPI's allreduce (before issue 15)"),
+    ("124m.n1t2", "124m", 1, ["--threads", "2"], "1 process, 2 BLAS threads"),
+    ("124m.n8", "124m", 8, [], "8 ranks, default layout"),
+]
+
+
+def bench_node(run):
+    steps = {"main": "6" if run.quick else "14", "124m": "3" if run.quick else "5"}
+    jobs = {"main": MAIN_JOB, "124m": ["--model", "gpt2-124m", "--batch-size", "8",
+                                       "--seq-len", "256", "--train-data", TRAIN_DATA]}
+    got, rows = {}, []
+    for rnd in range(1 if run.quick else 2):  # interleaved rounds: load hits every variant
+        for rid, job, n, extra, what in NODE_RUNS:
+            if job == "124m" and rnd and run.quick:
+                continue
+            try:
+                r = train_run(run, n, jobs[job] + ["--steps", steps[job]] + extra,
+                              label=rid, timeout=1200)
+            except SubprocessFailed as e:
+                rows.append(error_row(f"14.{rid}", rid, job, e))
+                continue
+            best = got.get(rid)
+            if best is None or r["best_step_ms"] < best["best_step_ms"]:
+                got[rid] = dict(r, what=what)
+    return rows + node_rows(got, steps)
+
+
+def node_rows(got, steps):
+    rows = []
+    for rid, r in got.items():
+        B, T = (8, 64) if rid.startswith("main") else (8, 256)
+        rows.append(row(f"14.{rid}", f"node/{r['what']}", config=f"{rid.split('.')[0]} B{B} "
+                        f"T{T}, {steps[rid.split('.')[0]]} steps (2 warm-up excluded)",
+                        metric="tokens/s (best step)", value=B * T / r["best_step_ms"] * 1e3,
+                        notes=f"layout pp {r['layout']['pp']} × dp {r['layout']['dp']}; "
+                        f"median step {r['median_step_ms']:.0f} ms; exposed reduction "
+                        f"{r['exposed_comm_ms_median']:.1f} ms/step", details=r))
+    for job in ("main", "124m"):
+        a, b = got.get(f"{job}.n8"), got.get(f"{job}.n1t2")
+        if a and b:
+            rows.append(row(f"14.{job}", f"node/8 ranks ÷ 1 process with 2 threads ({job})",
+                            config=job, metric="tokens/s ratio (best steps)",
+                            value=b["best_step_ms"] / a["best_step_ms"], target=Target(">=", 0.9),
+                            notes=f"8 ranks: pp {a['layout']['pp']} × dp {a['layout']['dp']} "
+                            f"(the rest idle: --busy-ranks auto)"))
+    sh, mp, one = got.get("main.n8.shared"), got.get("main.n8.mpi"), got.get("main.n1t2")
+    if sh and mp:
+        rows.append(row("14.reduce", "node/dp 8 exposed reduction, node-shared ÷ MPI allreduce",
+                        config="main, 8 busy ranks", metric="ms/step ratio (medians)",
+                        value=sh["critical_comm_ms_median"] / mp["critical_comm_ms_median"],
+                        target=Target("<=", 0.2),
+                        notes=f"on the critical path (the wait of the last rank to finish its "
+                        f"backward): node-shared {sh['critical_comm_ms_median']:.1f} ms, MPI "
+                        f"{mp['critical_comm_ms_median']:.1f} ms; the longest wait of any rank "
+                        f"(includes waiting for that rank's backward): "
+                        f"{sh['exposed_comm_ms_median']:.1f} vs "
+                        f"{mp['exposed_comm_ms_median']:.1f} ms; steps "
+                        f"{sh['median_step_ms']:.0f} vs {mp['median_step_ms']:.0f} ms"))
+    if sh and mp and one:
+        per_node = {k: sum(r["param_bytes"]) + sum(r["optim_bytes"])
+                    for k, r in (("shared", sh), ("mpi", mp), ("one", one))}
+        rows.append(row("14.bytes", "node/parameter + Adam bytes per node, dp 8 ÷ one copy",
+                        config="main, 8 busy ranks", metric="node bytes ÷ one process's",
+                        value=per_node["shared"] / per_node["one"], target=Target("<=", 1.05),
+                        notes=f"node-shared {per_node['shared'] / 2**20:.1f} MiB (per rank "
+                        f"{max(map(sum, zip(sh['param_bytes'], sh['optim_bytes']))) / 2**20:.1f} MiB "
+                        f"at most), "
+                        f"MPI allreduce {per_node['mpi'] / 2**20:.1f} MiB, one process "
+                        f"{per_node['one'] / 2**20:.1f} MiB"))
+    return rows
+
+
 BENCHES = [("0", bench_check), ("1", bench_single), ("2", bench_mfu), ("3", bench_slicing),
            ("4", bench_dp), ("5", bench_schedules), ("6", bench_param_memory),
            ("7", bench_zero), ("8", bench_autotune), ("9", bench_oversubscribed),
            ("10", bench_frontier), ("11", bench_prepare), ("12", bench_plan),
-           ("13", bench_adamw)]
+           ("13", bench_adamw), ("14", bench_node)]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -33,13 +33,17 @@ def main():
         config = json.load(open(os.path.join(out, "config.json")))
     steps = [x for x in rows if "loss" in x][a.warmup:]
     summary = rows[-1]
-    exposed = []  # per step: the slowest rank's exposed allreduce + allgather time
-    for s in steps:
-        exposed.append(max(p["allreduce"] + p["allgather"] for p in s["phases_ms"]))
+    # per step, the exposed allreduce + allgather time of the rank that waited longest, and
+    # of the rank that waited least: the last to finish its backward, whose wait is the
+    # reduction's own time on the step's critical path (the others' also holds their wait
+    # for that rank)
+    exposed = [max(p["allreduce"] + p["allgather"] for p in s["phases_ms"]) for s in steps]
+    critical = [min(p["allreduce"] + p["allgather"] for p in s["phases_ms"]) for s in steps]
     emit({"label": a.label, "n": a.n, "flags": flags,
           "median_step_ms": statistics.median(s["step_ms"] for s in steps),
           "best_step_ms": min(s["step_ms"] for s in steps),
           "exposed_comm_ms_median": statistics.median(exposed),
+          "critical_comm_ms_median": statistics.median(critical),
           "optim_bytes": [x["optim_bytes"] for x in summary["ranks"]],
           "param_bytes": [x["param_bytes"] for x in summary["ranks"]],
           "losses": [s["loss"] for s in steps],

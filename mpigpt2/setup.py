@@ -62,10 +62,11 @@ def plan(args, world, node_ranks=(0,), node_of=None, net=(None, "")):
                          node_memory_bytes(), len(node_ranks),
                          args.virtual_stages, args.rank_order,
                          node_of if node_of is not None and len(node_of) == world else None,
-                         net[0])
+                         net[0], shared_default(args))
     train = DataLoader(args.train_data, B, T, vocab_size=cfg.vocab_size, flag="--train-data",
                        shuffle=args.shuffle, seed=args.seed)
-    notes = []
+    notes = [] if args.pp or args.dp else [default_note(args, cfg, layout, world, node_ranks,
+                                                         node_of, net)]
     val = validation_loader(args, cfg, notes)
     resume = find_resume(args, cfg, train, notes) if args.resume else None
     if not (args.print_schedule or args.no_memory_check):
@@ -83,6 +84,25 @@ def plan(args, world, node_ranks=(0,), node_of=None, net=(None, "")):
                             f"name like model.bin")
         check_writable(os.path.dirname(os.path.abspath(args.save)), "--save")
     return Plan(cfg, layout, train, val, resume, notes, net)
+
+
+def shared_default(args):
+    """Whether --shared-dp auto (or on) would share where replicas meet on a node."""
+    return args.shared_dp != "off" and not args.zero and args.grad_reduce == "auto"
+
+
+def default_note(args, cfg, layout, world, node_ranks, node_of, net):
+    """Why the default layout: the step model's prediction for each pp it weighed."""
+    node_of = node_of if node_of is not None and len(node_of) == world else None
+    scores = lay.default_pp_scores(world, cfg, args.batch_size, args.seq_len,
+                                   node_memory_bytes(), len(node_ranks), net[0], node_of,
+                                   shared_default(args))
+    others = ", ".join(f"pp {p} {1e3 * t:.0f}" for p, t in sorted(scores.items())
+                       if p != layout.pp)
+    return (f"layout: pp {layout.pp} × dp {layout.dp} by the step model: predicted "
+            f"{1e3 * scores.get(layout.pp, float('nan')):.0f} ms/step"
+            + (f" (ms/step of the others: {others})" if others else "")
+            + (", node-shared dp" if shared_default(args) and layout.dp > 1 else ""))
 
 
 def validation_loader(args, cfg, notes):

@@ -161,9 +161,9 @@ def allreduce_sum(comm, values, waiter=None, kind="reduce"):
     return buf
 
 
-def barrier(comm, waiter=None):
-    """A polled barrier."""
-    (waiter or Waiter()).wait([comm.Ibarrier()], "barrier", lambda: "barrier")
+def barrier(comm, waiter=None, kind="barrier", what="barrier"):
+    """A polled barrier (its wait counted as `kind`, described as `what` if it stalls)."""
+    (waiter or Waiter()).wait([comm.Ibarrier()], kind, lambda: what)
 
 
 def gather_model(grid, stage, layout, grads=False, flat=None):

@@ -90,11 +90,20 @@ class Layout:
         return d
 
 
-def default_pp(world, cfg, B, T, mem_bytes=None, ranks_per_node=None, net=None, node_of=None):
+def default_pp(world, cfg, B, T, mem_bytes=None, ranks_per_node=None, net=None, node_of=None,
+               shared=True):
     """Default rule: among the pp that divide world (pp ≤ L, B divisible by dp·pp) and whose
     per-rank training state fits in half the node's memory, the one with the smallest
-    predicted step time (stepcost.default_layout_seconds on the job's network; ties: the
-    larger pp). dp = world / pp."""
+    predicted step time (stepcost.default_layout_seconds on the job's network, node-shared
+    dp where `shared`; ties: the larger pp). dp = world / pp."""
+    scores = default_pp_scores(world, cfg, B, T, mem_bytes, ranks_per_node, net, node_of,
+                               shared)
+    return min(scores, key=lambda p: (scores[p], -p))
+
+
+def default_pp_scores(world, cfg, B, T, mem_bytes=None, ranks_per_node=None, net=None,
+                      node_of=None, shared=True):
+    """{pp: predicted seconds per step} of default_pp's candidates."""
     from mpigpt2.model.params import num_parameters
     L = cfg.num_layers
     ranks_per_node = ranks_per_node or world
@@ -109,8 +118,8 @@ def default_pp(world, cfg, B, T, mem_bytes=None, ranks_per_node=None, net=None, 
                 if costs.STATE_BYTES * num_parameters(cfg) / p * ranks_per_node <= mem_bytes / 2]
         cands = fits or [max(cands)]
     from mpigpt2.parallel.stepcost import default_layout_seconds
-    return min(cands, key=lambda p: (default_layout_seconds(
-        cfg, B, T, world, p, balanced_partition(cfg, T, p), net, node_of), -p))
+    return {p: default_layout_seconds(cfg, B, T, world, p, balanced_partition(cfg, T, p), net,
+                                      node_of, shared) for p in cands}
 
 
 @functools.lru_cache(maxsize=256)
@@ -250,14 +259,15 @@ def choose_rank_order(cfg, layout, B, T, node_of, order):
 
 def resolve(world, cfg, B, T, pp=None, dp=None, stage_layers=None, microbatches=None,
             slice_tokens=None, schedule=None, mem_bytes=None, ranks_per_node=None,
-            virtual_stages=None, rank_order="pipe", node_of=None, net=None):
-    """Check the requested layout and fill in defaults; raise UserError naming the bad flag."""
+            virtual_stages=None, rank_order="pipe", node_of=None, net=None, shared=True):
+    """Check the requested layout and fill in defaults; raise UserError naming the bad flag.
+    shared: the default layout may count on node-shared dp (--shared-dp not off)."""
     L = cfg.num_layers
     for flag, v in (("--pp", pp), ("--dp", dp), ("--microbatches", microbatches)):
         if v is not None and v < 1:
             raise UserError(f"{flag} must be ≥ 1, got {v}")
     if pp is None and dp is None:
-        pp = default_pp(world, cfg, B, T, mem_bytes, ranks_per_node, net, node_of)
+        pp = default_pp(world, cfg, B, T, mem_bytes, ranks_per_node, net, node_of, shared)
     if pp is None:
         if world % dp:
             raise UserError(f"--dp {dp} does not divide the {world} MPI ranks")

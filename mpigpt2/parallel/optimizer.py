@@ -104,7 +104,7 @@ def make_optimizer(grid, stage, zero=0, beta1=0.9, beta2=0.999, eps=1e-8, weight
     parameters are written."""
     hyper = (beta1, beta2, eps, weight_decay)
     if shared:
-        return SharedAdam(grid, stage, *hyper, node_id=node_id, overlap=overlap)
+        return SharedAdam(grid, stage, *hyper, node_id=node_id)
     if zero:
         return ZeroAdam(grid, stage, *hyper, overlap)
     return ReplicatedAdam(grid, stage, *hyper, hierarchical, node_id)

@@ -85,8 +85,8 @@ class Runner:
                                        c=self.chunk[a.s])
                     self._tick("backward", t0, str(a), a)
                 elif a.kind == "REDUCE":
-                    self.reducer.start_rest()
                     t0 = time.perf_counter()
+                    self.reducer.start_rest()
                     self.reducer.wait()
                     self._tick("allreduce", t0, "allreduce wait")
             except Exception:

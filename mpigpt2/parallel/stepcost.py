@@ -22,6 +22,9 @@ SIMULATE_UNITS = 1536
 LOOPBACK_BPS = costs.ALLREDUCE_BPS  # bytes/s between ranks of one node, unless measured
 LOOPBACK_LATENCY = 3e-6   # s
 STEP_OVERHEAD = 2e-3      # s per step: data, loss and metrics gathers, Python bookkeeping
+SHARED_SUM_BPS = 10e9     # bytes read + written per second by one rank summing gradient slots
+                          # in shared memory: 9–24 GB/s measured for 8–2 slots on a 2-core
+                          # node (docs/design.md#node-shared-data-parallelism)
 ZERO_COMM = 4.0           # ZeRO-1's rooted reduces and broadcasts (a few per tensor and owner)
                           # ÷ a ring allreduce of the same bytes: measured on a 2-core node,
                           # gpt2-124m dp 2 (docs/design.md#the-step-model)
@@ -60,6 +63,19 @@ def hierarchical_allreduce(nbytes, nodes, net):
         per_node[n] = per_node.get(n, 0) + 1
     r = max(per_node.values())
     inside = ring_allreduce(nbytes, [0] * r, net)
+    return inside + ring_allreduce(nbytes, sorted(per_node), net)
+
+
+def shared_reduce(nbytes, nodes, net, n=None):
+    """Node-shared reduction (parallel/shared.py) of nbytes over ranks on `nodes`: each of a
+    node's n ranks sums its 1/n of the n gradient slots in shared memory (n slices read, one
+    written), then the slices are allreduced between nodes, n rings side by side over the
+    node's links (priced as one ring of all the bytes)."""
+    per_node = {}
+    for x in nodes:
+        per_node[x] = per_node.get(x, 0) + 1
+    n = n or max(per_node.values())
+    inside = nbytes * (n + 1) / n / SHARED_SUM_BPS if n > 1 else 0.0
     return inside + ring_allreduce(nbytes, sorted(per_node), net)
 
 
@@ -210,11 +226,12 @@ def pipeline_part(cfg, layout, B, T, compute, net=Net(), node_of=None):
 
 
 def step_seconds(cfg, layout, B, T, compute, net=Net(), node_of=None, zero=False,
-                 adamw_seconds=2e-9, hierarchical=False, pipeline=None):
+                 adamw_seconds=2e-9, hierarchical=False, pipeline=None, shared=False):
     """{"step", "pipeline", "reduce", "optimizer", "bubble"} predicted for layout (seconds;
     bubble: the pipelined part's idle fraction). node_of[world rank] gives nodes (None: one
     node); adamw_seconds the optimizer's time per parameter; pipeline: pipeline_part's
-    result when already known (it does not depend on zero or the reduction)."""
+    result when already known (it does not depend on zero or the reduction); shared:
+    node-shared data parallelism where two or more replicas of a stage share a node."""
     from mpigpt2.model.params import ParamLayout
     pipe, idle = pipeline or pipeline_part(cfg, layout, B, T, compute, net, node_of)
     nodes = node_of or [0] * (layout.pp * layout.dp)
@@ -227,6 +244,13 @@ def step_seconds(cfg, layout, B, T, compute, net=Net(), node_of=None, zero=False
         P = ParamLayout(cfg, layout.rank_spec(r)).size
         ring = [nodes[layout.world_rank(r, q)] for q in range(layout.dp)]
         own = wte if r in (first, last) else 0  # the tied wte: summed over its holders
+        n = max(ring.count(x) for x in ring) if shared and not zero else 1
+        if n > 1:  # one copy per node: the in-node sum, slices between nodes, 1/n updated
+            t = shared_reduce(4 * P, ring, net)
+            if own and first != last:  # wte's slices: with the other wte stage, every node
+                t += ring_allreduce(4 * own / n, sorted(set(ring)) * 2, net)
+            reduce, opt = max(reduce, t), max(opt, P / n * adamw_seconds)
+            continue
         t = allreduce(4 * (P - own), ring, net)
         if own:
             t += allreduce(4 * own, holders if first != last else ring, net)
@@ -237,14 +261,15 @@ def step_seconds(cfg, layout, B, T, compute, net=Net(), node_of=None, zero=False
             "bubble": idle}
 
 
-def default_layout_seconds(cfg, B, T, world, pp, stage_layers, net=None, node_of=None):
+def default_layout_seconds(cfg, B, T, world, pp, stage_layers, net=None, node_of=None,
+                           shared=True):
     """The default layout's score of pp (parallel/layout.py default_pp): 1F1B over
     M = pp micro-batches (1 when B does not split so) of 4 slices at pp > 1, a FLOP rate per
-    rank, the optimizer left out (the same total work whatever pp is)."""
+    rank, the optimizer included (node-shared dp updates 1/n of it per rank)."""
     from mpigpt2.parallel.layout import Layout
     dp = world // pp
     M = pp if B % dp == 0 and (B // dp) % pp == 0 else 1
     n = 4 if pp > 1 and T % 4 == 0 else 1
     lay = Layout(pp, dp, tuple(stage_layers), M, T // n, "1f1b")
     return step_seconds(cfg, lay, B, T, FlopModel(cfg), net or Net(), node_of,
-                        adamw_seconds=0.0)["step"]
+                        shared=shared)["step"]
