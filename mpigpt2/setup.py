@@ -151,7 +151,8 @@ def check_memory(args, cfg, layout, world, node_ranks):
         return
     itemsize = 8 if args.dtype == "float64" else 4
     B, T = args.batch_size, args.seq_len
-    need, worst, rank = mem.node_estimate(cfg, layout, node_ranks, B, T, itemsize, args.zero)
+    need, worst, rank = mem.node_estimate(cfg, layout, node_ranks, B, T, itemsize, args.zero,
+                                          shared_default(args))
     if need <= limit:
         return
     fit = mem.suggest(cfg, layout, world, node_ranks, B, T, itemsize, args.zero, limit)

@@ -174,39 +174,45 @@ def test_a_rank_count_no_layout_fits_is_refused(cluster, shards, tmp_path):
     assert not (job.out_dir / "metrics.jsonl").exists()
 
 
-@pytest.mark.timeout(600)
-def test_hierarchical_reduction_across_nodes(cluster, shards, tmp_path):
+@pytest.mark.timeout(900)
+def test_node_shared_and_hierarchical_reduction_across_nodes(cluster, shards, tmp_path):
     """dp 4 on two nodes of two ranks: every data-parallel group spans the nodes with two
-    ranks on each, so auto times MPI's allreduce against the node/leaders/node reduction and
-    says both; the network line shows the start-up probe. Hierarchical and MPI's reduction
-    each train to one process's losses within the parity matrix's float32 tolerance, and
-    the hierarchical run's leaders moved at least the gradients over the links."""
+    ranks on each. By default the two replicas of a node share one copy in shared memory and
+    their slices cross the links (node-shared dp); with --shared-dp off, auto times MPI's
+    allreduce against the node/leaders/node reduction and says both; the network line shows
+    the start-up probe. Every reduction trains to one process's losses within the parity
+    matrix's float32 tolerance, and the node-shared and hierarchical runs moved at least the
+    gradients over the links."""
     base = flags(shards)[:-10] + ["--peak-gflops", "100", "--microbatches", "1"]
     one = tmp_path / "one"
     r = subprocess.run([sys.executable, "-m", "mpigpt2.train", *base, "--out-dir", str(one)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     ref = [loss for _, loss in losses(one)]
-    for mode in ("auto", "hier", "mpi"):
+    for mode, extra in (("shared", []), ("timed", ["--shared-dp", "off"]),
+                        ("hier", ["--grad-reduce", "hier"]), ("mpi", ["--grad-reduce", "mpi"])):
         before = traffic(cluster)
         out = tmp_path / mode
         r = cluster.run("srun", "-N", "2", "-n", "4", "--ntasks-per-node", "2", "--mpi=pmi2",
                         "--chdir", tmp_path, sys.executable, "-m", "mpigpt2.train", *base,
-                        "--pp", "1", "--dp", "4", "--grad-reduce", mode, "--out-dir", out,
+                        "--pp", "1", "--dp", "4", *extra, "--out-dir", out,
                         timeout=300, check=False)
         assert r.returncode == 0, r.stdout + r.stderr + cluster.logs()
         print("\n".join(x for x in r.stdout.splitlines()  # (the record: -s shows it)
                         if x.startswith(("gradient reduction", "network ("))))
-        if mode == "auto":
-            assert "gradient reduction: " in r.stdout and "timed: MPI " in r.stdout, r.stdout
+        if mode == "shared":
+            assert "gradient reduction: node-shared" in r.stdout and "2 replicas of a stage " \
+                "per node share one copy" in r.stdout, r.stdout
             assert "network (probe)" in r.stdout or "network (cache)" in r.stdout, r.stdout
+        elif mode == "timed":
+            assert "gradient reduction: " in r.stdout and "timed: MPI " in r.stdout, r.stdout
         else:
-            assert f"(--grad-reduce)" in r.stdout and ("hierarchical (node" in r.stdout) == (
+            assert f"(--grad-reduce" in r.stdout and ("hierarchical (node" in r.stdout) == (
                 mode == "hier"), r.stdout
         got = [loss for _, loss in losses(out)]
         assert len(got) == len(ref) and all(abs(a - b) <= PARITY_F32 * abs(b)
                                             for a, b in zip(got, ref)), (mode, got, ref)
-        if mode == "hier":
+        if mode in ("shared", "hier"):
             assert sent(before, traffic(cluster)) >= volumes()[0] / 2
 
 

@@ -4,7 +4,8 @@ and a layout that would fit when the flags' one does not (pure; docs/design.md#m
 Per rank (bytes of the training dtype, P = the stage's parameters, wte counted on the first
 and on the last stage):
 - parameters and gradients 2·P, Adam moments 2·P (2·P/dp with --zero 1, plus its gradient
-  shard P/dp);
+  shard P/dp; node-shared dp with n replicas of the stage on the node: its gradient slot P
+  and 1/n of the node's one copy of parameters and moments, 3·P/n);
 - the message slabs of the pipeline: (M, n, b·k, C) per direction and role present;
 - per micro-batch alive at once: K/V caches and their dK/dV accumulators, 4·L_s·b·T·C;
 - per (micro-batch, slice) alive at once (forward done, backward not yet): per layer 14·C per
@@ -63,15 +64,19 @@ class Estimate:
         return self.state + self.activations + self.checkpoint
 
 
-def rank_estimate(cfg, layout, rank, B, T, itemsize, zero, rank0=False, progs=None):
+def rank_estimate(cfg, layout, rank, B, T, itemsize, zero, rank0=False, progs=None,
+                  shared_n=1):
     """The bytes pipe rank `rank` allocates at its peak (each of its stages' activations
-    counted at that stage's own peak: an upper bound with virtual stages)."""
+    counted at that stage's own peak: an upper bound with virtual stages); shared_n: the
+    replicas of its stage sharing one copy on its node (node-shared dp)."""
     spec = layout.rank_spec(rank)
     P = ParamLayout(cfg, spec).size
     dp, M, k = layout.dp, layout.microbatches, layout.slice_tokens
     b = B // dp // M  # (k: the longest slice; a slab holds all T tokens of a micro-batch)
     C, NH, Vp = cfg.channels, cfg.num_heads, cfg.padded_vocab_size
     state = (2 * P + (3 * P // dp if zero else 2 * P)) * itemsize
+    if shared_n > 1 and not zero:
+        state = (P + 3 * P // shared_n) * itemsize
     if progs is None:
         progs = layout.programs(T)
     prog = progs[rank]
@@ -92,12 +97,14 @@ def rank_estimate(cfg, layout, rank, B, T, itemsize, zero, rank0=False, progs=No
     return Estimate(state, activations, checkpoint if rank0 else 0)
 
 
-def node_estimate(cfg, layout, node_ranks, B, T, itemsize, zero):
-    """(bytes on this node at its peak, the largest rank's Estimate, that rank)."""
+def node_estimate(cfg, layout, node_ranks, B, T, itemsize, zero, shared=False):
+    """(bytes on this node at its peak, the largest rank's Estimate, that rank); shared:
+    node-shared dp where replicas of a stage meet on the node."""
     progs = layout.programs(T)
-    per = {r: rank_estimate(cfg, layout, layout.coords(r)[0], B, T, itemsize, zero, r == 0,
-                            progs)
-           for r in node_ranks}
+    stages = [layout.coords(r)[0] for r in node_ranks]
+    per = {r: rank_estimate(cfg, layout, s, B, T, itemsize, zero, r == 0, progs,
+                            stages.count(s) if shared else 1)
+           for r, s in zip(node_ranks, stages)}
     worst = max(per, key=lambda r: per[r].total)
     return sum(e.total for e in per.values()), per[worst], worst
 

@@ -117,7 +117,8 @@ def price(cfg, plan_, B, T, cluster, compute, adamw_seconds, hierarchical=False,
         if memo is not None:
             memo[key] = pipe
     plan_.cost = stepcost.step_seconds(cfg, lay, B, T, compute, cluster.net, node_of,
-                                       bool(plan_.zero), adamw_seconds, hierarchical, pipe)
+                                       bool(plan_.zero), adamw_seconds, hierarchical, pipe,
+                                       shared=not plan_.zero)  # (the trainer's --shared-dp auto)
     return plan_
 
 

@@ -1,0 +1,73 @@
+"""Node-shared data parallelism's pure parts: the in-place slot sum (parallel/shared.py), its
+price in the step model (parallel/stepcost.py) and its memory (parallel/memory.py). The
+reduction itself runs in the MPI parity matrix (tests/mpi, rows +shared and +shared4)."""
+
+import numpy as np
+import pytest
+
+from mpigpt2.model.config import GPTConfig
+from mpigpt2.model.params import ParamLayout
+from mpigpt2.parallel import memory, shared, stepcost
+from mpigpt2.parallel.layout import resolve
+
+CFG = GPTConfig(max_seq_len=64, vocab_size=500, padded_vocab_size=512, num_layers=4,
+                num_heads=2, channels=32)
+NET = stepcost.Net(intra_latency=1e-6, intra_bps=1e9, inter_latency=1e-5, inter_bps=1e8)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 2, 3, 8])
+@pytest.mark.parametrize("lo,hi,block", [(0, 5000, 2048), (7, 4099, 2048), (100, 101, 16),
+                                         (0, 5000, 1)])
+def test_slot_sum_is_the_sequence_of_adds_bit_for_bit(dtype, n, lo, hi, block):
+    """slot 0 over [lo, hi) becomes ((g0 + g1) + g2) + … exactly, nothing else changes."""
+    rng = np.random.default_rng(n)
+    slots = (rng.standard_normal((n, 5000)) * 10.0 ** rng.integers(-8, 8, (n, 5000)))
+    slots = slots.astype(dtype)
+    want = slots.copy()
+    for j in range(1, n):
+        want[0, lo:hi] = want[0, lo:hi] + slots[j, lo:hi]
+    shared._sum_kernel()(slots, lo, hi, block)
+    assert np.array_equal(slots, want)
+
+
+def test_shared_reduce_prices_the_in_node_sum_and_the_ring_between_nodes():
+    nbytes = 8e6
+    assert stepcost.shared_reduce(nbytes, [0], NET) == 0.0
+    inside = nbytes * 5 / 4 / stepcost.SHARED_SUM_BPS  # 4 ranks: 4 slices read, 1 written
+    assert stepcost.shared_reduce(nbytes, [0] * 4, NET) == pytest.approx(inside)
+    # two nodes of 4: the same in-node sum, then all the bytes ringed between the two nodes
+    assert stepcost.shared_reduce(nbytes, [0] * 4 + [1] * 4, NET) == pytest.approx(
+        inside + stepcost.ring_allreduce(nbytes, [0, 1], NET))
+    # one node: far below MPI's ring over the same ranks (loopback at 1 GB/s here)
+    assert stepcost.shared_reduce(nbytes, [0] * 8, NET) < \
+        stepcost.ring_allreduce(nbytes, [0] * 8, NET) / 5
+
+
+def test_step_model_updates_one_nth_per_rank_when_shared():
+    lay = resolve(4, CFG, 8, 32, 1, 4)
+    P = ParamLayout(CFG, lay.rank_spec(0)).size
+    compute = stepcost.FlopModel(CFG)
+    rep = stepcost.step_seconds(CFG, lay, 8, 32, compute, NET, adamw_seconds=1e-6)
+    sh = stepcost.step_seconds(CFG, lay, 8, 32, compute, NET, adamw_seconds=1e-6, shared=True)
+    assert rep["optimizer"] == pytest.approx(P * 1e-6)
+    assert sh["optimizer"] == pytest.approx(P / 4 * 1e-6)
+    assert sh["reduce"] < rep["reduce"]
+    # ranks of a stage on separate nodes share nothing: the same as without
+    spread = stepcost.step_seconds(CFG, lay, 8, 32, compute, NET, [0, 1, 2, 3],
+                                   adamw_seconds=1e-6, shared=True)
+    assert spread == stepcost.step_seconds(CFG, lay, 8, 32, compute, NET, [0, 1, 2, 3],
+                                           adamw_seconds=1e-6)
+
+
+def test_memory_counts_one_copy_of_parameters_and_moments_per_node():
+    lay = resolve(4, CFG, 8, 32, 1, 4)
+    P = ParamLayout(CFG, lay.rank_spec(0)).size
+    rep, _, _ = memory.node_estimate(CFG, lay, [0, 1, 2, 3], 8, 32, 4, 0)
+    sh, worst, _ = memory.node_estimate(CFG, lay, [0, 1, 2, 3], 8, 32, 4, 0, shared=True)
+    assert worst.state == (P + 3 * P // 4) * 4  # its gradient slot and a quarter of the copy
+    assert rep - sh == 4 * ((4 * P) - (P + 3 * P // 4)) * 4
+
+
+def test_node_bytes_are_parameters_moments_and_every_slot():
+    assert shared.node_bytes(4, 1000, 4) == (3 + 4) * 1000 * 4
