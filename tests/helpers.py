@@ -87,3 +87,9 @@ def digest(root):
             else:
                 out.append((p, stat.S_IFMT(st_.st_mode)))
     return out
+
+
+def two_cores():
+    """A command prefix pinning a process tree to two of this machine's CPUs (a 2-core node,
+    whatever the machine has: for the busy-ranks default)."""
+    return ["taskset", "-c", ",".join(map(str, sorted(os.sched_getaffinity(0))[:2]))]

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from helpers import run, mpiexec
-from helpers import train_cmd
+from helpers import train_cmd, two_cores
 from tolerances import PARITY_F32
 
 
@@ -38,7 +38,8 @@ def one_process(tmp_path_factory, shards):
      "pp 4 × dp 2 | stages [1, 1, 1, 1] | M=1 k=8 1f1b"),  # 1F1B with M < pp
 ])
 def test_8_ranks_match_one_process(tmp_path, shards, one_process, extra, shown):
-    eight = run(mpiexec(8) + train_cmd(shards, tmp_path / "eight", *COMMON, *extra))
+    pin = two_cores() if not extra else []  # (the default's busy ranks: one per core)
+    eight = run(pin + mpiexec(8) + train_cmd(shards, tmp_path / "eight", *COMMON, *extra))
     assert eight.returncode == 0, eight.stderr
     assert shown in eight.stdout
     a, b = one_process, losses(tmp_path / "eight")

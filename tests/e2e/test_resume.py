@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from helpers import run, mpiexec, train_cmd, start, finish, descendants, cmdline
+from helpers import run, mpiexec, train_cmd, start, finish, descendants, cmdline, two_cores
 from tolerances import PARITY_F32
 
 STEPS = 12
@@ -90,6 +90,28 @@ def test_resume_under_another_layout(tmp_path, shards, reference):
     assert r.returncode == 0, r.stderr
     got, want = dict(losses(out)), dict(losses(ref_out))
     assert sorted(got) == list(range(6, STEPS))
+    assert max(abs(got[s] - want[s]) / want[s] for s in got) < PARITY_F32
+
+
+@pytest.mark.timeout(300)
+def test_idle_ranks_end_with_the_busy_ranks_status(tmp_path, shards, reference):
+    """8 ranks on this 2-core machine: 2 compute, 6 wait (--busy-ranks auto). A scheduler's
+    signal to every process: the busy ranks checkpoint and exit 3, and so does the whole job
+    (the idle ranks take the busy ranks' status); the resumed job (8 ranks again) continues
+    to one process's losses."""
+    two = two_cores()
+    out = tmp_path / "run"
+    p = start(two + cmd(shards, out, 8))  # (two cores, whatever the machine has)
+    wait_for_step(out, 4, p)
+    os.killpg(p.pid, signal.SIGTERM)
+    code, stdout, err = finish(p)
+    assert code == 3, err
+    assert "busy ranks: 2 of 8" in stdout, stdout
+    assert ckpts(out), "no checkpoint written on the signal"
+    r = run(two + cmd(shards, out, 8, "--resume", "auto"))
+    assert r.returncode == 0, r.stderr
+    got, want = dict(losses(out)), dict(losses(reference[1][0]))
+    assert sorted(got) == list(range(STEPS))
     assert max(abs(got[s] - want[s]) / want[s] for s in got) < PARITY_F32
 
 
