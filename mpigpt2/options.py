@@ -126,6 +126,12 @@ def parse_args(argv=None):
     a("--peak-gflops", type=float, default=None, help="per-core float32 peak for MFU "
       "(default: a one-off matmul probe, cached)")
     a("--warmup-report", type=int, default=2, help="steps left out of the end-of-run summary")
+    fault_flags(a)
+    return p.parse_args(argv)
+
+
+def fault_flags(a):
+    """The flags about stalls, errors and the failure tests (a: the parser's add_argument)."""
     a("--stall-seconds", type=float, default=60.0, help="report waits longer than this")
     a("--stall-abort", action="store_true", help="abort the job when a wait stalls")
     a("--wait-timeout", type=float, default=1800.0, help="abort the job when any single wait "
@@ -133,7 +139,6 @@ def parse_args(argv=None):
     a("--debug", action="store_true", help="show tracebacks for input errors")
     a("--inject-error", default=None, help=argparse.SUPPRESS)  # "RANK:STEP", for failure tests
     a("--inject-delay", default=None, help=argparse.SUPPRESS)  # "RANK:STEP:SECONDS" (stalls)
-    return p.parse_args(argv)
 
 
 def check_args(args):

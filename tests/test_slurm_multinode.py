@@ -34,10 +34,14 @@ B, T = 4, 32
 CROSSED = {}  # rank order -> bytes the block-placed srun run sent over the links
 
 
-def flags(shards):
+def flags(shards, mpi_reduction=True):
+    """The runs compared bit for bit across placements, launchers and a requeue: with MPI's
+    reduction everywhere (node-shared dp, where a placement puts two replicas of a stage on one
+    node, sums in another order: equal to float32 rounding, test_node_shared_… below)."""
     train, _ = shards
-    return ["--model", "gpt2-tiny", "--batch-size", str(B), "--seq-len", str(T), "--steps",
-            str(STEPS), "--checkpoint-every", "2", "--keep-checkpoints", "0", "--val-data", "",
+    return (["--shared-dp", "off"] if mpi_reduction else []) + [
+        "--model", "gpt2-tiny", "--batch-size", str(B), "--seq-len", str(T), "--steps",
+        str(STEPS), "--checkpoint-every", "2", "--keep-checkpoints", "0", "--val-data", "",
             "--sample-tokens", "0", "--train-data", str(train), "--pp", "2", "--dp", "2",
             "--microbatches", "2", "--slice-tokens", "16", "--peak-gflops", "100"]
 
@@ -183,7 +187,8 @@ def test_node_shared_and_hierarchical_reduction_across_nodes(cluster, shards, tm
     the start-up probe. Every reduction trains to one process's losses within the parity
     matrix's float32 tolerance, and the node-shared and hierarchical runs moved at least the
     gradients over the links."""
-    base = flags(shards)[:-10] + ["--peak-gflops", "100", "--microbatches", "1"]
+    base = flags(shards, mpi_reduction=False)[:-10] + ["--peak-gflops", "100",
+                                                      "--microbatches", "1"]
     one = tmp_path / "one"
     r = subprocess.run([sys.executable, "-m", "mpigpt2.train", *base, "--out-dir", str(one)],
                        capture_output=True, text=True, timeout=300)
