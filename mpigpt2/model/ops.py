@@ -2,7 +2,8 @@
 
 Activations are 2-D (rows, C) with rows = b*S in (sequence, token) order; S is the number of
 tokens of the current slice and P the length of the cached key/value prefix before it.
-Backward functions accumulate (+=) into parameter gradients and return input gradients.
+Backward functions accumulate (+=) into parameter gradients and return input gradients;
+with acc=False they assign instead (the first write of a step, docs/design.md#first-writes).
 (docs/design.md#token-slices)
 """
 
@@ -56,10 +57,14 @@ def layernorm_backward(dout, norm, rstd, w, dw, db):
     return layernorm_backward_input(dout, norm, rstd, w)
 
 
-def layernorm_backward_weight(dout, norm, dw, db):
-    """The weight part (W) of LayerNorm's backward: accumulate dw, db (C,)."""
-    db += dout.sum(axis=0)
-    dw += np.einsum("nc,nc->c", dout, norm)
+def layernorm_backward_weight(dout, norm, dw, db, acc=True):
+    """The weight part (W) of LayerNorm's backward: accumulate (acc) or assign dw, db (C,)."""
+    if acc:
+        db += dout.sum(axis=0)
+        dw += np.einsum("nc,nc->c", dout, norm)
+    else:
+        np.sum(dout, axis=0, out=db)
+        np.einsum("nc,nc->c", dout, norm, out=dw)
 
 
 def layernorm_backward_input(dout, norm, rstd, w):
@@ -91,11 +96,17 @@ def matmul_backward(dout, x, w, dw, dbias):
     return matmul_backward_input(dout, w)
 
 
-def matmul_backward_weight(dout, x, dw, dbias):
-    """The weight part (W): accumulate dw (OUT, IN) += dout.T @ x and dbias (OUT,)."""
-    dw += dout.T @ x
+def matmul_backward_weight(dout, x, dw, dbias, acc=True):
+    """The weight part (W): dw (OUT, IN) += dout.T @ x and dbias (OUT,) += column sums of
+    dout; acc=False assigns them instead (BLAS writes dw directly: no temporary, no add)."""
+    if acc:
+        dw += dout.T @ x
+        if dbias is not None:
+            dbias += dout.sum(axis=0)
+        return
+    np.matmul(dout.T, x, out=dw)
     if dbias is not None:
-        dbias += dout.sum(axis=0)
+        np.sum(dout, axis=0, out=dbias)
 
 
 def matmul_backward_input(dout, w):
