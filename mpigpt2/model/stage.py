@@ -248,12 +248,12 @@ class Stage:
         dfch = ops.gelu_backward(ops.matmul_backward_input(dout, p["fcprojw"][i]), fch,
                                  fch_tanh)  # (b*S, 4C)
         dln2 = ops.matmul_backward_input(dfch, p["fcw"][i])  # (b*S, C)
-        dx2 = dout + ops.layernorm_backward_input(dln2, norm2, rstd2, p["ln2w"][i])  # (b*S, C)
+        dx2 = ops.layernorm_backward_input(dln2, norm2, rstd2, p["ln2w"][i], dout)  # (b*S, C)
         datty = ops.matmul_backward_input(dx2, p["attprojw"][i])  # (b*S, C)
         dqkv = ops.attention_backward(datty, q, att, st.k[kv], st.v[kv], st.dk[kv], st.dv[kv],
                                       pos0)  # (b*S, 3C)
         dln1 = ops.matmul_backward_input(dqkv, p["qkvw"][i])  # (b*S, C)
-        dx_in = dx2 + ops.layernorm_backward_input(dln1, norm1, rstd1, p["ln1w"][i])
+        dx_in = ops.layernorm_backward_input(dln1, norm1, rstd1, p["ln1w"][i], dx2)
 
         def w():  # in backward order: fcproj, fc, ln2, attproj, qkv, ln1
             acc = self._accumulate(i)  # decided when W runs: split backward defers it
