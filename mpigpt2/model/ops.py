@@ -108,11 +108,16 @@ def matmul_backward(dout, x, w, dw, dbias):
     return matmul_backward_input(dout, w)
 
 
+ACC_BLOCK = 1 << 22  # elements of an accumulated weight gradient's product per block (16 MiB)
+
+
 def matmul_backward_weight(dout, x, dw, dbias, acc=True):
     """The weight part (W): dw (OUT, IN) += dout.T @ x and dbias (OUT,) += column sums of
     dout; acc=False assigns them instead (BLAS writes dw directly: no temporary, no add)."""
-    if acc:
-        dw += dout.T @ x
+    if acc:  # the product in row blocks of ≤ ACC_BLOCK elements: a small temporary, in cache
+        rows = max(1, ACC_BLOCK // dw.shape[1])
+        for r0 in range(0, dw.shape[0], rows):
+            dw[r0:r0 + rows] += dout[:, r0:r0 + rows].T @ x  # (rows, IN)
         if dbias is not None:
             dbias += dout.sum(axis=0)
         return
