@@ -243,12 +243,23 @@ def attention_backward(dout, q, att, kcache, vcache, dkacc, dvacc, P, block=ATT_
 # ---------------------------------------------------------------------------------------------
 # logits softmax + cross-entropy, fused with its backward
 
+CE_ROWS = 8  # logits rows per block of the loss: 8 x 50304 floats stay in L2 through the passes
+
+
 def crossentropy_forward_backward(logits, targets, V, dloss):
     """Turn logits (N, Vp) into dlogits in place; return the per-token losses (N,) in float64.
 
     Only the first V columns enter the softmax; padded columns get zero gradient.
-    dloss is d(total loss)/d(token loss), 1/(B*T) for llm.c's mean loss.
+    dloss is d(total loss)/d(token loss), 1/(B*T) for llm.c's mean loss. Rows are
+    independent: done CE_ROWS at a time, each block's passes run in cache.
     """
+    N = logits.shape[0]
+    return np.concatenate([_crossentropy_rows(logits[r0:r0 + CE_ROWS], targets[r0:r0 + CE_ROWS],
+                                              V, dloss) for r0 in range(0, N, CE_ROWS)])
+
+
+def _crossentropy_rows(logits, targets, V, dloss):
+    """crossentropy_forward_backward of a block of rows (n, Vp)."""
     N = logits.shape[0]
     lv = logits[:, :V]  # (N, V) view
     lv -= lv.max(axis=1, keepdims=True)
