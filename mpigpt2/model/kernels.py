@@ -1,12 +1,14 @@
-"""Fused elementwise loops (numba) for the memory-bound parts of ops.py.
+"""Fused loops (numba) for the memory-bound parts of ops.py.
 
-Each loop does in one pass over memory what a chain of numpy ufuncs did in several, with the
-same operations in the same order on the array dtype: compiled without fastmath (no FMA
-contraction, no reassociation), every product and sum rounds as the ufunc chain rounded, so
-results are bit-identical to it (tests/unit/test_kernels.py). Transcendentals stay numpy's
-(its tanh/exp are vectorised; numba's would be scalar libm calls). Scalars are passed in the
-array dtype so that no float64 literal widens a float32 loop. Arrays are flat and contiguous.
-(docs/design.md#fused-elementwise-loops)
+Each loop does in one or two passes over memory what a chain of numpy ufuncs did in several,
+with the same operations in the same order on the array dtype: compiled without fastmath (no
+FMA contraction, no reassociation), so every product and sum rounds as the ufunc chain
+rounded. The elementwise GELU loops are bit-identical to their chains; the row sums of
+LayerNorm and of the attention softmax run in 16 interleaved partial sums (a fixed order, as
+numpy's pairwise sums are), so those differ from numpy by float ulps (tests/unit/
+test_kernels.py). Transcendentals stay numpy's (its tanh/exp are vectorised; numba's would be
+scalar libm calls). Scalars are passed in the array dtype so that no float64 literal widens a
+float32 loop. (docs/design.md#fused-elementwise-loops)
 """
 
 import functools
@@ -14,11 +16,45 @@ import functools
 import numpy as np
 
 
+def _jit():
+    """numba's njit as every loop here is compiled (on first use; cached on disk like optim's
+    AdamW loop)."""
+    from numba import njit
+    return njit(cache=True, nogil=True, error_model="numpy", boundscheck=False)
+
+
 @functools.cache
 def compiled():
-    """The loops, compiled on first use (cached on disk like optim's AdamW loop)."""
-    from numba import njit
-    jit = njit(cache=True, nogil=True, error_model="numpy", boundscheck=False)
+    """Every loop by name."""
+    return {**_gelu(), **_layernorm(), **_scores()}
+
+
+@functools.cache
+def _dot():
+    jit = _jit()
+
+    @jit
+    def dot(a, b, n, acc):
+        """Σ a[j]·b[j] over j < n in 16 interleaved partial sums (acc: scratch of 16), added
+        up in order at the end: a fixed order like numpy's pairwise sums, which vectorises."""
+        acc[:] = 0
+        m = n - n % 16
+        for j in range(0, m, 16):
+            for lane in range(16):
+                acc[lane] += a[j + lane] * b[j + lane]
+        t = acc[0]
+        for lane in range(1, 16):
+            t += acc[lane]
+        for j in range(m, n):
+            t += a[j] * b[j]
+        return t
+
+    return dot
+
+
+@functools.cache
+def _gelu():
+    jit = _jit()
 
     @jit
     def gelu_tanh_arg(x, th, c, s, one):
@@ -42,21 +78,13 @@ def compiled():
             du = ((du * (one - ti * ti)) + ti) + one
             dx[i] = (du * half) * dout[i]
 
-    @jit
-    def dot(a, b, n, acc):
-        """Σ a[j]·b[j] over j < n in 16 interleaved partial sums (acc: scratch of 16), added
-        up in order at the end: a fixed order like numpy's pairwise sums, which vectorises."""
-        acc[:] = 0
-        m = n - n % 16
-        for j in range(0, m, 16):
-            for lane in range(16):
-                acc[lane] += a[j + lane] * b[j + lane]
-        t = acc[0]
-        for lane in range(1, 16):
-            t += acc[lane]
-        for j in range(m, n):
-            t += a[j] * b[j]
-        return t
+    return {"gelu_tanh_arg": gelu_tanh_arg, "gelu_from_tanh": gelu_from_tanh,
+            "gelu_grad": gelu_grad}
+
+
+@functools.cache
+def _layernorm():
+    jit, dot = _jit(), _dot()
 
     @jit
     def layernorm(x, w, b, out, norm, rstd, ones, eps, one, acc):
@@ -90,6 +118,13 @@ def compiled():
             for j in range(C):
                 v = ((dn[j] - m1) - norm[n, j] * m2) * r
                 dx[n, j] = residual[n, j] + v if add else v
+
+    return {"layernorm": layernorm, "layernorm_grad": layernorm_grad}
+
+
+@functools.cache
+def _scores():
+    jit, dot = _jit(), _dot()
 
     @jit
     def scores_shift(att, i, r0, r1, n, scale, acc):
@@ -147,7 +182,5 @@ def compiled():
                 for j in range(L, n):
                     d[j] = 0
 
-    return {"gelu_tanh_arg": gelu_tanh_arg, "gelu_from_tanh": gelu_from_tanh,
-            "gelu_grad": gelu_grad, "layernorm": layernorm, "layernorm_grad": layernorm_grad,
-            "scores_shift": scores_shift, "scores_normalize": scores_normalize,
+    return {"scores_shift": scores_shift, "scores_normalize": scores_normalize,
             "scores_grad": scores_grad}
