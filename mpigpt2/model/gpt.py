@@ -12,7 +12,7 @@ class GPT:
     def __init__(self, cfg, dtype=np.float32, seed=None):
         self.cfg = cfg
         self.stage = Stage(cfg, full_spec(cfg), dtype)
-        self.params, self.grads = self.stage.p, self.stage.g
+        self.params = self.stage.p
         if seed is not None:
             init_params(cfg, self.stage.spec, self.params, seed)
         self._pending = None
@@ -20,6 +20,10 @@ class GPT:
     @property
     def flat(self):
         return self.stage.flat
+
+    @property
+    def grads(self):
+        return self.stage.g
 
     @property
     def grad_flat(self):

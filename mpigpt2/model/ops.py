@@ -2,13 +2,16 @@
 
 Activations are 2-D (rows, C) with rows = b*S in (sequence, token) order; S is the number of
 tokens of the current slice and P the length of the cached key/value prefix before it.
-Backward functions accumulate (+=) into parameter gradients and return input gradients.
+Backward functions accumulate (+=) into parameter gradients and return input gradients;
+with acc=False they assign instead (the first write of a step, docs/design.md#first-writes).
 (docs/design.md#token-slices)
 """
 
 import math
 
 import numpy as np
+
+from mpigpt2.model import kernels
 
 LN_EPS = 1e-5
 GELU_SCALE = math.sqrt(2.0 / math.pi)
@@ -40,13 +43,12 @@ def encoder_backward(dwte, dwpe, dx, tokens, pos0):
 
 def layernorm_forward(x, w, b):
     """x (N, C) -> out (N, C), norm (N, C) = (x-mean)*rstd, rstd (N, 1)."""
-    mean = x.mean(axis=1, keepdims=True)  # (N, 1)
-    xc = x - mean  # (N, C)
-    var = np.einsum("nc,nc->n", xc, xc)[:, None] / x.shape[1]  # (N, 1)
-    rstd = 1.0 / np.sqrt(var + LN_EPS)  # (N, 1)
-    norm = np.multiply(xc, rstd, out=xc)  # (N, C)
-    out = norm * w  # (N, C)
-    out += b
+    N, C = x.shape
+    dt = x.dtype.type
+    out, norm = np.empty_like(x), np.empty_like(x)  # (N, C) each
+    rstd = np.empty((N, 1), dtype=x.dtype)  # (N, 1)
+    kernels.compiled()["layernorm"](x, w, b, out, norm, rstd, _ones(C, x.dtype), dt(LN_EPS),
+                                    dt(1.0), np.empty(16, x.dtype))
     return out, norm, rstd
 
 
@@ -56,22 +58,37 @@ def layernorm_backward(dout, norm, rstd, w, dw, db):
     return layernorm_backward_input(dout, norm, rstd, w)
 
 
-def layernorm_backward_weight(dout, norm, dw, db):
-    """The weight part (W) of LayerNorm's backward: accumulate dw, db (C,)."""
-    db += dout.sum(axis=0)
-    dw += np.einsum("nc,nc->c", dout, norm)
+def layernorm_backward_weight(dout, norm, dw, db, acc=True):
+    """The weight part (W) of LayerNorm's backward: accumulate (acc) or assign dw, db (C,)."""
+    if acc:
+        db += dout.sum(axis=0)
+        dw += np.einsum("nc,nc->c", dout, norm)
+    else:
+        np.sum(dout, axis=0, out=db)
+        np.einsum("nc,nc->c", dout, norm, out=dw)
 
 
-def layernorm_backward_input(dout, norm, rstd, w):
-    """The input part (I) of LayerNorm's backward: dx (N, C)."""
-    dnorm = dout * w  # (N, C)
-    C = dout.shape[1]
-    mean_dnorm = dnorm.mean(axis=1, keepdims=True)  # (N, 1)
-    mean_dnorm_norm = np.einsum("nc,nc->n", dnorm, norm)[:, None] / C  # (N, 1)
-    dnorm -= mean_dnorm
-    dnorm -= norm * mean_dnorm_norm
-    dnorm *= rstd
-    return dnorm
+def layernorm_backward_input(dout, norm, rstd, w, residual=None):
+    """The input part (I) of LayerNorm's backward: dx (N, C), plus residual (N, C) if given
+    (the gradient that reaches the same tensor through the skip connection)."""
+    N, C = dout.shape
+    dx = np.empty_like(dout)  # (N, C)
+    add = residual is not None
+    kernels.compiled()["layernorm_grad"](dout, norm, rstd, w, dx, residual if add else dx, add,
+                                         _ones(C, dout.dtype), dout.dtype.type(1.0),
+                                         np.empty(16, dout.dtype), np.empty(C, dout.dtype))
+    return dx
+
+
+_ONES = {}
+
+
+def _ones(C, dtype):
+    """A cached row of C ones (the kernels' plain sums are dot products with it)."""
+    key = (C, np.dtype(dtype).str)
+    if key not in _ONES:
+        _ONES[key] = np.ones(C, dtype=dtype)
+    return _ONES[key]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,11 +108,22 @@ def matmul_backward(dout, x, w, dw, dbias):
     return matmul_backward_input(dout, w)
 
 
-def matmul_backward_weight(dout, x, dw, dbias):
-    """The weight part (W): accumulate dw (OUT, IN) += dout.T @ x and dbias (OUT,)."""
-    dw += dout.T @ x
+ACC_BLOCK = 1 << 22  # elements of an accumulated weight gradient's product per block (16 MiB)
+
+
+def matmul_backward_weight(dout, x, dw, dbias, acc=True):
+    """The weight part (W): dw (OUT, IN) += dout.T @ x and dbias (OUT,) += column sums of
+    dout; acc=False assigns them instead (BLAS writes dw directly: no temporary, no add)."""
+    if acc:  # the product in row blocks of ≤ ACC_BLOCK elements: a small temporary, in cache
+        rows = max(1, ACC_BLOCK // dw.shape[1])
+        for r0 in range(0, dw.shape[0], rows):
+            dw[r0:r0 + rows] += dout[:, r0:r0 + rows].T @ x  # (rows, IN)
+        if dbias is not None:
+            dbias += dout.sum(axis=0)
+        return
+    np.matmul(dout.T, x, out=dw)
     if dbias is not None:
-        dbias += dout.sum(axis=0)
+        np.sum(dout, axis=0, out=dbias)
 
 
 def matmul_backward_input(dout, w):
@@ -111,23 +139,19 @@ def gelu_forward(x):
 
     th is what backward needs (it saves recomputing the tanh); gelu(x) = 0.5 x (1 + th).
     """
-    th = x * x  # (N, H)
-    th *= GELU_CUBE
-    th += 1.0
-    th *= x
-    th *= GELU_SCALE
+    k, dt = kernels.compiled(), x.dtype.type
+    th = np.empty_like(x)  # (N, H)
+    k["gelu_tanh_arg"](x.reshape(-1), th.reshape(-1), dt(GELU_CUBE), dt(GELU_SCALE), dt(1.0))
     np.tanh(th, out=th)
-    out = th + 1.0  # (N, H)
-    out *= x
-    out *= 0.5
-    return out, th
+    return gelu_recompute(x, th), th
 
 
 def gelu_recompute(x, th):
     """gelu(x) (N, H) from the saved tanh, for the weight gradient of the next matmul."""
-    out = th + 1.0  # (N, H)
-    out *= x
-    out *= 0.5
+    dt = x.dtype.type
+    out = np.empty_like(x)  # (N, H)
+    kernels.compiled()["gelu_from_tanh"](x.reshape(-1), th.reshape(-1), out.reshape(-1),
+                                         dt(1.0), dt(0.5))
     return out
 
 
@@ -136,69 +160,58 @@ def gelu_backward(dout, x, th):
 
     d/dx 0.5 x (1 + th) = 0.5 (1 + th) + 0.5 x (1 - th^2) sqrt(2/pi) (1 + 3·0.044715 x^2)
     """
-    du = x * x  # (N, H)
-    du *= 3.0 * GELU_CUBE * GELU_SCALE
-    du += GELU_SCALE
-    du *= x
-    sech2 = th * th  # (N, H)
-    np.subtract(1.0, sech2, out=sech2)
-    du *= sech2
-    du += th
-    du += 1.0
-    du *= 0.5
-    du *= dout
-    return du
+    dt = x.dtype.type
+    dx = np.empty_like(x)  # (N, H)
+    kernels.compiled()["gelu_grad"](dout.reshape(-1), x.reshape(-1), th.reshape(-1),
+                                    dx.reshape(-1), dt(3.0 * GELU_CUBE * GELU_SCALE),
+                                    dt(GELU_SCALE), dt(1.0), dt(0.5))
+    return dx
 
 
 # ---------------------------------------------------------------------------------------------
 # causal self-attention over a slice with a cached key/value prefix
 
-def causal_mask(S, P):
-    """Boolean (S, P+S): True where query i (at position P+i) must not see key j."""
-    return np.arange(P + S)[None, :] > (P + np.arange(S))[:, None]
+# queries per block: a block of rows [r0, r1) needs only the keys [0, P+r1) (causal), so
+# blocking skips most of the masked upper triangle (docs/design.md#blocked-causal-attention)
+ATT_BLOCK = 64
 
 
-_MASKS = {}
+def query_blocks(S, block):
+    """Row ranges [r0, r1) of a slice of S queries, block rows each (the last may be short)."""
+    return [(r0, min(S, r0 + block)) for r0 in range(0, S, block)]
 
 
-def causal_bias(S, P, dtype):
-    """Additive mask (S, P+S): 0 where query i may see key j, -inf where it must not."""
-    key = (S, P, np.dtype(dtype).str)
-    if key not in _MASKS:
-        if len(_MASKS) > 256:
-            _MASKS.clear()
-        _MASKS[key] = np.where(causal_mask(S, P), -np.inf, 0.0).astype(dtype)
-    return _MASKS[key]
-
-
-def attention_forward(qkv, kcache, vcache, b, NH, P):
+def attention_forward(qkv, kcache, vcache, b, NH, P, block=ATT_BLOCK):
     """One slice of S tokens whose keys/values are appended to the cache at [P, P+S).
 
     qkv (b*S, 3C); kcache, vcache (b, NH, T, hs) hold positions [0, P) already.
-    Returns out (b*S, C), q (b, NH, S, hs), att (b, NH, S, P+S).
+    Returns out (b*S, C), q (b, NH, S, hs), att (b, NH, S, P+S) (zero where masked).
     """
     C = qkv.shape[1] // 3
     S = qkv.shape[0] // b
     hs = C // NH
+    k, dt = kernels.compiled(), qkv.dtype.type
     qkv4 = qkv.reshape(b, S, 3, NH, hs)
     q = np.ascontiguousarray(qkv4[:, :, 0].transpose(0, 2, 1, 3))  # (b, NH, S, hs)
     kcache[:, :, P:P + S] = qkv4[:, :, 1].transpose(0, 2, 1, 3)
     vcache[:, :, P:P + S] = qkv4[:, :, 2].transpose(0, 2, 1, 3)
-    K = kcache[:, :, :P + S]  # (b, NH, P+S, hs)
-    V = vcache[:, :, :P + S]  # (b, NH, P+S, hs)
-    att = q @ K.transpose(0, 1, 3, 2)  # (b, NH, S, P+S)
-    att *= 1.0 / math.sqrt(hs)
-    if S > 1:
-        att += causal_bias(S, P, att.dtype)
-    att -= att.max(axis=-1, keepdims=True)
-    np.exp(att, out=att)
-    att /= att.sum(axis=-1, keepdims=True)
-    y = att @ V  # (b, NH, S, hs)
-    out = np.ascontiguousarray(y.transpose(0, 2, 1, 3)).reshape(b * S, C)  # (b*S, C)
-    return out, q, att
+    att = np.empty((b, NH, S, P + S), dtype=qkv.dtype)  # (b, NH, S, P+S)
+    out = np.empty((b, S, NH, hs), dtype=qkv.dtype)  # (b, S, NH, hs) = (b*S, C)
+    y = out.transpose(0, 2, 1, 3)  # (b, NH, S, hs) view: each (S, hs) matrix BLAS-writable
+    ones, acc = _ones(P + S, qkv.dtype), np.empty(16, qkv.dtype)
+    for i in range(b):  # one sequence's block of scores stays in cache through the softmax
+        for r0, r1 in query_blocks(S, block):
+            n = P + r1  # keys the block's rows may see
+            a = att[i, :, r0:r1, :n]  # (NH, R, n)
+            np.matmul(q[i, :, r0:r1], kcache[i, :, :n].transpose(0, 2, 1), out=a)
+            k["scores_shift"](att, i, r0, r1, n, dt(1.0 / math.sqrt(hs)), acc)
+            np.exp(a, out=a)
+            k["scores_normalize"](att, i, r0, r1, n, ones, dt(1.0), acc)
+            np.matmul(a, vcache[i, :, :n], out=y[i, :, r0:r1])  # (NH, R, hs)
+    return out.reshape(b * S, C), q, att
 
 
-def attention_backward(dout, q, att, kcache, vcache, dkacc, dvacc, P):
+def attention_backward(dout, q, att, kcache, vcache, dkacc, dvacc, P, block=ATT_BLOCK):
     """Backward of one slice; slices must run in reverse order over the same accumulators.
 
     dout (b*S, C); dkacc, dvacc (b, NH, T, hs) collect every later slice's contribution, so
@@ -206,20 +219,22 @@ def attention_backward(dout, q, att, kcache, vcache, dkacc, dvacc, P):
     """
     b, NH, S, hs = q.shape
     C = NH * hs
-    scale = 1.0 / math.sqrt(hs)
-    K = kcache[:, :, :P + S]  # (b, NH, P+S, hs)
-    V = vcache[:, :, :P + S]  # (b, NH, P+S, hs)
+    k, dt = kernels.compiled(), q.dtype.type
+    acc = np.empty(16, q.dtype)
     dy = np.ascontiguousarray(dout.reshape(b, S, NH, hs).transpose(0, 2, 1, 3))  # (b, NH, S, hs)
-    datt = dy @ V.transpose(0, 1, 3, 2)  # (b, NH, S, P+S)
-    dvacc[:, :, :P + S] += att.transpose(0, 1, 3, 2) @ dy
-    # softmax backward: dpre = att * (datt - sum(att * datt)); masked entries have att = 0
-    datt -= np.einsum("bhsp,bhsp->bhs", att, datt)[..., None]
-    datt *= att
-    datt *= scale
-    dq = datt @ K  # (b, NH, S, hs)
-    dkacc[:, :, :P + S] += datt.transpose(0, 1, 3, 2) @ q
     dqkv = np.empty((b, S, 3, NH, hs), dtype=dout.dtype)  # (b, S, 3, NH, hs)
-    dqkv[:, :, 0] = dq.transpose(0, 2, 1, 3)
+    dq = dqkv[:, :, 0].transpose(0, 2, 1, 3)  # (b, NH, S, hs) view, BLAS-writable
+    for i in range(b):
+        for r0, r1 in query_blocks(S, block):
+            n = P + r1
+            a = att[i, :, r0:r1, :n]  # (NH, R, n)
+            dyb = dy[i, :, r0:r1]  # (NH, R, hs)
+            datt = dyb @ vcache[i, :, :n].transpose(0, 2, 1)  # (NH, R, n)
+            dvacc[i, :, :n] += a.transpose(0, 2, 1) @ dyb
+            # softmax backward: dpre = att * (datt - sum(att * datt)), scaled
+            k["scores_grad"](datt, att, i, r0, r1, n, dt(1.0 / math.sqrt(hs)), acc)
+            np.matmul(datt, kcache[i, :, :n], out=dq[i, :, r0:r1])  # (NH, R, hs)
+            dkacc[i, :, :n] += datt.transpose(0, 2, 1) @ q[i, :, r0:r1]
     dqkv[:, :, 1] = dkacc[:, :, P:P + S].transpose(0, 2, 1, 3)
     dqkv[:, :, 2] = dvacc[:, :, P:P + S].transpose(0, 2, 1, 3)
     return dqkv.reshape(b * S, 3 * C)
@@ -228,12 +243,23 @@ def attention_backward(dout, q, att, kcache, vcache, dkacc, dvacc, P):
 # ---------------------------------------------------------------------------------------------
 # logits softmax + cross-entropy, fused with its backward
 
+CE_ROWS = 8  # logits rows per block of the loss: 8 x 50304 floats stay in L2 through the passes
+
+
 def crossentropy_forward_backward(logits, targets, V, dloss):
     """Turn logits (N, Vp) into dlogits in place; return the per-token losses (N,) in float64.
 
     Only the first V columns enter the softmax; padded columns get zero gradient.
-    dloss is d(total loss)/d(token loss), 1/(B*T) for llm.c's mean loss.
+    dloss is d(total loss)/d(token loss), 1/(B*T) for llm.c's mean loss. Rows are
+    independent: done CE_ROWS at a time, each block's passes run in cache.
     """
+    N = logits.shape[0]
+    return np.concatenate([_crossentropy_rows(logits[r0:r0 + CE_ROWS], targets[r0:r0 + CE_ROWS],
+                                              V, dloss) for r0 in range(0, N, CE_ROWS)])
+
+
+def _crossentropy_rows(logits, targets, V, dloss):
+    """crossentropy_forward_backward of a block of rows (n, Vp)."""
     N = logits.shape[0]
     lv = logits[:, :V]  # (N, V) view
     lv -= lv.max(axis=1, keepdims=True)

@@ -9,7 +9,7 @@ model on one process is simply the stage that owns every layer, with one slice o
 import numpy as np
 
 from mpigpt2.model import ops
-from mpigpt2.model.params import ParamLayout
+from mpigpt2.model.params import LAYER_NAMES, ParamLayout
 
 
 class _MicroBatch:
@@ -50,8 +50,10 @@ class Stage:
         self.cfg, self.spec, self.dtype = cfg, spec, np.dtype(dtype)
         self.layout = ParamLayout(cfg, spec)
         self.flat, self.p = self.layout.alloc(self.dtype)
-        self.grad_flat, self.g = self.layout.alloc(self.dtype)
+        self._grad_flat, self._g = self.layout.alloc(self.dtype)
         self.nl = len(spec.layers)
+        self._groups = self._grad_groups()
+        self._fresh = set()  # groups not written since zero_grad: their first write assigns
         # chunk c (a virtual stage; one chunk without them) runs local layers layers[c]
         self.chunks = spec.chunks
         starts = np.cumsum([0] + [len(c.layers) for c in self.chunks]).tolist()
@@ -63,7 +65,48 @@ class Stage:
 
     # -----------------------------------------------------------------------------------------
     def zero_grad(self):
-        self.grad_flat[...] = 0.0
+        """Start a step's gradients at zero without a memset: every group (a layer's tensors,
+        wte, wpe, lnf) is marked unwritten and its first write of the step assigns
+        (docs/design.md#first-writes); whatever is still unwritten reads zero."""
+        self._fresh = set(self._groups)
+
+    def _grad_groups(self):
+        """Gradient groups: key -> views written together by one weight part."""
+        g = self._g
+        groups = {i: [g[n][i] for n in LAYER_NAMES] for i in range(self.nl)}
+        for key, names in (("wte", ("wte",)), ("wpe", ("wpe",)), ("lnf", ("lnfw", "lnfb"))):
+            if names[0] in g:
+                groups[key] = [g[n] for n in names]
+        return groups
+
+    def _accumulate(self, key):
+        """For a weight part about to write group key in full: False the first time in a step
+        (assign), True after (accumulate)."""
+        if key in self._fresh:
+            self._fresh.discard(key)
+            return False
+        return True
+
+    def _zero_unwritten(self, keys=None):
+        """Zero groups (all by default) not written yet this step, for writes that cover only
+        part of a tensor (the embeddings' scatter-add) and for readers of the gradients."""
+        for key in list(self._fresh if keys is None else keys):
+            if key in self._fresh:
+                self._fresh.discard(key)
+                for v in self._groups[key]:
+                    v.fill(0.0)
+
+    @property
+    def grad_flat(self):
+        """The flat gradient buffer (every tensor of the stage, in layout order)."""
+        self._zero_unwritten()
+        return self._grad_flat
+
+    @property
+    def g(self):
+        """Named gradient views into grad_flat."""
+        self._zero_unwritten()
+        return self._g
 
     def rebind(self, flat=None, grad_flat=None):
         """Keep the parameters (or gradients) in another (size,) buffer from now on, e.g.
@@ -164,7 +207,7 @@ class Stage:
     def _backward(self, mb, pos0, dx_out, layer_done, split, c):
         """I for every piece, in reverse order; each piece's W runs at once (B) or is kept
         (split). Docs: docs/design.md#token-slices (order), #schedules-as-data (I and W)."""
-        p, g, st, spec = self.p, self.g, self.mbs[c, mb], self.chunks[c]
+        p, g, st, spec = self.p, self._g, self.mbs[c, mb], self.chunks[c]
         saved = st.saved.pop(pos0)
         kept = self.pending.setdefault((c, mb, pos0), []) if split else None
 
@@ -184,8 +227,9 @@ class Stage:
             dx = ops.layernorm_backward_input(dlnf, normf, rstdf, p["lnfw"])  # (b*S, C)
 
             def head_w():
-                ops.matmul_backward_weight(dlogits, lnf, g["wte"], None)
-                ops.layernorm_backward_weight(dlnf, normf, g["lnfw"], g["lnfb"])
+                ops.matmul_backward_weight(dlogits, lnf, g["wte"], None, self._accumulate("wte"))
+                ops.layernorm_backward_weight(dlnf, normf, g["lnfw"], g["lnfb"],
+                                              self._accumulate("lnf"))
             weight("head", head_w)
         else:
             dx = dx_out  # (b*S, C)
@@ -195,35 +239,40 @@ class Stage:
             self.drop(mb, c)  # slice 0 is the last backward of the micro-batch
         if spec.first:
             tokens = saved["tokens"]
-            weight("embed", lambda: ops.encoder_backward(g["wte"], g["wpe"], dx, tokens, pos0))
+
+            def embed_w():  # a scatter-add and a row range: zero first if not written yet
+                self._zero_unwritten(("wte", "wpe"))
+                ops.encoder_backward(g["wte"], g["wpe"], dx, tokens, pos0)
+            weight("embed", embed_w)
             return None
         return dx
 
     def _layer_input(self, i, kv, dx, saved_i, st, pos0, weight):
         """Layer i's input gradient (kv: its index in the chunk's caches); hands its weight
         part to weight(i, fn)."""
-        p, g = self.p, self.g
+        p, g = self.p, self._g
         ln1, norm1, rstd1, q, att, atty, ln2, norm2, rstd2, fch, fch_tanh = saved_i
         dout = dx  # (b*S, C) the layer's output gradient: residual and fcproj
         dfch = ops.gelu_backward(ops.matmul_backward_input(dout, p["fcprojw"][i]), fch,
                                  fch_tanh)  # (b*S, 4C)
         dln2 = ops.matmul_backward_input(dfch, p["fcw"][i])  # (b*S, C)
-        dx2 = dout + ops.layernorm_backward_input(dln2, norm2, rstd2, p["ln2w"][i])  # (b*S, C)
+        dx2 = ops.layernorm_backward_input(dln2, norm2, rstd2, p["ln2w"][i], dout)  # (b*S, C)
         datty = ops.matmul_backward_input(dx2, p["attprojw"][i])  # (b*S, C)
         dqkv = ops.attention_backward(datty, q, att, st.k[kv], st.v[kv], st.dk[kv], st.dv[kv],
                                       pos0)  # (b*S, 3C)
         dln1 = ops.matmul_backward_input(dqkv, p["qkvw"][i])  # (b*S, C)
-        dx_in = dx2 + ops.layernorm_backward_input(dln1, norm1, rstd1, p["ln1w"][i])
+        dx_in = ops.layernorm_backward_input(dln1, norm1, rstd1, p["ln1w"][i], dx2)
 
         def w():  # in backward order: fcproj, fc, ln2, attproj, qkv, ln1
+            acc = self._accumulate(i)  # decided when W runs: split backward defers it
             fch_gelu = ops.gelu_recompute(fch, fch_tanh)  # (b*S, 4C)
-            ops.matmul_backward_weight(dout, fch_gelu, g["fcprojw"][i], g["fcprojb"][i])
+            ops.matmul_backward_weight(dout, fch_gelu, g["fcprojw"][i], g["fcprojb"][i], acc)
             del fch_gelu
-            ops.matmul_backward_weight(dfch, ln2, g["fcw"][i], g["fcb"][i])
-            ops.layernorm_backward_weight(dln2, norm2, g["ln2w"][i], g["ln2b"][i])
-            ops.matmul_backward_weight(dx2, atty, g["attprojw"][i], g["attprojb"][i])
-            ops.matmul_backward_weight(dqkv, ln1, g["qkvw"][i], g["qkvb"][i])
-            ops.layernorm_backward_weight(dln1, norm1, g["ln1w"][i], g["ln1b"][i])
+            ops.matmul_backward_weight(dfch, ln2, g["fcw"][i], g["fcb"][i], acc)
+            ops.layernorm_backward_weight(dln2, norm2, g["ln2w"][i], g["ln2b"][i], acc)
+            ops.matmul_backward_weight(dx2, atty, g["attprojw"][i], g["attprojb"][i], acc)
+            ops.matmul_backward_weight(dqkv, ln1, g["qkvw"][i], g["qkvb"][i], acc)
+            ops.layernorm_backward_weight(dln1, norm1, g["ln1w"][i], g["ln1b"][i], acc)
         weight(i, w)
         return dx_in  # (b*S, C)
 

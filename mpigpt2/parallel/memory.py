@@ -12,8 +12,8 @@ and on the last stage):
   token of saved activations plus the attention probabilities NH·T per token (bounded by the
   longest prefix), on the last stage also lnf (2·C per token) and the logits (Vp per token);
 - the working set of one slice: its widest temporaries (16·C and 3·NH·T per token), one
-  weight gradient's product (4·C·C), on the last stage one more logits-sized array and the
-  product of the tied embedding's gradient (Vp·C);
+  weight gradient's product when writes accumulate (4·C·C, or a block of the tied
+  embedding's; a step's first write has none), on the last stage one more logits-sized array;
 - 16 MiB of Python objects, MPI requests and small arrays;
 - rank 0 at a checkpoint: the gathered model and both moments, 3·N (N = all parameters).
 How many micro-batches and slices are alive at once is read off the rank's own action list
@@ -23,6 +23,7 @@ How many micro-batches and slices are alive at once is read off the rank's own a
 from dataclasses import dataclass
 
 from mpigpt2.base.errors import UserError
+from mpigpt2.model.ops import ACC_BLOCK
 from mpigpt2.model.params import ParamLayout, num_parameters
 from mpigpt2.parallel.layout import resolve
 
@@ -91,7 +92,11 @@ def rank_estimate(cfg, layout, rank, B, T, itemsize, zero, rank0=False, progs=No
         acts += units * per_unit + mbs * 4 * nl * b * T * C
         slabs += 2 * M * b * T * C * sum(a.kind in ("RECV_F", "RECV_B") and a.s == s and
                                              a.mb == 0 and a.j == 0 for a in prog)
-    work = b * k * (16 * C + 3 * NH * T) + 4 * C * C + ((b * k + C) * Vp if spec.last else 0)
+    # a weight gradient's product exists only when a write accumulates (not the step's
+    # first): 4·C·C, or one block of the tied embedding's (model.ops.ACC_BLOCK elements)
+    accumulates = M * -(-T // k) * len(spec.chunks) > 1
+    product = max(4 * C * C, min(Vp * C, ACC_BLOCK) if spec.last else 0) if accumulates else 0
+    work = b * k * (16 * C + 3 * NH * T) + product + (b * k * Vp if spec.last else 0)
     activations = (acts + slabs + work) * itemsize + RUNTIME_BYTES
     checkpoint = 3 * num_parameters(cfg) * max(itemsize, 4) + (2 * P * itemsize if zero else 0)
     return Estimate(state, activations, checkpoint if rank0 else 0)
