@@ -114,7 +114,9 @@ class Stage:
         if flat is not None:
             self.flat, self.p = flat, self.layout.views(flat)
         if grad_flat is not None:
-            self.grad_flat, self.g = grad_flat, self.layout.views(grad_flat)
+            self._grad_flat, self._g = grad_flat, self.layout.views(grad_flat)
+            self._groups = self._grad_groups()
+            self._fresh = set(self._groups)
 
     def begin(self, mb, b, T, c=0):
         """Start micro-batch mb of b sequences of T tokens in chunk c (allocates its KV cache)."""

@@ -140,6 +140,7 @@ class SharedAdam:
         """Once every local has written its slot (a node barrier): sum my slices bucket by
         bucket, starting each bucket's cross-node allreduces as soon as it is summed (in one
         order on every node), then wait for them."""
+        self.stage.grad_flat  # (the whole slot: a group this step never wrote reads zero)
         self.bufs[3].sync()  # my slot's writes before the barrier that announces them
         barrier(self.local, self.grid.waiter, "allreduce",
                 "the in-node gradient reduction (every local's backward)")
