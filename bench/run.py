@@ -1032,10 +1032,8 @@ def bench_node(run):
     jobs = {"main": MAIN_JOB, "124m": ["--model", "gpt2-124m", "--batch-size", "8",
                                        "--seq-len", "256", "--train-data", TRAIN_DATA]}
     got, rows = {}, []
-    for rnd in range(1 if run.quick else 2):  # interleaved rounds: load hits every variant
+    for _ in range(1 if run.quick else 2):  # interleaved rounds: load hits every variant
         for rid, job, n, extra, what in NODE_RUNS:
-            if job == "124m" and rnd and run.quick:
-                continue
             try:
                 r = train_run(run, n, jobs[job] + ["--steps", steps[job]] + extra,
                               label=rid, timeout=1200)

@@ -96,6 +96,11 @@ class Stage:
                 for v in self._groups[key]:
                     v.fill(0.0)
 
+    def finish_grads(self):
+        """The step's backward is over: zero the groups it never wrote, so that a reader
+        holding the buffer (a gradient reducer) sees the whole step's gradient."""
+        self._zero_unwritten()
+
     @property
     def grad_flat(self):
         """The flat gradient buffer (every tensor of the stage, in layout order)."""

@@ -25,7 +25,7 @@ class GradReducer:
     """
 
     def __init__(self, grid, stage, hierarchical=False, node_id=None):
-        self.grid, self.g = grid, stage.g
+        self.grid, self.stage, self.g = grid, stage, stage.g
         self.reqs = []
         self.nl = stage.nl
         self.started = set()
@@ -59,6 +59,7 @@ class GradReducer:
     def start_rest(self):
         """The embeddings and final LayerNorm are final once the whole backward ran; layers
         not started yet (--no-overlap) start now."""
+        self.stage.finish_grads()
         for i in reversed(range(self.nl)):
             self.start_layer(i)
         if self.data_active:
@@ -74,6 +75,14 @@ class GradReducer:
         self.reqs, self.started, self.pending = [], set(), []
 
 
+def split_by_node(comm, color=None):
+    """The ranks of comm sharing this rank's node (MPI's COMM_TYPE_SHARED), or its colour
+    (the parity matrix emulates nodes on one machine so), ordered by their rank in comm."""
+    rank = comm.Get_rank()
+    return (comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank) if color is None
+            else comm.Split(color, rank))
+
+
 class NodeHierarchy:
     """A communicator's ranks grouped by node (docs/design.md#hierarchical-reduction): `node`
     holds the ranks sharing this rank's node, `leaders` the lowest of each node's (COMM_NULL
@@ -83,8 +92,7 @@ class NodeHierarchy:
     def __init__(self, comm, waiter, color=None):
         with waiter.bounded("the node groups of a reduction (Comm_split, set-up)"):
             rank = comm.Get_rank()
-            self.node = (comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank) if color is None
-                         else comm.Split(color, rank))
+            self.node = split_by_node(comm, color)
             lead = self.node.Get_rank() == 0
             self.leaders = comm.Split(0 if lead else MPI.UNDEFINED, rank)
             sizes = comm.allgather(self.node.Get_size())

@@ -20,7 +20,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mpigpt2.model.optim import AdamW
-from mpigpt2.parallel.collectives import allreduce_sum, barrier
+from mpigpt2.parallel.collectives import allreduce_sum, barrier, split_by_node
 from mpigpt2.parallel.zero import buckets, shard_bounds
 
 
@@ -67,10 +67,8 @@ class SharedBuffer:
 def node_groups(comm, color=None):
     """(locals, cross) of comm: the ranks sharing this rank's node (or colour), ordered by
     their rank in comm, and the ranks with this rank's local index on every node."""
-    rank = comm.Get_rank()
-    local = (comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank) if color is None
-             else comm.Split(color, rank))
-    return local, comm.Split(local.Get_rank(), rank)
+    local = split_by_node(comm, color)
+    return local, comm.Split(local.Get_rank(), comm.Get_rank())
 
 
 def node_bytes(n, N, itemsize):
@@ -140,7 +138,7 @@ class SharedAdam:
         """Once every local has written its slot (a node barrier): sum my slices bucket by
         bucket, starting each bucket's cross-node allreduces as soon as it is summed (in one
         order on every node), then wait for them."""
-        self.stage.grad_flat  # (the whole slot: a group this step never wrote reads zero)
+        self.stage.finish_grads()  # (the whole slot: a group never written reads zero)
         self.bufs[3].sync()  # my slot's writes before the barrier that announces them
         barrier(self.local, self.grid.waiter, "allreduce",
                 "the in-node gradient reduction (every local's backward)")
@@ -238,11 +236,9 @@ def choose(grid, stage_size, itemsize, mode, zero=0, grad_reduce="auto", color=N
     if grid.dp < 2:
         return False, "no data parallelism"
     with grid.waiter.bounded("the node-shared check (Comm_split, allgather)"):
-        rank = grid.data.Get_rank()
-        local = (grid.data.Split_type(MPI.COMM_TYPE_SHARED, key=rank) if color is None
-                 else grid.data.Split(color, rank))
+        local = split_by_node(grid.data, color)
         n = local.Get_size()
-        node = grid.world.Split_type(MPI.COMM_TYPE_SHARED) if color is None else local
+        node = split_by_node(grid.world) if color is None else local
         need = node.allreduce(node_bytes(n, stage_size, itemsize) // n)  # this node's total
         room = shm_room()
         fits = room is None or need <= 0.9 * room

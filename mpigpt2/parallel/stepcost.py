@@ -13,6 +13,7 @@ micro-batch, slice) units; above that TeraPipe's bound prices the bottleneck ran
 
 import abc
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 from mpigpt2.parallel import costs
@@ -58,9 +59,7 @@ def hierarchical_allreduce(nbytes, nodes, net):
     """Reduce inside each node, allreduce between one leader per node, broadcast inside the
     node (parallel/collectives.py): the largest node's in-node reduce and broadcast (as a
     ring's two halves) plus the leaders' ring."""
-    per_node = {}
-    for n in nodes:
-        per_node[n] = per_node.get(n, 0) + 1
+    per_node = Counter(nodes)
     r = max(per_node.values())
     inside = ring_allreduce(nbytes, [0] * r, net)
     return inside + ring_allreduce(nbytes, sorted(per_node), net)
@@ -71,9 +70,7 @@ def shared_reduce(nbytes, nodes, net, n=None):
     node's n ranks sums its 1/n of the n gradient slots in shared memory (n slices read, one
     written), then the slices are allreduced between nodes, n rings side by side over the
     node's links (priced as one ring of all the bytes)."""
-    per_node = {}
-    for x in nodes:
-        per_node[x] = per_node.get(x, 0) + 1
+    per_node = Counter(nodes)
     n = n or max(per_node.values())
     inside = nbytes * (n + 1) / n / SHARED_SUM_BPS if n > 1 else 0.0
     return inside + ring_allreduce(nbytes, sorted(per_node), net)
@@ -244,7 +241,7 @@ def step_seconds(cfg, layout, B, T, compute, net=Net(), node_of=None, zero=False
         P = ParamLayout(cfg, layout.rank_spec(r)).size
         ring = [nodes[layout.world_rank(r, q)] for q in range(layout.dp)]
         own = wte if r in (first, last) else 0  # the tied wte: summed over its holders
-        n = max(ring.count(x) for x in ring) if shared and not zero else 1
+        n = max(Counter(ring).values()) if shared and not zero else 1
         if n > 1:  # one copy per node: the in-node sum, slices between nodes, 1/n updated
             t = shared_reduce(4 * P, ring, net)
             if own and first != last:  # wte's slices: with the other wte stage, every node

@@ -95,13 +95,15 @@ class ShardedAdam:
                          for key, segs in buckets(lay, stage.nl).items()}
         self.red_reqs, self.started = [], set()
         self.gather_reqs = {}
+        # the buffer itself (reading stage.grad_flat would zero the layers not written yet)
+        self.grad = stage.grad_flat
 
     # -- gradients ------------------------------------------------------------------------------
     def _start(self, key):
         if key in self.started:
             return
         self.started.add(key)
-        g = self.stage.grad_flat
+        g = self.grad
         for part, a, b in self.segments[key]:
             for owner, x, y in part.pieces(a, b):
                 mine = part.gshard[x - part.lo:y - part.lo] if owner == part.r else None
@@ -116,6 +118,7 @@ class ShardedAdam:
 
     def start_rest(self):
         """After the whole backward: the embeddings, lnf, and layers not started yet."""
+        self.stage.finish_grads()
         for key in self.segments:
             self._start(key)
 
