@@ -285,7 +285,9 @@ def pool(results):
 def bench_single(run):
     # (B, T, warm-up, timed steps, rounds): rounds alternate the implementations so that a burst
     # of other load on the shared machine hits both, not one
-    configs = [(4, 64, 1, 2, 1)] if run.quick else [(4, 64, 1, 3, 2), (8, 256, 1, 2, 1)]
+    # at B8 T256 the heap reaches its steady size only in the second step (the first timed step
+    # after one warm-up still faults ~0.8 s of pages in; docs/design.md#a-heap-that-keeps-its-pages)
+    configs = [(4, 64, 1, 2, 1)] if run.quick else [(4, 64, 1, 3, 2), (8, 256, 2, 2, 1)]
     rows = []
     for B, T, warmup, steps, rounds in configs:
         cfg = (f"gpt2-124m B={B} T={T}, 1 thread, fp32, {rounds} round(s) of warm-up "
@@ -376,7 +378,8 @@ def bench_mfu(run):
             rows.append(row(
                 f"2.B{B}T{T}.{impl}", f"mfu/{impl}", config=f"gpt2-124m B={B} T={T}, 1 thread",
                 metric="MFU (best step) vs measured peak", value=fpt * tps / P,
-                target=Target(">=", 0.80) if (impl, B, T) == ("mpigpt2", 8, 256) else None,
+                target=(Target(">=", 0.88, note="issue 15") if (impl, B, T) == ("mpigpt2", 8, 256)
+                        else None),
                 notes=f"{fpt / 1e6:.0f} MFLOP/token (V={cfg.vocab_size}) × {tps:.1f} tok/s = "
                 f"{fpt * tps / 1e9:.1f} GFLOP/s; median-step MFU "
                 f"{fpt * r['tokens_per_s_median'] / P:.2f}",

@@ -4,7 +4,7 @@ glibc returns big freed blocks to the kernel (munmap, heap trimming), so the lar
 of every step (attention scores, MLP activations, logits) are page-faulted in again each step:
 measured up to a quarter of a step in kernel time. Serving every block from the heap and never
 trimming it keeps that memory mapped (the process keeps its peak footprint, which it needs every
-step anyway). Linux/glibc only; elsewhere a no-op.
+step anyway). Linux/glibc only; elsewhere a no-op. (docs/design.md#a-heap-that-keeps-its-pages)
 """
 
 import ctypes
@@ -12,6 +12,9 @@ import ctypes.util
 
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -2, -3, -4
 MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling on 64-bit (larger values are refused)
+# (parameter, value); a trim threshold of -1 turns trimming off (mallopt(3))
+SETTINGS = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1),
+            (M_TOP_PAD, 256 << 20))
 
 
 def tune():
@@ -28,11 +31,8 @@ def tune():
     # blocks above the mmap threshold (32 MiB at most: the logits of B·T ≥ 170 tokens of
     # GPT-2, attention scores and MLP activations of larger batches) would still be mapped
     # and faulted in afresh every step — measured 1-1.5 s of a 20 s GPT-2 124M step at
-    # B=8 T=256 — so take every block from the heap (M_MMAP_MAX = 0), which is never trimmed
-    return all(mallopt(p, v) == 1 for p, v in ((M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX),
-                                               (M_MMAP_MAX, 0),
-                                               (M_TRIM_THRESHOLD, 2 ** 31 - 1),
-                                               (M_TOP_PAD, 256 << 20)))
+    # B=8 T=256 — so take every block from the heap (M_MMAP_MAX = 0) and never trim it
+    return all(mallopt(p, v) == 1 for p, v in SETTINGS)
 
 
 def release():
