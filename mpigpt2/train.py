@@ -36,6 +36,7 @@ from mpigpt2.model.config import PRESETS
 from mpigpt2.model.optim import lr_at
 from mpigpt2.model.params import init_params, PARAM_NAMES
 from mpigpt2.model.stage import Stage
+from mpigpt2.model.warmup import warm_up
 from mpigpt2.observe import metrics as mx
 from mpigpt2.observe.peak import peak_gflops_per_core
 from mpigpt2.observe.runlog import RunLog
@@ -207,6 +208,7 @@ def start(args, plan, world, print0, waiter):
     grid = make_grid(world, layout.pp, layout.dp, waiter, layout.wte_ranks, layout.rank_order)
     spec = layout.rank_spec(grid.stage)
     stage = Stage(plan.cfg, spec, np.dtype(args.dtype))
+    warm_up(stage.dtype)  # numba's loops loaded now, not inside step 0 (model/warmup.py)
     shared_on, why = agree(world, lambda: shared.choose(
         grid, stage.layout.size, stage.dtype.itemsize, args.shared_dp, args.zero,
         args.grad_reduce), args.debug, waiter)
