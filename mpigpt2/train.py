@@ -70,7 +70,7 @@ def main(argv=None):
         signals.install()  # a signal is for the busy ranks to act on
         return busy.idle(world)
     if comm.Get_size() == world.Get_size():
-        return main_busy(args, comm, waiter)
+        return main_busy(args, comm, waiter, local=local)  # (every rank busy: same ranks)
     try:
         status = main_busy(args, comm, waiter, note)
     except SystemExit as e:  # (an agreed set-up error)
@@ -80,10 +80,12 @@ def main(argv=None):
     return status
 
 
-def main_busy(args, world, waiter, note=""):
-    """The run on the busy ranks (world: their communicator)."""
+def main_busy(args, world, waiter, note="", local=None):
+    """The run on the busy ranks (world: their communicator; local: its ranks on this node,
+    when already split)."""
     with waiter.bounded("the node's ranks (Comm_split_type, set-up)"):
-        local = world.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks sharing this node
+        if local is None:
+            local = world.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks sharing this node
         node_ranks = local.allgather(world.Get_rank())
         node_of = world.allgather(min(node_ranks))  # each rank's node (its lowest rank)
     print0 = print_on_rank0(world.Get_rank())

@@ -17,15 +17,19 @@ SETTINGS = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX), (M_MMAP_MAX, 0), (M_TRIM_THR
             (M_TOP_PAD, 256 << 20))
 
 
+def _libc_function(name):
+    """glibc's function `name`, or None (no C library found, or not glibc)."""
+    lib = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(lib), name) if lib else None
+    except (OSError, AttributeError):
+        return None
+
+
 def tune():
     """Returns True when glibc accepted the settings."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = _libc_function("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     # blocks above the mmap threshold (32 MiB at most: the logits of B·T ≥ 170 tokens of
@@ -39,10 +43,5 @@ def release():
     """Give freed heap memory back to the kernel (malloc_trim): after a checkpoint or a sample,
     whose gathered full-model buffers on rank 0 would otherwise stay resident for the rest of
     the run. The next step's temporaries fault in once again."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        return bool(ctypes.CDLL(name).malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+    malloc_trim = _libc_function("malloc_trim")
+    return malloc_trim is not None and bool(malloc_trim(0))
