@@ -52,6 +52,14 @@ def cpu_model():
     }
 
 
+def _blas_choice():
+    try:
+        from mpigpt2.base import blas
+        return blas.CHOICE
+    except ImportError:
+        return None
+
+
 def machine_info():
     """What the numbers were measured on: CPU, cores, numpy/BLAS, torch, MPI, BLAS env vars."""
     import numpy as np
@@ -67,6 +75,7 @@ def machine_info():
         "blas": {k: b.get(k) for k in ("internal_api", "version", "architecture",
                                       "threading_layer", "num_threads")},
         "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")},
+        "blas_choice": _blas_choice(),
         "loadavg_start": os.getloadavg(),
     }
     try:

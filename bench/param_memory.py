@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 
+import mpigpt2  # noqa: F401 - first: numpy's BLAS kernels as the trainer picks them
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

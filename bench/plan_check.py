@@ -4,6 +4,7 @@ this node) and run by `python -m mpigpt2.train` on this node."""
 
 import os
 
+import mpigpt2  # noqa: F401 - first: numpy's BLAS kernels as the trainer picks them
 import numpy as np
 
 MODEL, B, T = "gpt2-124m", 4, 128

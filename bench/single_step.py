@@ -13,6 +13,7 @@ import statistics
 import sys
 import time
 
+import mpigpt2  # noqa: F401 - first: numpy's BLAS kernels as the trainer picks them
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

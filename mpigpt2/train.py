@@ -26,7 +26,7 @@ from mpi4py import MPI
 from threadpoolctl import threadpool_limits
 
 from mpigpt2 import faults, outputs
-from mpigpt2.base import malloc
+from mpigpt2.base import blas, malloc
 from mpigpt2.base.errors import run_cli
 from mpigpt2.base.watchdog import init_done
 from mpigpt2.formats import checkpoint as ck, lineage
@@ -272,7 +272,7 @@ def open_outputs(run, threads, ranks_per_node, tuned):
         config = {"model": cfg.as_dict(), "layout": layout.as_dict(), "world": size,
                   "ranks": [{"rank": r, "host": h, "pid": pid} for r, (h, pid) in
                             enumerate(ranks)],
-                  "threads_per_rank": threads, "args": vars(args)}
+                  "threads_per_rank": threads, "blas": blas.info(), "args": vars(args)}
         if tuned is not None:
             config["autotune"] = tuned
         run.lineage = lineage.new_session(plan.resume and plan.resume.state, plan.start_step)
@@ -294,6 +294,7 @@ def open_outputs(run, threads, ranks_per_node, tuned):
                f"dp {layout.dp} | stages {list(layout.stage_layers)} | M={layout.microbatches} "
                f"k={layout.slices_text(T)} {layout.schedule} | B={B} T={T} | {threads} BLAS "
                f"thread(s)/rank")
+    run.print0(blas.describe())
     run.print0(f"peak {run.peak[0]:.1f} GFLOP/s per core ({run.peak[1]}) × {run.cores} cores; "
                f"{mx.flops_per_token(cfg, T) / 1e6:.1f} MFLOP per token")
     run.print0(rank_table(ranks, args.out_dir))

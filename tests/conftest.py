@@ -2,7 +2,11 @@
 
 import sys
 
+import mpigpt2  # noqa: F401 - first (mpigpt2/base/blas.py): see below
 import pytest
+
+# imported before anything loads numpy, mpigpt2 picks numpy's BLAS kernels here as the trainer
+# does, and the trainers a test starts inherit the choice: both sides run the same kernels
 
 from helpers import TEXT
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from helpers import PY, run, TEXT, train_cmd
+from mpigpt2.base import blas
 from mpigpt2.model.config import GPTConfig
 from mpigpt2.formats.llmc import write_model
 from mpigpt2.model.gpt import GPT
@@ -24,7 +25,11 @@ def test_end_to_end(tmp_path, shards):
     assert all(k in steps[0] for k in ("loss", "lr", "step_ms", "tokens_per_s"))
     assert abs(steps[0]["loss"] - np.log(50257)) < 0.5  # random init: ~uniform predictions
     assert any("val_loss" in x for x in lines)
-    assert json.loads((out / "config.json").read_text())["layout"]["pp"] == 1
+    config = json.loads((out / "config.json").read_text())
+    assert config["layout"]["pp"] == 1
+    # the BLAS kernels, named as this process chose them (the trainer inherited the choice)
+    assert config["blas"] == {**blas.info(), "why": blas.CHOICE}, config["blas"]
+    assert blas.describe(config["blas"]) in r.stdout.splitlines()
     assert "sample at step 3" in r.stdout
     s = run([PY, "-m", "mpigpt2.sample", "--model", str(out / "model.bin"), "--prompt",
              "ROMEO:", "--tokens", "5", "--seed", "1"])
