@@ -291,7 +291,7 @@ def bench_single(run):
     # the heap reaches its steady size only in the second step (at B8 T256 the first timed step
     # after one warm-up still faults ~0.8 s of pages in; docs/design.md#a-heap-that-keeps-its-pages),
     # so both implementations warm up twice
-    configs = [(4, 64, 1, 2, 1)] if run.quick else [(4, 64, 2, 3, 2), (8, 256, 2, 2, 1)]
+    configs = [(4, 64, 1, 2, 1)] if run.quick else [(4, 64, 2, 3, 2), (8, 256, 2, 2, 2)]
     rows = []
     for B, T, warmup, steps, rounds in configs:
         cfg = (f"gpt2-124m B={B} T={T}, 1 thread, fp32, {rounds} round(s) of warm-up "
