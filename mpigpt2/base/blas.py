@@ -5,7 +5,7 @@ OpenBLAS (numpy's BLAS from pip) picks a kernel set when the library loads, from
 the environment variable OPENBLAS_CORETYPE overrides the pick. On AMD Zen 4 (CPU family 25 with
 AVX-512) OpenBLAS 0.3.31 picks its SkylakeX (AVX-512) kernels; Zen 4 executes 512-bit vectors as
 two 256-bit halves, and OpenBLAS's own AVX2 kernels for Zen ran GPT-2's float32 matmuls 5-20 %
-faster there (side by side: 104 vs 96 GFLOP/s at 256 rows, 109 vs 103 at 2048, 86 vs 69 at 64;
+faster there (side by side: 104 vs 96 GFLOP/s at 256 rows, 109 vs 103 at 2048, 86-88 vs 69-78 at 64;
 bench row 2 measures both on every host). So on such a CPU we ask for the Zen kernels.
 
 A user's OPENBLAS_CORETYPE (even empty: OpenBLAS's own pick) is never overridden. Nothing is set
@@ -62,19 +62,27 @@ def _read_cpuinfo():
 def select(environ=None, modules=None, cpuinfo=None):
     """Set OPENBLAS_CORETYPE in environ (default os.environ) when we prefer a kernel set, the user
     has not chosen one and numpy is not loaded yet. Returns why the kernels are what they are, in
-    words for the start-up line."""
+    words for the start-up line.
+
+    A value a parent mpigpt2 process set (MARK says so) is decided again for this CPU: the parent
+    may be a launcher on another kind of node."""
     environ = os.environ if environ is None else environ
     modules = sys.modules if modules is None else modules
     ours = f"{VARIABLE}={{}}: on AMD Zen 4 the AVX2 kernels measure faster than the AVX-512 ones"
-    if VARIABLE in environ:
-        if environ.get(MARK) == environ[VARIABLE]:  # a parent mpigpt2 process chose it
-            return ours.format(environ[VARIABLE])
+    inherited = VARIABLE in environ and environ.get(MARK) == environ[VARIABLE]
+    if VARIABLE in environ and not inherited:
         return f"{VARIABLE}={environ[VARIABLE]!r} set by the user"
     want = preferred_coretype(*cpu_facts(_read_cpuinfo() if cpuinfo is None else cpuinfo))
-    if want is None:
+    if "numpy" in modules:  # the library has chosen already, by what the environment held
+        if inherited:
+            return ours.format(environ[VARIABLE])
+        if want is not None:
+            return f"OpenBLAS's own pick: numpy was loaded before mpigpt2 could ask for {want}"
         return "OpenBLAS's own pick for this CPU"
-    if "numpy" in modules:
-        return f"OpenBLAS's own pick: numpy was loaded before mpigpt2 could ask for {want}"
+    if want is None:
+        if inherited:  # chosen for another CPU (a launcher on another kind of node): undone
+            del environ[VARIABLE], environ[MARK]
+        return "OpenBLAS's own pick for this CPU"
     environ[VARIABLE] = environ[MARK] = want
     return ours.format(want)
 

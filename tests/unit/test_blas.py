@@ -45,7 +45,13 @@ def test_select_sets_the_variable_only_when_it_is_ours_to_set():
     why = blas.select(env, modules={}, cpuinfo=ZEN4)
     assert env == {"OPENBLAS_CORETYPE": "ZEN", blas.MARK: "ZEN"} and "Zen 4" in why
     child = dict(env)  # a process started by this one inherits the choice and knows it for ours
-    assert blas.select(child, modules={}, cpuinfo=INTEL) == why and child == env
+    assert blas.select(child, modules={}, cpuinfo=ZEN4) == why and child == env
+    child = dict(env)  # ... and decides again on another kind of CPU (a launcher elsewhere)
+    assert blas.select(child, modules={}, cpuinfo=INTEL) == "OpenBLAS's own pick for this CPU"
+    assert child == {}
+    child = dict(env)  # too late to undo: the library loaded with the inherited value
+    assert blas.select(child, modules={"numpy": object()}, cpuinfo=INTEL) == why
+    assert child == env
     for user in ("", "SKYLAKEX"):  # the user's choice stands, even "" (OpenBLAS's own pick)
         for env in ({"OPENBLAS_CORETYPE": user}, {"OPENBLAS_CORETYPE": user, blas.MARK: "ZEN"}):
             kept = dict(env)
