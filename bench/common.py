@@ -9,6 +9,9 @@ import subprocess
 import sys
 import time
 
+from mpigpt2.base import blas as kernel_choice
+from mpigpt2.base.machine import cpuinfo_fields
+
 MARK = "BENCH_JSON "  # a sub-benchmark's result line on stdout starts with this
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH_DIR)
@@ -31,18 +34,7 @@ def summary(times):
 
 
 def cpu_model():
-    info = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if ":" not in line:
-                    if info:
-                        break  # first processor block is enough
-                    continue
-                k, v = (s.strip() for s in line.split(":", 1))
-                info.setdefault(k, v)
-    except OSError:
-        pass
+    info = cpuinfo_fields()
     flags = info.get("flags", "").split()
     return {
         "model_name": info.get("model name", platform.processor() or "unknown"),
@@ -50,14 +42,6 @@ def cpu_model():
         "avx512f": "avx512f" in flags,
         "avx2": "avx2" in flags,
     }
-
-
-def _blas_choice():
-    try:
-        from mpigpt2.base import blas
-        return blas.CHOICE
-    except ImportError:
-        return None
 
 
 def machine_info():
@@ -75,7 +59,7 @@ def machine_info():
         "blas": {k: b.get(k) for k in ("internal_api", "version", "architecture",
                                       "threading_layer", "num_threads")},
         "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")},
-        "blas_choice": _blas_choice(),
+        "blas_choice": kernel_choice.CHOICE,
         "loadavg_start": os.getloadavg(),
     }
     try:

@@ -360,7 +360,8 @@ def update_split_row(rid, cfg, ours, theirs):
 
 
 # the kernels row 2 times: the trainer's (mpigpt2/base/blas.py) and OpenBLAS's own pick
-KERNELS = (("mpigpt2's", {}), ("OpenBLAS's own", {"OPENBLAS_CORETYPE": ""}))
+OURS, OPENBLAS = "mpigpt2's", "OpenBLAS's own"
+KERNELS = ((OURS, {}), (OPENBLAS, {"OPENBLAS_CORETYPE": ""}))
 
 
 def matmul_peaks(run, reps):
@@ -379,9 +380,8 @@ def matmul_peaks(run, reps):
 def kernel_rows(got, reps):
     """Row 2's denominator, the best shape under the faster kernels (a better kernel choice can
     never raise MFU by lowering it), and the trainer's kernels ÷ OpenBLAS's own."""
-    ours, theirs = got[2048, KERNELS[0][0]], got[2048, KERNELS[1][0]]
+    ours, theirs = got[2048, OURS], got[2048, OPENBLAS]
     best = max((ours, theirs), key=lambda r: r["peak_gflops"])
-    kern = {name: got[2048, name]["blas"]["kernels"] for name, _ in KERNELS}
     rows = [row("2.peak", "mfu/matmul peak", config="numpy float32 matmul, 1 BLAS thread, GPT-2 "
                 f"shapes at 2048 tokens, best of {reps}", metric="GFLOP/s (best shape)",
                 value=best["peak_gflops"],
@@ -390,14 +390,14 @@ def kernel_rows(got, reps):
                 + "; best shape under the other kernels "
                 f"{min(ours['peak_gflops'], theirs['peak_gflops']):.0f}",
                 details={"mpigpt2": ours, "openblas": theirs})]
-    ratios = {t: got[t, KERNELS[0][0]]["gflops_all_shapes"] / got[t, KERNELS[1][0]]
-              ["gflops_all_shapes"] for t in (256, 2048)}
+    ratios = {t: got[t, OURS]["gflops_all_shapes"] / got[t, OPENBLAS]["gflops_all_shapes"]
+              for t in (256, 2048)}
     rows.append(row(
         "2.kernels", "mfu/matmuls under mpigpt2's BLAS kernels ÷ OpenBLAS's own pick",
         config=f"GPT-2 124M shapes (forward + both backward products of fc/qkv/attproj) at 256 "
         f"/ 2048 rows, 1 thread, best of {reps}", metric="GFLOP/s ratio (all shapes)",
         value=ratios[256], notes=f"256 rows {ratios[256]:.3f}, 2048 rows {ratios[2048]:.3f}; "
-        f"kernels {kern[KERNELS[0][0]]} vs {kern[KERNELS[1][0]]} "
+        f"kernels {ours['blas']['kernels']} vs {theirs['blas']['kernels']} "
         f"({ours['blas']['why']})", details={"ratio_2048": ratios[2048]}))
     return rows
 
@@ -412,7 +412,7 @@ def bench_mfu(run):
     except SubprocessFailed as e:
         return [error_row("2.peak", "mfu/peak", "numpy fp32 matmul, 1 thread", e)]
     rows = kernel_rows(got, reps)
-    peaks = [got[2048, name] for name, _ in KERNELS]
+    peaks = [got[2048, OURS], got[2048, OPENBLAS]]
     peak = max(r["peak_gflops"] for r in peaks)
     P = peak * 1e9
     for (B, T), got in run.single.items():

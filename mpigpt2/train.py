@@ -266,13 +266,14 @@ def open_outputs(run, threads, ranks_per_node, tuned):
         got = run.world.gather((socket.gethostname(), os.getpid(), os.cpu_count() or 1,
                                 ranks_per_node), root=0)
     ranks = None if got is None else [(host, pid) for host, pid, _, _ in got]
+    blas_info = blas.info()  # the kernels numpy runs and why: config.json and the report
     if run.rank == 0:
         run.cores = mx.node_cores(got, threads)
         run.peak = peak_gflops_per_core(args.peak_gflops)
         config = {"model": cfg.as_dict(), "layout": layout.as_dict(), "world": size,
                   "ranks": [{"rank": r, "host": h, "pid": pid} for r, (h, pid) in
                             enumerate(ranks)],
-                  "threads_per_rank": threads, "blas": blas.info(), "args": vars(args)}
+                  "threads_per_rank": threads, "blas": blas_info, "args": vars(args)}
         if tuned is not None:
             config["autotune"] = tuned
         run.lineage = lineage.new_session(plan.resume and plan.resume.state, plan.start_step)
@@ -294,7 +295,7 @@ def open_outputs(run, threads, ranks_per_node, tuned):
                f"dp {layout.dp} | stages {list(layout.stage_layers)} | M={layout.microbatches} "
                f"k={layout.slices_text(T)} {layout.schedule} | B={B} T={T} | {threads} BLAS "
                f"thread(s)/rank")
-    run.print0(blas.describe())
+    run.print0(blas.describe(blas_info))
     run.print0(f"peak {run.peak[0]:.1f} GFLOP/s per core ({run.peak[1]}) × {run.cores} cores; "
                f"{mx.flops_per_token(cfg, T) / 1e6:.1f} MFLOP per token")
     run.print0(rank_table(ranks, args.out_dir))

@@ -19,22 +19,17 @@ This module imports nothing heavy: mpigpt2/__init__.py runs it before anything i
 import os
 import sys
 
+from mpigpt2.base.machine import cpuinfo_fields
+
 VARIABLE = "OPENBLAS_CORETYPE"
 MARK = "MPIGPT2_OPENBLAS_CORETYPE"  # what select() set, so its children can tell it from a user's
 ZEN = "ZEN"  # OpenBLAS's target for AMD Zen: its AVX2 (Haswell-family) kernels
 
 
-def cpu_facts(text):
-    """(vendor, family, flags) of the first processor in /proc/cpuinfo's text; (None, None, ())
-    where the text does not say."""
-    fields = {}
-    for line in text.splitlines():
-        if not line.strip():
-            if fields:
-                break
-            continue
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
+def cpu_facts(text=None):
+    """(vendor, family, flags) of the first processor in /proc/cpuinfo (or in its text); (None,
+    None, ()) where it does not say."""
+    fields = cpuinfo_fields(text)
     try:
         family = int(fields.get("cpu family", ""))
     except ValueError:
@@ -51,14 +46,6 @@ def preferred_coretype(vendor, family, flags):
     return None
 
 
-def _read_cpuinfo():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
 def select(environ=None, modules=None, cpuinfo=None):
     """Set OPENBLAS_CORETYPE in environ (default os.environ) when we prefer a kernel set, the user
     has not chosen one and numpy is not loaded yet. Returns why the kernels are what they are, in
@@ -72,7 +59,7 @@ def select(environ=None, modules=None, cpuinfo=None):
     inherited = VARIABLE in environ and environ.get(MARK) == environ[VARIABLE]
     if VARIABLE in environ and not inherited:
         return f"{VARIABLE}={environ[VARIABLE]!r} set by the user"
-    want = preferred_coretype(*cpu_facts(_read_cpuinfo() if cpuinfo is None else cpuinfo))
+    want = preferred_coretype(*cpu_facts(cpuinfo))
     if "numpy" in modules:  # the library has chosen already, by what the environment held
         if inherited:
             return ours.format(environ[VARIABLE])

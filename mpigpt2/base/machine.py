@@ -1,18 +1,41 @@
-"""The machine as benchmarks and caches name it."""
+"""The machine as benchmarks and caches name it. Imports nothing heavy: base/blas.py uses it
+before numpy loads."""
 
+import os
 import platform
+
+
+def cpuinfo_fields(text=None):
+    """The first processor's fields in /proc/cpuinfo (or in text): {"vendor_id": ..., "cpu
+    family": ..., "model name": ..., "flags": ...}; {} when it cannot be read."""
+    if text is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                text = f.read()
+        except OSError:
+            return {}
+    fields = {}
+    for line in text.splitlines():
+        if not line.strip():
+            if fields:
+                break  # the first processor's block is enough
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
 
 
 def cpu_name():
     """The CPU model (from /proc/cpuinfo), keying cached measurements."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    return cpuinfo_fields().get("model name") or platform.processor() or "unknown"
+
+
+def compute_key():
+    """What cached speed measurements are keyed by: the CPU, numpy, and the BLAS kernels numpy
+    runs (OPENBLAS_CORETYPE as OpenBLAS read it when it loaded: base/blas.py)."""
+    import numpy as np
+    return (f"{cpu_name()} | numpy {np.__version__} | "
+            f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '')}")
 
 
 def available_memory_bytes():

@@ -15,7 +15,7 @@ import numpy as np
 
 from mpigpt2.base.errors import UserError
 from mpigpt2.base.files import open_regular
-from mpigpt2.base.machine import cpu_name
+from mpigpt2.base.machine import compute_key
 from mpigpt2.formats.atomic import atomic_write_text
 
 
@@ -59,7 +59,7 @@ def plausible(g):
 
 
 def cache_key():
-    return f"{cpu_name()}|numpy {np.__version__}|{os.environ.get('OPENBLAS_CORETYPE', '')}"
+    return compute_key()
 
 
 def read_cache(key, path=None):

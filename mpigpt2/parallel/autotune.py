@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from mpigpt2.base.machine import cpu_name
+from mpigpt2.base.machine import compute_key
 from mpigpt2.parallel import costs
 
 MIN_SLICE = 8         # tokens: below this a slice is mostly Python and message overhead
@@ -123,7 +123,7 @@ def profile_key(cfg, spec, b, T, M, pp, dtype, threads):
             f"V{shape['vocab_size']} Vp{shape['padded_vocab_size']} maxT{shape['max_seq_len']}"
             f" | stage layers {spec.l1 - spec.l0} first={spec.first} last={spec.last}"
             f" | b{b} T{T} M{M} pp{pp} | {np.dtype(dtype).name} {threads} thread(s)"
-            f" | {cpu_name()} | numpy {np.__version__}")
+            f" | {compute_key()}")
 
 
 def _read_cache(path):

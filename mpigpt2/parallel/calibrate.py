@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from mpigpt2.base.machine import cpu_name
+from mpigpt2.base.machine import compute_key
 
 TOKENS = (16, 64, 256, 1024)   # token counts measured per piece
 CAL_T = 64                     # ...as rows of CAL_T tokens: attention over few keys, which
@@ -41,7 +41,7 @@ def cache_path():
 def key(cfg, dtype):
     s = cfg.as_dict()
     return (f"NH{s['num_heads']} C{s['channels']} V{s['vocab_size']} Vp{s['padded_vocab_size']}"
-            f" | {np.dtype(dtype).name} | {cpu_name()} | numpy {np.__version__}")
+            f" | {np.dtype(dtype).name} | {compute_key()}")
 
 
 def _pieces(cfg):

@@ -96,3 +96,18 @@ def test_the_package_chooses_on_import_and_says_why():
     got = _kernels("import mpigpt2")
     assert got["library"] == "openblas" and got["why"] == blas.select({}, {}, cpuinfo=None)
     assert blas.describe(got).startswith(f"blas: openblas {got['version']}, {got['kernels']} ")
+
+
+def test_cached_measurements_are_keyed_by_the_kernels(monkeypatch):
+    """The matmul peak, the step-model calibration and the slice autotuner's cache all key by
+    the kernels: a measurement under one kernel set is not reused under another."""
+    from mpigpt2.base import machine
+    from mpigpt2.model.config import PRESETS
+    from mpigpt2.observe import peak
+    from mpigpt2.parallel import calibrate
+    keys = {}
+    for value in ("ZEN", ""):
+        monkeypatch.setenv("OPENBLAS_CORETYPE", value)
+        keys[value] = (peak.cache_key(), calibrate.key(PRESETS["gpt2-tiny"], "float32"))
+        assert keys[value][0] == machine.compute_key() and keys[value][1].endswith(keys[value][0])
+    assert keys["ZEN"][0] != keys[""][0] and keys["ZEN"][1] != keys[""][1]
