@@ -12,6 +12,7 @@ import numpy as np
 from mpigpt2.base.files import check_writable, require_regular
 from mpigpt2.base.errors import UserError, run_cli
 from mpigpt2.formats.blocks import CHUNK_BYTES
+from mpigpt2.formats.atomic import interrupts_held
 from mpigpt2.formats.shards import ShardWriter
 from mpigpt2.formats.tokenizer import EOT, gpt2_encoding
 from mpigpt2.prepare_run import prepare_corpus
@@ -84,8 +85,9 @@ def prepare_tinyshakespeare(out_dir="data/tinyshakespeare", input_path=None):
     writers = []
     try:
         for split, toks in parts:
-            w = ShardWriter(os.path.join(out_dir, f"tiny_shakespeare_{split}.bin"))
-            writers.append(w)
+            with interrupts_held():  # created and recorded as one: the cleanup finds it
+                w = ShardWriter(os.path.join(out_dir, f"tiny_shakespeare_{split}.bin"))
+                writers.append(w)
             w.write(toks)
             w.finish()
     except BaseException:

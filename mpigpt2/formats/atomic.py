@@ -6,6 +6,12 @@ import contextlib
 import os
 import secrets
 import shutil
+import signal
+import threading
+
+# the signals a command turns into an exception (Ctrl-C; prepare's SIGTERM): held back while a
+# temp file is created and recorded by its owner, so that no exception falls between the two
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
 
 
 def fsync_dir(path):
@@ -28,20 +34,62 @@ def temp_beside(path, suffix=""):
     return os.path.join(d, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp{suffix}")
 
 
+@contextlib.contextmanager
+def interrupts_held():
+    """Hold SIGINT and SIGTERM back for the block: one that arrives meanwhile is recorded and
+    handed to the handler it was meant for as the block ends (that handler's exception, e.g.
+    KeyboardInterrupt, is raised there). Python runs a signal's handler right after the system
+    call it arrived in, so without this an interrupt can fall between creating a temp file and
+    storing its name, and the file is never removed. Done with Python handlers, not the
+    thread's signal mask: the kernel gives a process-wide signal to any thread not blocking it
+    (BLAS, tqdm and worker threads exist). Outside the main thread it holds nothing (Python
+    runs handlers only there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    # (a handler set outside Python reads None and could not be put back: left alone)
+    held = [s for s in INTERRUPTS if signal.getsignal(s) is not None]
+    old = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        for s in dict.fromkeys(caught):
+            _deliver(s, old[s])
+
+
+def _deliver(signum, handler):
+    """What signal signum would have done under handler, had it not been held."""
+    if callable(handler):
+        handler(signum, None)
+    elif handler == signal.SIG_DFL:
+        os.kill(os.getpid(), signum)  # the default action (SIGTERM: the process ends)
+
+
 class AtomicFile:
     """A binary file written under a temp name; commit() fsyncs and renames it into place,
     abort() drops it. Permissions follow the umask (os.open, not mkstemp's 0600). Used as a
-    context manager, an exception aborts."""
+    context manager, an exception aborts. The constructor either returns with the temp file
+    open or raises with none on disk (an interrupt during it included)."""
 
     def __init__(self, path):
         self.path = os.fspath(path)
         self.tmp = temp_beside(self.path)
-        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        self.f, fd = None, None
         try:
-            self.f = os.fdopen(fd, "wb")
+            with interrupts_held():
+                fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                self.f = os.fdopen(fd, "wb")
         except BaseException:
-            os.close(fd)
-            os.unlink(self.tmp)
+            if fd is not None:  # created: it is ours to remove
+                if self.f is not None:
+                    self.f.close()
+                else:
+                    os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(self.tmp)
             raise
 
     def seal(self):
@@ -78,10 +126,17 @@ class AtomicFile:
             raise
 
 
+def owned(stack, make):
+    """make() (an AtomicFile or an object that holds one) with interrupts held until stack (an
+    ExitStack) owns it: any interrupt from then on reaches its __exit__, which drops the temp."""
+    with interrupts_held():
+        return stack.enter_context(make())
+
+
 def atomic_write(path, write_fn):
     """Write through write_fn(binary file) so that path holds either the old or the new data."""
-    with AtomicFile(path) as af:
-        write_fn(af.f)
+    with contextlib.ExitStack() as stack:
+        write_fn(owned(stack, lambda: AtomicFile(path)).f)
 
 
 def atomic_write_text(path, text):

@@ -1,5 +1,6 @@
 """llm.c token shards: a 256×int32 header then uint16 tokens; atomic writes, strict reads."""
 
+import contextlib
 import glob
 import os
 
@@ -7,7 +8,7 @@ import numpy as np
 
 from mpigpt2.base.errors import UserError
 from mpigpt2.base.files import open_regular
-from mpigpt2.formats.atomic import AtomicFile
+from mpigpt2.formats.atomic import AtomicFile, owned
 
 MAGIC = 20240520  # llm.c's GPT-2 (uint16) token shard
 VERSION = 1
@@ -32,7 +33,11 @@ class ShardWriter:
             raise UserError(f"cannot create {self.path} ({e.strerror}) — does its directory "
                             "exist and is it writable?") from None
         self.f = self.out.f
-        self.f.write(b"\0" * HEADER_BYTES)  # real header once the count is known
+        try:
+            self.f.write(b"\0" * HEADER_BYTES)  # real header once the count is known
+        except BaseException:
+            self.out.abort()
+            raise
         self.count = 0
         self.done = False
 
@@ -84,7 +89,8 @@ class ShardWriter:
 
 def write_shard(path, tokens):
     """Write tokens to `path` as one llm.c shard, atomically (temp file + fsync + rename)."""
-    with ShardWriter(path) as w:
+    with contextlib.ExitStack() as stack:
+        w = owned(stack, lambda: ShardWriter(path))
         w.write(tokens)
     return w.count
 

@@ -6,6 +6,7 @@ import glob
 import os
 
 from mpigpt2.formats import manifest as mf
+from mpigpt2.formats.atomic import interrupts_held
 from mpigpt2.formats.shards import ShardWriter
 
 SHARD_GLOBS = [f"*_{split}_" + "[0-9]" * 6 + ".bin" for split in ("val", "train")]
@@ -73,7 +74,8 @@ class ShardStream:
             if self.writer is None:
                 i = len(self.m["shards"])
                 name = shard_name(self.prefix, self._split(i), i)
-                self.writer = ShardWriter(os.path.join(self.out_dir, name))
+                with interrupts_held():  # created and recorded as one: abort() finds it
+                    self.writer = ShardWriter(os.path.join(self.out_dir, name))
             room = self._capacity(len(self.m["shards"])) - self.writer.count
             n = min(room, len(toks) - used)
             self.writer.write(toks[used:used + n])
