@@ -1,4 +1,4 @@
-"""The fused loops of model/kernels.py against the numpy ufunc chains they replace (bits, for
+"""The fused loops of model/loops.py against the numpy ufunc chains they replace (bits, for
 the elementwise GELU; float64 rounding where a sum's order changed), and the blocked causal
 attention against one block (docs/design.md#fused-elementwise-loops)."""
 
