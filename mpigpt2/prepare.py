@@ -90,12 +90,13 @@ def prepare_tinyshakespeare(out_dir="data/tinyshakespeare", input_path=None):
                 writers.append(w)
             w.write(toks)
             w.finish()
+        for w in writers:  # publish only once both files are complete
+            w.commit()
     except BaseException:
-        for w in writers:
+        for w in writers:  # drops what is still a temp file; a published one stays
             w.abort()
         raise
-    for w in writers:  # publish only once both files are complete
-        w.commit()
+    for w in writers:
         print(f"wrote {w.count:,} tokens to {w.path}")
     return tuple(w.count for w in writers)
 

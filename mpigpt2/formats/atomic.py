@@ -37,35 +37,36 @@ def temp_beside(path, suffix=""):
 @contextlib.contextmanager
 def interrupts_held():
     """Hold SIGINT and SIGTERM back for the block: one that arrives meanwhile is recorded and
-    handed to the handler it was meant for as the block ends (that handler's exception, e.g.
+    raised again as the block ends, when its own handler runs (and its exception, e.g.
     KeyboardInterrupt, is raised there). Python runs a signal's handler right after the system
     call it arrived in, so without this an interrupt can fall between creating a temp file and
     storing its name, and the file is never removed. Done with Python handlers, not the
     thread's signal mask: the kernel gives a process-wide signal to any thread not blocking it
     (BLAS, tqdm and worker threads exist). Outside the main thread it holds nothing (Python
-    runs handlers only there)."""
+    runs handlers only there). Each handler's restore is registered before it is swapped, so
+    a signal raised between two swaps or two restores cannot leave a recorder in place."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught = []
-    # (a handler set outside Python reads None and could not be put back: left alone)
-    held = [s for s in INTERRUPTS if signal.getsignal(s) is not None]
-    old = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in held}
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(_raise_again, caught)  # registered first: runs after every restore
+        for s in INTERRUPTS:
+            old = signal.getsignal(s)
+            if old is None or old == signal.SIG_IGN:  # set outside Python, or ignored: as is
+                continue
+            stack.callback(signal.signal, s, old)
+            signal.signal(s, lambda signum, frame: caught.append(signum))
         yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+
+
+def _raise_again(caught):
+    """Send each recorded signal to this thread again, now that its handler is back: the
+    handler runs as for a signal never held (the default action included); one raising does
+    not stop the others from being sent."""
+    with contextlib.ExitStack() as stack:
         for s in dict.fromkeys(caught):
-            _deliver(s, old[s])
-
-
-def _deliver(signum, handler):
-    """What signal signum would have done under handler, had it not been held."""
-    if callable(handler):
-        handler(signum, None)
-    elif handler == signal.SIG_DFL:
-        os.kill(os.getpid(), signum)  # the default action (SIGTERM: the process ends)
+            stack.callback(signal.raise_signal, s)
 
 
 class AtomicFile:
@@ -84,10 +85,11 @@ class AtomicFile:
                 self.f = os.fdopen(fd, "wb")
         except BaseException:
             if fd is not None:  # created: it is ours to remove
-                if self.f is not None:
-                    self.f.close()
-                else:
-                    os.close(fd)
+                with contextlib.suppress(OSError):  # (fdopen may have closed fd already)
+                    if self.f is not None:
+                        self.f.close()
+                    else:
+                        os.close(fd)
                 with contextlib.suppress(OSError):
                     os.unlink(self.tmp)
             raise

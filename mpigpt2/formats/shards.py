@@ -32,8 +32,8 @@ class ShardWriter:
         except OSError as e:
             raise UserError(f"cannot create {self.path} ({e.strerror}) — does its directory "
                             "exist and is it writable?") from None
-        self.f = self.out.f
         try:
+            self.f = self.out.f
             self.f.write(b"\0" * HEADER_BYTES)  # real header once the count is known
         except BaseException:
             self.out.abort()

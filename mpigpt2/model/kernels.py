@@ -18,7 +18,8 @@ import glob
 import os
 
 # numba's cache files of the loops as they were before model/loops.py: closures in this module,
-# re-cached by every process (one more file each time, never read again)
+# re-cached by every process (one more file each time, never read again). Migration code: no
+# function here may be named _dot, _gelu, _layernorm or _scores again; drop this in a while.
 STALE_CACHES = ("kernels._dot.locals.*.nb[ci]", "kernels._gelu.locals.*.nb[ci]",
                 "kernels._layernorm.locals.*.nb[ci]", "kernels._scores.locals.*.nb[ci]")
 

@@ -1,5 +1,5 @@
-"""The fused loops of model/kernels.py, compiled by numba (imported only when a loop is first
-needed: numba takes a moment to import).
+"""The fused loops that model/kernels.py hands out, compiled by numba (this module is imported
+only when a loop is first needed: numba takes a moment to import).
 
 Every loop is a module-level function and calls `dot` as a global, never through a closure:
 numba keys its disk cache of a closure by the closure's contents, and a captured dispatcher

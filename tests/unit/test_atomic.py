@@ -1,7 +1,10 @@
 """The one atomic writer: a signal at any point leaves the old file and no temp file."""
 
+import contextlib
 import os
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -44,12 +47,47 @@ def sigterm_raises():
 
 
 def test_interrupts_held_delivers_at_the_end(sigterm_raises):
+    handler = signal.getsignal(signal.SIGTERM)
     done = []
     with pytest.raises(KeyboardInterrupt):
         with atomic.interrupts_held():
             sigterm_raises()
             done.append("after the signal")  # still runs: the signal waits for the block's end
     assert done == ["after the signal"]
+    assert signal.getsignal(signal.SIGTERM) is handler  # and the handler is back
+
+
+def test_interrupts_held_delivers_every_signal():
+    """Ctrl-C and SIGTERM in one held block: both handlers run, though each raises."""
+    ran = []
+
+    def handler(signum, frame):
+        ran.append(signum)
+        raise KeyboardInterrupt(f"signal {signum}")
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with atomic.interrupts_held():
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGTERM)
+                assert ran == []  # held
+        assert sorted(ran) == [signal.SIGINT, signal.SIGTERM]
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def test_interrupts_held_keeps_the_default_action():
+    """SIGTERM under SIG_DFL, held: the process still ends by SIGTERM, after the block."""
+    code = ("import os, signal\n"
+            "from mpigpt2.formats import atomic\n"
+            "signal.signal(signal.SIGTERM, signal.SIG_DFL)\n"
+            "with atomic.interrupts_held():\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    print('held', flush=True)\n"
+            "print('survived', flush=True)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout) == (-signal.SIGTERM, "held\n")
 
 
 @pytest.mark.parametrize("how", ["AtomicFile", "atomic_write", "write_shard"])
@@ -61,7 +99,7 @@ def test_an_interrupt_as_the_temp_is_created_leaves_none(tmp_path, monkeypatch, 
 
     def open_then_signal(path, *a, **k):
         fd = real_open(path, *a, **k)
-        if ".tmp" in os.fspath(path):
+        if ".tmp" in os.path.basename(path):
             sigterm_raises()
         return fd
     monkeypatch.setattr(atomic.os, "open", open_then_signal)
@@ -95,4 +133,16 @@ def test_an_interrupt_while_a_shard_starts_leaves_no_temp(tmp_path, monkeypatch,
     with pytest.raises(KeyboardInterrupt):
         shards.ShardWriter(str(tmp_path / "t_train_000001.bin"))
     monkeypatch.undo()
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_interrupt_before_the_owner_takes_the_temp_leaves_none(tmp_path, sigterm_raises):
+    """The signal arrives after the AtomicFile exists but before the ExitStack owns it."""
+    def make():
+        af = atomic.AtomicFile(str(tmp_path / "x.bin"))
+        sigterm_raises()
+        return af
+    with pytest.raises(KeyboardInterrupt):
+        with contextlib.ExitStack() as stack:
+            atomic.owned(stack, make)
     assert os.listdir(tmp_path) == []

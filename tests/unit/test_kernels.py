@@ -2,6 +2,8 @@
 the elementwise GELU; float64 rounding where a sum's order changed), and the blocked causal
 attention against one block (docs/design.md#fused-elementwise-loops)."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -104,3 +106,17 @@ def test_blocked_attention_equals_one_block(P, S, block):
     masked = np.arange(P + S)[None, :] > P + np.arange(S)[:, None]  # (S, P+S)
     assert not att[:, :, masked].any()  # zero where masked, whatever the block
     np.testing.assert_allclose(att.sum(-1), 1.0, rtol=1e-13)
+
+
+def test_only_the_old_closures_cache_files_are_removed(tmp_path):
+    from mpigpt2.model import kernels
+    stale = ["kernels._layernorm.locals.layernorm-89.py311.433.nbc",
+             "kernels._scores.locals.scores_grad-171.py311.nbi",
+             "kernels._dot.locals.dot-36.py311.1.nbc",
+             "kernels._gelu.locals.gelu_grad-72.py311.nbi"]
+    kept = ["kernels.cpython-311.pyc", "loops.layernorm-64.py311.nbi", "loops.dot-22.py311.1.nbc",
+            "optim._fused_kernel.locals.adamw_fused-20.py311.nbi", "kernels._scores.txt"]
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"x")
+    kernels._drop_stale_caches(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == sorted(kept)
