@@ -151,11 +151,12 @@ def check_memory(args, cfg, layout, world, node_ranks):
         return
     itemsize = 8 if args.dtype == "float64" else 4
     B, T = args.batch_size, args.seq_len
+    shared = shared_default(args)
     need, worst, rank = mem.node_estimate(cfg, layout, node_ranks, B, T, itemsize, args.zero,
-                                          shared_default(args))
+                                          shared)
     if need <= limit:
         return
-    fit = mem.suggest(cfg, layout, world, node_ranks, B, T, itemsize, args.zero, limit)
+    fit = mem.suggest(cfg, layout, world, node_ranks, B, T, itemsize, args.zero, limit, shared)
     hint = (f"try {fit[0][0]} (~{mem.size(fit[0][1])})" if fit else
             "no layout of these ranks fits: use more nodes, or a smaller model or batch")
     raise UserError(f"not enough memory: this run needs ~{mem.size(need)} on this node "

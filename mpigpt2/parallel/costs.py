@@ -7,7 +7,6 @@ step time of each slice length) and --print-schedule price a step here.
 # constants of the default-layout model (orders of magnitude measured on our machines)
 RANK_FLOPS = 50e9        # float32 FLOP/s a rank gets when ranks share cores
 ALLREDUCE_BPS = 2e9      # bytes/s of a ring allreduce between ranks of one node
-STATE_BYTES = 16         # per parameter: weights, gradients, two Adam moments (fp32)
 
 
 def layer_cost(cfg, T):

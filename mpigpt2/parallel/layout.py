@@ -92,8 +92,9 @@ class Layout:
 
 def default_pp(world, cfg, B, T, mem_bytes=None, ranks_per_node=None, net=None, node_of=None,
                shared=True):
-    """Default rule: among the pp that divide world (pp ≤ L, B divisible by dp·pp) and whose
-    per-rank training state fits in half the node's memory, the one with the smallest
+    """Default rule: among the pp that divide world (pp ≤ L, B divisible by dp·pp) whose
+    node's training state (memory.default_rule_bytes; one copy per stage with node-shared dp
+    where `shared`) fits in half the node's memory, the one with the smallest
     predicted step time (stepcost.default_layout_seconds on the job's network, node-shared
     dp where `shared`; ties: the larger pp). dp = world / pp."""
     scores = default_pp_scores(world, cfg, B, T, mem_bytes, ranks_per_node, net, node_of,
@@ -114,8 +115,10 @@ def default_pp_scores(world, cfg, B, T, mem_bytes=None, ranks_per_node=None, net
     if not cands:
         cands = [max(p for p in range(1, min(world, L) + 1) if world % p == 0)]
     if mem_bytes:
+        from mpigpt2.parallel.memory import default_rule_bytes
+        N = num_parameters(cfg)
         fits = [p for p in cands
-                if costs.STATE_BYTES * num_parameters(cfg) / p * ranks_per_node <= mem_bytes / 2]
+                if default_rule_bytes(N, p, world, ranks_per_node, shared) <= mem_bytes / 2]
         cands = fits or [max(cands)]
     from mpigpt2.parallel.stepcost import default_layout_seconds
     return {p: default_layout_seconds(cfg, B, T, world, p, balanced_partition(cfg, T, p), net,

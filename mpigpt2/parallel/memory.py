@@ -54,6 +54,28 @@ def in_flight(program):
     return peak_units, peak_mbs
 
 
+def state_bytes(P, itemsize, dp, zero, shared_n=1):
+    """One rank's parameters, gradients and Adam moments for a stage of P parameters: 4·P;
+    --zero 1: 2·P + 2·P/dp + its gradient shard P/dp; node-shared dp with shared_n replicas of
+    the stage on the node: its gradient slot P + 1/n of the node's one copy of parameters and
+    moments (3·P/n). The one rule the trainer's check, the default layout and the planner use."""
+    if zero:
+        return (2 * P + 3 * P // dp) * itemsize
+    if shared_n > 1:
+        return (P + 3 * P // shared_n) * itemsize
+    return 4 * P * itemsize
+
+
+def default_rule_bytes(N, pp, world, ranks_per_node, shared, itemsize=4):
+    """The default layout's coarse figure for a node's training state (layout.default_pp):
+    ranks_per_node ranks of a pp × world/pp grid in pipe order, stages of N/pp parameters; a
+    node of r ≥ pp ranks holds r/pp replicas of every stage, which node-shared dp (shared)
+    keeps as one copy."""
+    dp = world // pp
+    n = max(1, min(dp, ranks_per_node // pp)) if shared else 1
+    return ranks_per_node * state_bytes(N // pp, itemsize, dp, 0, n)
+
+
 @dataclass(frozen=True)
 class Estimate:
     state: int        # parameters, gradients, optimizer state
@@ -75,9 +97,7 @@ def rank_estimate(cfg, layout, rank, B, T, itemsize, zero, rank0=False, progs=No
     dp, M, k = layout.dp, layout.microbatches, layout.slice_tokens
     b = B // dp // M  # (k: the longest slice; a slab holds all T tokens of a micro-batch)
     C, NH, Vp = cfg.channels, cfg.num_heads, cfg.padded_vocab_size
-    state = (2 * P + (3 * P // dp if zero else 2 * P)) * itemsize
-    if shared_n > 1 and not zero:
-        state = (P + 3 * P // shared_n) * itemsize
+    state = state_bytes(P, itemsize, dp, zero, shared_n)
     if progs is None:
         progs = layout.programs(T)
     prog = progs[rank]
@@ -114,15 +134,16 @@ def node_estimate(cfg, layout, node_ranks, B, T, itemsize, zero, shared=False):
     return sum(e.total for e in per.values()), per[worst], worst
 
 
-def suggest(cfg, layout, world, node_ranks, B, T, itemsize, zero, limit):
+def suggest(cfg, layout, world, node_ranks, B, T, itemsize, zero, limit, shared=False):
     """The first layout that fits `limit` bytes on this node, fewest changes first: a list
-    of (flags text, node bytes) with at most one entry, or []."""
+    of (flags text, node bytes) with at most one entry, or []. shared: node-shared dp where
+    replicas meet on the node (as node_estimate; a suggested --zero 1 turns it off)."""
     for flags, kw, z, b in _alternatives(layout, world, B, T, zero):
         try:
             lay = resolve(world, cfg, b, T, **kw, virtual_stages=layout.virtual_stages)
         except UserError:
             continue
-        need = node_estimate(cfg, lay, node_ranks, b, T, itemsize, z)[0]
+        need = node_estimate(cfg, lay, node_ranks, b, T, itemsize, z, shared)[0]
         if need <= limit:
             return [(flags, need)]
     return []

@@ -6,6 +6,7 @@ ZeRO, rank order) is resolved by the trainer's own layout rules, priced by the o
 (memory.rank_estimate). Nothing here runs MPI: the planner plans clusters we cannot rent.
 """
 
+from collections import Counter
 from dataclasses import dataclass, replace
 
 from mpigpt2.base.errors import UserError
@@ -86,23 +87,31 @@ def node_map(layout_world, ranks_per_node):
     return [w // ranks_per_node for w in range(layout_world)]
 
 
-def memory_of(cfg, layout, B, T, zero, rpn, itemsize=4, per_pipe=None):
-    """(largest rank's bytes, fullest node's bytes) under block placement; per_pipe: every
-    pipe rank's estimate when known (the rank order does not change it)."""
-    if per_pipe is None:
-        per_pipe = pipe_estimates(cfg, layout, B, T, zero, itemsize)
+def memory_of(cfg, layout, B, T, zero, rpn, itemsize=4, memo=None):
+    """(largest rank's bytes, fullest node's bytes) under block placement, with node-shared
+    dp (the trainer's --shared-dp auto) where replicas of a stage meet on a node; memo: a dict
+    keeping rank estimates across the rank orders and ZeRO settings of one layout."""
+    memo = {} if memo is None else memo
+    if "progs" not in memo:
+        memo["progs"] = layout.programs(T)
+
+    def estimate(stage, n, first):  # the total of one rank of `stage` among n on its node
+        key = (zero, stage, n, first)
+        if key not in memo:
+            memo[key] = memory.rank_estimate(cfg, layout, stage, B, T, itemsize, zero, first,
+                                             memo["progs"], n).total
+        return memo[key]
+
     world = layout.pp * layout.dp
-    nodes = {}
-    for w in range(world):
-        nodes[w // rpn] = nodes.get(w // rpn, 0) + per_pipe[layout.coords(w)[0]]
-    return max(per_pipe), max(nodes.values())
-
-
-def pipe_estimates(cfg, layout, B, T, zero, itemsize=4):
-    """memory.rank_estimate's total of every pipe rank."""
-    progs = layout.programs(T)
-    return [memory.rank_estimate(cfg, layout, r, B, T, itemsize, zero, r == 0, progs).total
-            for r in range(layout.pp)]
+    groups = Counter((w // rpn, layout.coords(w)[0]) for w in range(world))
+    nodes, largest = Counter(), 0
+    for (node, stage), n in groups.items():
+        nodes[node] += n * estimate(stage, n, False)
+        largest = max(largest, estimate(stage, n, False))
+    n0 = groups[0, layout.coords(0)[0]]  # world rank 0 also gathers the checkpoint
+    first = estimate(layout.coords(0)[0], n0, True)
+    nodes[0] += first - estimate(layout.coords(0)[0], n0, False)
+    return max(largest, first), max(nodes.values())
 
 
 def price(cfg, plan_, B, T, cluster, compute, adamw_seconds, hierarchical=False, memo=None):
@@ -139,12 +148,11 @@ def candidates(cfg, B, T, cluster):
         for lay in _layouts(cfg, cluster.nodes * rpn, B, T):
             orders = ("pipe", "data") if cluster.nodes > 1 and lay.pp > 1 and lay.dp > 1 \
                 else ("pipe",)
-            per_pipe = {z: pipe_estimates(cfg, lay, B, T, z)
-                        for z in ((0, 1) if lay.dp > 1 else (0,))}
+            memo = {}
             for order in orders:
                 lay_o = replace(lay, rank_order=order)
-                for zero, est in per_pipe.items():
-                    rank_b, node_b = memory_of(cfg, lay_o, B, T, zero, rpn, per_pipe=est)
+                for zero in ((0, 1) if lay.dp > 1 else (0,)):
+                    rank_b, node_b = memory_of(cfg, lay_o, B, T, zero, rpn, memo=memo)
                     p = Plan(lay_o, rpn, threads, zero, {}, rank_b, node_b)
                     if node_b <= MEMORY_HEADROOM * cluster.mem:
                         fits.append(p)

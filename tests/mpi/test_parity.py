@@ -67,6 +67,16 @@ def reference(dtype, clip=0.0):
     return losses, m.params, grads, norms
 
 
+def replicas_on_node(lay, rank, opts):
+    """How many ranks of `rank`'s stage share its (emulated) node's one copy: every replica
+    with +shared, those among the node's four ranks with +shared4, 1 otherwise."""
+    if not {"shared", "shared4"} & set(opts):
+        return 1
+    first = rank // 4 * 4
+    node = range(lay.pp * lay.dp) if "shared" in opts else range(first, first + 4)
+    return sum(lay.coords(r)[0] == lay.coords(rank)[0] for r in node)
+
+
 def train_layout(comm, lay, dtype, zero=0, overlap=True, clip=0.0, opts=()):
     """The trainer's own step (parallel.step.train_step) on a sub-communicator, in-memory data.
     opts: hier (hierarchical gradient reduction over emulated nodes of two ranks each),
@@ -237,7 +247,8 @@ def test_parity(pp, dp, k, M, sched, split, dtype, zero, overlap, clip):
             peak = tracemalloc.get_traced_memory()[1]
             tracemalloc.stop()
             est = rank_estimate(CFG, lay, lay.coords(comm.Get_rank())[0], B, T, 4, zero,
-                                rank0=comm.Get_rank() == 0)
+                                rank0=comm.Get_rank() == 0,
+                                shared_n=replicas_on_node(lay, comm.Get_rank(), opts))
             memory = (world.Get_rank(), peak, est.total)
         comm.Free()
     if sched.endswith(".csv"):

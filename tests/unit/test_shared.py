@@ -71,3 +71,46 @@ def test_memory_counts_one_copy_of_parameters_and_moments_per_node():
 
 def test_node_bytes_are_parameters_moments_and_every_slot():
     assert shared.node_bytes(4, 1000, 4) == (3 + 4) * 1000 * 4
+
+
+def test_default_layout_counts_one_copy_per_node():
+    """GPT-2 124M on 8 ranks of a 24 GB node: 8 private copies of the training state (16 bytes
+    a parameter each, 15.9 GB) exceed half the node, so without node-shared dp pure data
+    parallelism is not weighed; with it (8 gradient slots + one copy of parameters and
+    moments, 44 bytes a parameter, 5.5 GB) it is."""
+    from mpigpt2.model.config import PRESETS
+    from mpigpt2.model.params import num_parameters
+    from mpigpt2.parallel.layout import default_pp_scores
+    cfg = PRESETS["gpt2-124m"]
+    N = num_parameters(cfg)
+    assert 8 * 16 * N > 12e9 > (8 + 3) * 4 * N
+    scores = {s: default_pp_scores(8, cfg, 64, 256, 24e9, 8, shared=s) for s in (False, True)}
+    assert 1 not in scores[False] and 1 in scores[True]
+    assert set(scores[False]) <= set(scores[True])
+    # ranks of one stage on separate nodes (1 rank a node) share nothing: the same pp weighed
+    assert default_pp_scores(8, cfg, 64, 256, 3.5e9, 1, shared=True).keys() == \
+        default_pp_scores(8, cfg, 64, 256, 3.5e9, 1, shared=False).keys()
+
+
+def test_estimate_sums_to_what_the_shared_windows_allocate():
+    """The ranks of a stage on one node: their estimated state adds up to the windows that
+    parallel/shared.py allocates (every slot, one copy of parameters and both moments)."""
+    lay = resolve(8, CFG, 16, 32, 2, 4)
+    P = ParamLayout(CFG, lay.rank_spec(0)).size
+    _, worst, _ = memory.node_estimate(CFG, lay, range(8), 16, 32, 4, 0, shared=True)
+    per_rank = memory.state_bytes(P, 4, 4, 0, 4)
+    assert abs(4 * per_rank - shared.node_bytes(4, P, 4)) <= 3 * 4  # (3·P/4 rounded down)
+
+
+def test_a_suggested_layout_is_checked_with_node_shared_dp():
+    """When a run does not fit, the suggestion is priced by the same rule as the check: with
+    node-shared dp a milder change (more micro-batches) fits that needs --zero 1 or more
+    without it."""
+    lay = resolve(4, CFG, 8, 32, 1, 4, microbatches=1)
+    lay2 = resolve(4, CFG, 8, 32, 1, 4, microbatches=2)
+    need_shared = memory.node_estimate(CFG, lay, range(4), 8, 32, 4, 0, shared=True)[0]
+    need2 = memory.node_estimate(CFG, lay2, range(4), 8, 32, 4, 0, shared=True)[0]
+    assert need2 < need_shared
+    fit = memory.suggest(CFG, lay, 4, range(4), 8, 32, 4, 0, need2, shared=True)
+    assert fit == [("--microbatches 2", need2)]
+    assert memory.suggest(CFG, lay, 4, range(4), 8, 32, 4, 0, need2) != fit
