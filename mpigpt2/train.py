@@ -243,7 +243,7 @@ def start(args, plan, world, print0, waiter):
                last_checkpoint=plan.resume and plan.resume.path)
 
 
-def reduction_line(mode, timed, args, shared_on=False, shared_why="no data parallelism"):
+def reduction_line(mode, timed, args, shared_on=False, shared_why=shared.NO_DATA_PARALLELISM):
     """The gradient reduction in use and why: node-shared, or MPI's / hierarchical (when
     auto timed both, the two times)."""
     if shared_on:
@@ -253,7 +253,7 @@ def reduction_line(mode, timed, args, shared_on=False, shared_why="no data paral
            else f"timed: MPI {1e3 * timed['mpi']:.1f} ms, hierarchical {1e3 * timed['hier']:.1f}"
            f" ms" if timed else "no data-parallel group spans nodes with ranks to share")
     name = {"mpi": "MPI's allreduce", "hier": "hierarchical (node, leaders, node)"}[mode]
-    off = f"; node-shared off: {shared_why}" if shared_why != "no data parallelism" else ""
+    off = f"; node-shared off: {shared_why}" if shared_why != shared.NO_DATA_PARALLELISM else ""
     return f"gradient reduction: {name} ({why}{off})"
 
 

@@ -24,6 +24,7 @@ from mpigpt2.parallel.collectives import allreduce_sum, barrier, split_by_node
 from mpigpt2.parallel.zero import buckets, shard_bounds
 
 
+NO_DATA_PARALLELISM = "no data parallelism"  # choose()'s reason when there is nothing to share
 SUM_BLOCK = 2048  # elements summed per block: slot 0's block stays in L1 while slots add in
 
 
@@ -234,7 +235,7 @@ def choose(grid, stage_size, itemsize, mode, zero=0, grad_reduce="auto", color=N
     if mode == "auto" and (zero or grad_reduce != "auto"):
         return False, "--zero 1" if zero else f"--grad-reduce {grad_reduce}"
     if grid.dp < 2:
-        return False, "no data parallelism"
+        return False, NO_DATA_PARALLELISM
     with grid.waiter.bounded("the node-shared check (Comm_split, allgather)"):
         local = split_by_node(grid.data, color)
         n = local.Get_size()

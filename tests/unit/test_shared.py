@@ -114,3 +114,15 @@ def test_a_suggested_layout_is_checked_with_node_shared_dp():
     fit = memory.suggest(CFG, lay, 4, range(4), 8, 32, 4, 0, need2, shared=True)
     assert fit == [("--microbatches 2", need2)]
     assert memory.suggest(CFG, lay, 4, range(4), 8, 32, 4, 0, need2) != fit
+
+
+def test_the_reduction_line_names_why_node_shared_is_off_only_where_it_could_be_on():
+    from types import SimpleNamespace
+    from mpigpt2.train import reduction_line
+    args = SimpleNamespace(zero=0, grad_reduce="auto")
+    alone = reduction_line("mpi", None, args, False, shared.NO_DATA_PARALLELISM)
+    assert alone.startswith("gradient reduction: MPI's allreduce") and "node-shared" not in alone
+    off = reduction_line("mpi", None, args, False, "--shared-dp off")
+    assert off.endswith("; node-shared off: --shared-dp off)")
+    on = reduction_line("mpi", None, args, True, "8 replicas of a stage per node share one copy")
+    assert on.startswith("gradient reduction: node-shared") and "8 replicas" in on
