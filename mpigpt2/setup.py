@@ -156,7 +156,8 @@ def check_memory(args, cfg, layout, world, node_ranks):
                                           shared)
     if need <= limit:
         return
-    fit = mem.suggest(cfg, layout, world, node_ranks, B, T, itemsize, args.zero, limit, shared)
+    fit = mem.suggest(cfg, layout, world, node_ranks, B, T, itemsize, args.zero, limit, shared,
+                      args.shared_dp == "off" and not args.zero and args.grad_reduce == "auto")
     hint = (f"try {fit[0][0]} (~{mem.size(fit[0][1])})" if fit else
             "no layout of these ranks fits: use more nodes, or a smaller model or batch")
     raise UserError(f"not enough memory: this run needs ~{mem.size(need)} on this node "

@@ -134,10 +134,16 @@ def node_estimate(cfg, layout, node_ranks, B, T, itemsize, zero, shared=False):
     return sum(e.total for e in per.values()), per[worst], worst
 
 
-def suggest(cfg, layout, world, node_ranks, B, T, itemsize, zero, limit, shared=False):
+def suggest(cfg, layout, world, node_ranks, B, T, itemsize, zero, limit, shared=False,
+            shareable=False):
     """The first layout that fits `limit` bytes on this node, fewest changes first: a list
     of (flags text, node bytes) with at most one entry, or []. shared: node-shared dp where
-    replicas meet on the node (as node_estimate; a suggested --zero 1 turns it off)."""
+    replicas meet on the node (as node_estimate; a suggested --zero 1 turns it off);
+    shareable: only --shared-dp off keeps it off, so turning it on is the first change tried."""
+    if shareable and not shared:
+        need = node_estimate(cfg, layout, node_ranks, B, T, itemsize, zero, True)[0]
+        if need <= limit:
+            return [("--shared-dp auto", need)]
     for flags, kw, z, b in _alternatives(layout, world, B, T, zero):
         try:
             lay = resolve(world, cfg, b, T, **kw, virtual_stages=layout.virtual_stages)

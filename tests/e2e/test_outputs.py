@@ -134,6 +134,21 @@ def test_the_suggested_layout_runs(tmp_path, shards):
     assert r.returncode == 0, (hint, r.stderr)
 
 
+def test_node_shared_dp_is_suggested_when_it_was_turned_off(tmp_path, shards):
+    """2 ranks of gpt2-tiny at B16 T64 need ~782 MiB with a private copy each and ~699 MiB
+    sharing one: under 740 MiB, --shared-dp off is refused with --shared-dp auto suggested,
+    and that passes the same check and trains."""
+    env = with_memory(740 << 20)
+    flags = ("--batch-size", "16", "--seq-len", "64", "--shared-dp", "off")
+    r = run(mpiexec(2) + train_cmd(shards, tmp_path / "a", *C, *flags), env=env)
+    refused(r, "not enough memory")
+    assert "try --shared-dp auto (~" in r.stderr, r.stderr
+    r = run(mpiexec(2) + train_cmd(shards, tmp_path / "b", *C, *flags, "--shared-dp", "auto"),
+            env=env)
+    assert r.returncode == 0, r.stderr
+    assert "gradient reduction: node-shared" in r.stdout
+
+
 def test_no_memory_check_starts_anyway(tmp_path, shards):
     r = run(train_cmd(shards, tmp_path / "o", *C, "--no-memory-check"), env=with_memory(1))
     assert r.returncode == 0, r.stderr

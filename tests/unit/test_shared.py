@@ -126,3 +126,13 @@ def test_the_reduction_line_names_why_node_shared_is_off_only_where_it_could_be_
     assert off.endswith("; node-shared off: --shared-dp off)")
     on = reduction_line("mpi", None, args, True, "8 replicas of a stage per node share one copy")
     assert on.startswith("gradient reduction: node-shared") and "8 replicas" in on
+
+
+def test_turning_node_shared_dp_back_on_is_the_first_suggestion():
+    lay = resolve(4, CFG, 8, 32, 1, 4)
+    need = memory.node_estimate(CFG, lay, range(4), 8, 32, 4, 0, shared=True)[0]
+    private = memory.node_estimate(CFG, lay, range(4), 8, 32, 4, 0)[0]
+    assert need < private
+    assert memory.suggest(CFG, lay, 4, range(4), 8, 32, 4, 0, need, shareable=True) == \
+        [("--shared-dp auto", need)]
+    assert memory.suggest(CFG, lay, 4, range(4), 8, 32, 4, 0, need)[0][0] != "--shared-dp auto"
