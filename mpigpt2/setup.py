@@ -70,7 +70,8 @@ def plan(args, world, node_ranks=(0,), node_of=None, net=(None, "")):
     val = validation_loader(args, cfg, notes)
     resume = find_resume(args, cfg, train, notes) if args.resume else None
     if not (args.print_schedule or args.no_memory_check):
-        check_memory(args, cfg, layout, world, node_ranks)
+        check_memory(args, cfg, layout, world, node_ranks,
+                     node_of if node_of is not None and len(node_of) == world else None)
     check_out_dir(args.out_dir)
     if args.schedule_out:
         if not args.print_schedule:
@@ -86,9 +87,11 @@ def plan(args, world, node_ranks=(0,), node_of=None, net=(None, "")):
     return Plan(cfg, layout, train, val, resume, notes, net)
 
 
-def shared_default(args):
-    """Whether --shared-dp auto (or on) would share where replicas meet on a node."""
-    return args.shared_dp != "off" and not args.zero and args.grad_reduce == "auto"
+def shared_default(args, flag=None):
+    """Whether --shared-dp auto (or on) would share where the node map allows it; with flag:
+    whether it would with --shared-dp `flag` instead of the one given."""
+    mode = flag or args.shared_dp
+    return mode != "off" and not args.zero and args.grad_reduce == "auto"
 
 
 def default_note(args, cfg, layout, world, node_ranks, node_of, net):
@@ -143,7 +146,7 @@ def find_resume(args, cfg, train, notes):
     return rs.Resume(path, state)
 
 
-def check_memory(args, cfg, layout, world, node_ranks):
+def check_memory(args, cfg, layout, world, node_ranks, node_of=None):
     """Refuse a run whose estimated peak (parallel/memory.py) exceeds what this node has left,
     naming the estimate and a layout that would fit."""
     limit = available_memory_bytes()
@@ -153,11 +156,11 @@ def check_memory(args, cfg, layout, world, node_ranks):
     B, T = args.batch_size, args.seq_len
     shared = shared_default(args)
     need, worst, rank = mem.node_estimate(cfg, layout, node_ranks, B, T, itemsize, args.zero,
-                                          shared)
+                                          shared, node_of)
     if need <= limit:
         return
     fit = mem.suggest(cfg, layout, world, node_ranks, B, T, itemsize, args.zero, limit, shared,
-                      args.shared_dp == "off" and not args.zero and args.grad_reduce == "auto")
+                      shared_default(args, flag="auto"), node_of)
     hint = (f"try {fit[0][0]} (~{mem.size(fit[0][1])})" if fit else
             "no layout of these ranks fits: use more nodes, or a smaller model or batch")
     raise UserError(f"not enough memory: this run needs ~{mem.size(need)} on this node "

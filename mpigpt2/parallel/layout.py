@@ -2,6 +2,7 @@
 (docs/design.md#layout)"""
 
 import functools
+from collections import Counter
 from dataclasses import dataclass, asdict
 
 from mpigpt2.base.errors import UserError
@@ -9,6 +10,15 @@ from mpigpt2.model.params import StageSpec, RankSpec
 from mpigpt2.parallel import costs
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "looped-bfs", "zb-h1", "zb-v")
+
+
+def common_replicas(counts):
+    """Node-shared dp's rule (shared.choose, and every estimate of it): given how many
+    replicas of a stage each (node, stage) holds, the job shares when all hold the same n ≥ 2
+    (n: one copy per n ranks), and not at all otherwise (1): nodes with unequal numbers of a
+    stage's replicas would need windows of different shapes."""
+    counts = set(counts)
+    return counts.pop() if len(counts) == 1 else 1
 
 
 @dataclass(frozen=True)
@@ -32,6 +42,14 @@ class Layout:
         if self.rank_order == "data":
             return rank // self.dp, rank % self.dp
         return rank % self.pp, rank // self.pp
+
+    def shared_replicas(self, node_of=None):
+        """The replicas of a stage that share one copy under node-shared dp on node map
+        node_of[world rank] (None: one node): common_replicas over every (node, stage)."""
+        world = self.pp * self.dp
+        nodes = node_of or [0] * world
+        return common_replicas(Counter((nodes[w], self.coords(w)[0]) for w in range(world))
+                               .values())
 
     def world_rank(self, stage, replica):
         return stage * self.dp + replica if self.rank_order == "data" else replica * self.pp + stage
@@ -118,7 +136,8 @@ def default_pp_scores(world, cfg, B, T, mem_bytes=None, ranks_per_node=None, net
         from mpigpt2.parallel.memory import default_rule_bytes
         N = num_parameters(cfg)
         fits = [p for p in cands
-                if default_rule_bytes(N, p, world, ranks_per_node, shared) <= mem_bytes / 2]
+                if default_rule_bytes(N, p, world, ranks_per_node, shared, node_of=node_of)
+                <= mem_bytes / 2]
         cands = fits or [max(cands)]
     from mpigpt2.parallel.stepcost import default_layout_seconds
     return {p: default_layout_seconds(cfg, B, T, world, p, balanced_partition(cfg, T, p), net,

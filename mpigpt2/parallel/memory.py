@@ -20,12 +20,13 @@ How many micro-batches and slices are alive at once is read off the rank's own a
 (the schedule is data), so every schedule is estimated by the same rule.
 """
 
+from collections import Counter
 from dataclasses import dataclass
 
 from mpigpt2.base.errors import UserError
 from mpigpt2.model.ops import ACC_BLOCK
 from mpigpt2.model.params import ParamLayout, num_parameters
-from mpigpt2.parallel.layout import resolve
+from mpigpt2.parallel.layout import common_replicas, resolve
 
 GiB = 1 << 30
 RUNTIME_BYTES = 16 << 20  # the step's Python objects, requests and small arrays, per rank
@@ -66,14 +67,16 @@ def state_bytes(P, itemsize, dp, zero, shared_n=1):
     return 4 * P * itemsize
 
 
-def default_rule_bytes(N, pp, world, ranks_per_node, shared, itemsize=4):
-    """The default layout's coarse figure for a node's training state (layout.default_pp):
-    ranks_per_node ranks of a pp × world/pp grid in pipe order, stages of N/pp parameters; a
-    node of r ≥ pp ranks holds r/pp replicas of every stage, which node-shared dp (shared)
-    keeps as one copy."""
-    dp = world // pp
-    n = max(1, min(dp, ranks_per_node // pp)) if shared else 1
-    return ranks_per_node * state_bytes(N // pp, itemsize, dp, 0, n)
+def default_rule_bytes(N, pp, world, ranks_per_node, shared, itemsize=4, node_of=None):
+    """The default layout's coarse figure for the fullest node's training state
+    (layout.default_pp): a pp × world/pp grid in pipe order on node map node_of (None: blocks
+    of ranks_per_node), stages of N/pp parameters; node-shared dp (shared) where
+    common_replicas says the job shares."""
+    nodes = node_of or [w // ranks_per_node for w in range(world)]
+    n = common_replicas(Counter((nodes[w], w % pp) for w in range(world)).values()) \
+        if shared else 1
+    busiest = max(Counter(nodes).values())
+    return busiest * state_bytes(N // pp, itemsize, world // pp, 0, n)
 
 
 @dataclass(frozen=True)
@@ -122,26 +125,30 @@ def rank_estimate(cfg, layout, rank, B, T, itemsize, zero, rank0=False, progs=No
     return Estimate(state, activations, checkpoint if rank0 else 0)
 
 
-def node_estimate(cfg, layout, node_ranks, B, T, itemsize, zero, shared=False):
+def node_estimate(cfg, layout, node_ranks, B, T, itemsize, zero, shared=False, node_of=None):
     """(bytes on this node at its peak, the largest rank's Estimate, that rank); shared:
-    node-shared dp where replicas of a stage meet on the node."""
+    node-shared dp where the job's node map node_of[world rank] allows it
+    (Layout.shared_replicas; None: every node holds as many ranks as this one, in blocks)."""
     progs = layout.programs(T)
-    stages = [layout.coords(r)[0] for r in node_ranks]
-    per = {r: rank_estimate(cfg, layout, s, B, T, itemsize, zero, r == 0, progs,
-                            stages.count(s) if shared else 1)
-           for r, s in zip(node_ranks, stages)}
+    n_node = len(node_ranks)
+    n = layout.shared_replicas(node_of or [w // n_node for w in range(layout.pp * layout.dp)]) \
+        if shared else 1
+    per = {r: rank_estimate(cfg, layout, layout.coords(r)[0], B, T, itemsize, zero, r == 0,
+                            progs, n)
+           for r in node_ranks}
     worst = max(per, key=lambda r: per[r].total)
     return sum(e.total for e in per.values()), per[worst], worst
 
 
 def suggest(cfg, layout, world, node_ranks, B, T, itemsize, zero, limit, shared=False,
-            shareable=False):
+            shareable=False, node_of=None):
     """The first layout that fits `limit` bytes on this node, fewest changes first: a list
     of (flags text, node bytes) with at most one entry, or []. shared: node-shared dp where
-    replicas meet on the node (as node_estimate; a suggested --zero 1 turns it off);
-    shareable: only --shared-dp off keeps it off, so turning it on is the first change tried."""
+    the node map allows it (as node_estimate; a suggested --zero 1 turns it off);
+    shareable: only --shared-dp off keeps it off, so turning it on is the first change tried
+    (where the node map shares at all, and fits); node_of as node_estimate's."""
     if shareable and not shared:
-        need = node_estimate(cfg, layout, node_ranks, B, T, itemsize, zero, True)[0]
+        need = node_estimate(cfg, layout, node_ranks, B, T, itemsize, zero, True, node_of)[0]
         if need <= limit:
             return [("--shared-dp auto", need)]
     for flags, kw, z, b in _alternatives(layout, world, B, T, zero):
@@ -149,7 +156,7 @@ def suggest(cfg, layout, world, node_ranks, B, T, itemsize, zero, limit, shared=
             lay = resolve(world, cfg, b, T, **kw, virtual_stages=layout.virtual_stages)
         except UserError:
             continue
-        need = node_estimate(cfg, lay, node_ranks, b, T, itemsize, z, shared)[0]
+        need = node_estimate(cfg, lay, node_ranks, b, T, itemsize, z, shared, node_of)[0]
         if need <= limit:
             return [(flags, need)]
     return []

@@ -89,28 +89,30 @@ def node_map(layout_world, ranks_per_node):
 
 def memory_of(cfg, layout, B, T, zero, rpn, itemsize=4, memo=None):
     """(largest rank's bytes, fullest node's bytes) under block placement, with node-shared
-    dp (the trainer's --shared-dp auto) where replicas of a stage meet on a node; memo: a dict
+    dp (the trainer's --shared-dp auto) where the node map allows it; memo: a dict
     keeping rank estimates across the rank orders and ZeRO settings of one layout."""
     memo = {} if memo is None else memo
     if "progs" not in memo:
         memo["progs"] = layout.programs(T)
 
-    def estimate(stage, n, first):  # the total of one rank of `stage` among n on its node
-        key = (zero, stage, n, first)
+    def estimate(stage, n, first):  # one rank of `stage`, its copy shared by n (1: private)
+        key = (zero, stage, n if not zero else 1, first)
         if key not in memo:
             memo[key] = memory.rank_estimate(cfg, layout, stage, B, T, itemsize, zero, first,
                                              memo["progs"], n).total
         return memo[key]
 
     world = layout.pp * layout.dp
-    groups = Counter((w // rpn, layout.coords(w)[0]) for w in range(world))
+    node_of = node_map(world, rpn)
+    n = layout.shared_replicas(node_of)  # (1 where the job would not share)
+    groups = Counter((node_of[w], layout.coords(w)[0]) for w in range(world))
     nodes, largest = Counter(), 0
-    for (node, stage), n in groups.items():
-        nodes[node] += n * estimate(stage, n, False)
+    for (node, stage), count in groups.items():
+        nodes[node] += count * estimate(stage, n, False)
         largest = max(largest, estimate(stage, n, False))
-    n0 = groups[0, layout.coords(0)[0]]  # world rank 0 also gathers the checkpoint
-    first = estimate(layout.coords(0)[0], n0, True)
-    nodes[0] += first - estimate(layout.coords(0)[0], n0, False)
+    s0 = layout.coords(0)[0]  # world rank 0 also gathers the checkpoint
+    first = estimate(s0, n, True)
+    nodes[node_of[0]] += first - estimate(s0, n, False)
     return max(largest, first), max(nodes.values())
 
 

@@ -21,6 +21,7 @@ from mpi4py import MPI
 
 from mpigpt2.model.optim import AdamW
 from mpigpt2.parallel.collectives import allreduce_sum, barrier, split_by_node
+from mpigpt2.parallel.layout import common_replicas
 from mpigpt2.parallel.zero import buckets, shard_bounds
 
 
@@ -249,10 +250,9 @@ def choose(grid, stage_size, itemsize, mode, zero=0, grad_reduce="auto", color=N
             node.Free()
     counts = sorted({c for c, _ in sizes})
     why = None
-    if counts == [1]:
-        why = "no two replicas of a stage share a node"
-    elif len(counts) > 1:
-        why = f"nodes hold unequal numbers of a stage's replicas ({counts})"
+    if common_replicas(c for c, _ in sizes) == 1:  # (the rule every estimate of it uses)
+        why = ("no two replicas of a stage share a node" if counts == [1] else
+               f"nodes hold unequal numbers of a stage's replicas ({counts})")
     elif not all(f for _, f in sizes):
         why = (f"/dev/shm has no room for one copy per node (this node needs "
                f"{need / 2**20:.0f} MiB, {(room or 0) / 2**20:.0f} MiB free)")

@@ -228,7 +228,7 @@ def step_seconds(cfg, layout, B, T, compute, net=Net(), node_of=None, zero=False
     bubble: the pipelined part's idle fraction). node_of[world rank] gives nodes (None: one
     node); adamw_seconds the optimizer's time per parameter; pipeline: pipeline_part's
     result when already known (it does not depend on zero or the reduction); shared:
-    node-shared data parallelism where two or more replicas of a stage share a node."""
+    node-shared data parallelism where the node map allows it (Layout.shared_replicas)."""
     from mpigpt2.model.params import ParamLayout
     pipe, idle = pipeline or pipeline_part(cfg, layout, B, T, compute, net, node_of)
     nodes = node_of or [0] * (layout.pp * layout.dp)
@@ -237,11 +237,11 @@ def step_seconds(cfg, layout, B, T, compute, net=Net(), node_of=None, zero=False
     first, last = layout.wte_ranks
     holders = [nodes[layout.world_rank(s, q)] for q in range(layout.dp) for s in (first, last)]
     reduce = opt = 0.0
+    n = layout.shared_replicas(nodes) if shared and not zero else 1
     for r in range(layout.pp):
         P = ParamLayout(cfg, layout.rank_spec(r)).size
         ring = [nodes[layout.world_rank(r, q)] for q in range(layout.dp)]
         own = wte if r in (first, last) else 0  # the tied wte: summed over its holders
-        n = max(Counter(ring).values()) if shared and not zero else 1
         if n > 1:  # one copy per node: the in-node sum, slices between nodes, 1/n updated
             t = shared_reduce(4 * P, ring, net)
             if own and first != last:  # wte's slices: with the other wte stage, every node

@@ -96,10 +96,43 @@ def test_estimate_sums_to_what_the_shared_windows_allocate():
     """The ranks of a stage on one node: their estimated state adds up to the windows that
     parallel/shared.py allocates (every slot, one copy of parameters and both moments)."""
     lay = resolve(8, CFG, 16, 32, 2, 4)
-    P = ParamLayout(CFG, lay.rank_spec(0)).size
-    _, worst, _ = memory.node_estimate(CFG, lay, range(8), 16, 32, 4, 0, shared=True)
-    per_rank = memory.state_bytes(P, 4, 4, 0, 4)
-    assert abs(4 * per_rank - shared.node_bytes(4, P, 4)) <= 3 * 4  # (3·P/4 rounded down)
+    for stage in (0, 1):
+        P = ParamLayout(CFG, lay.rank_spec(stage)).size
+        ranks = [r for r in range(8) if lay.coords(r)[0] == stage]
+        est = memory.node_estimate(CFG, lay, range(8), 16, 32, 4, 0, shared=True)
+        assert est[1].state in {memory.rank_estimate(CFG, lay, s, 16, 32, 4, 0, shared_n=4).state
+                                for s in (0, 1)}
+        total = sum(memory.rank_estimate(CFG, lay, lay.coords(r)[0], 16, 32, 4, 0,
+                                         shared_n=lay.shared_replicas()).state for r in ranks)
+        assert 0 <= shared.node_bytes(4, P, 4) - total <= 3 * 4  # (3·P/4 rounded down)
+
+
+def test_unequal_node_maps_are_estimated_with_private_copies():
+    """6 ranks in nodes of 3 at pp 2: node 0 holds two replicas of stage 0 and one of stage 1,
+    so the run keeps a private copy per rank (shared.choose; tests/mpi/test_shared_choice.py)
+    and every estimate must count that: the memory check, the planner, the step model and the
+    default layout's rule."""
+    from mpigpt2.model.params import num_parameters
+    from mpigpt2.parallel import planner
+    lay = resolve(6, CFG, 12, 32, 2, 3)
+    nodes = [0, 0, 0, 1, 1, 1]
+    assert lay.shared_replicas(nodes) == 1
+    private = [memory.node_estimate(CFG, lay, range(3 * n, 3 * n + 3), 12, 32, 4, 0)
+               for n in (0, 1)]
+    counted = [memory.node_estimate(CFG, lay, range(3 * n, 3 * n + 3), 12, 32, 4, 0,
+                                    shared=True, node_of=nodes) for n in (0, 1)]
+    assert counted == private
+    assert planner.memory_of(CFG, lay, 12, 32, 0, 3) == (
+        max(e[1].total for e in private), max(e[0] for e in private))
+    compute = stepcost.FlopModel(CFG)
+    assert stepcost.step_seconds(CFG, lay, 12, 32, compute, NET, nodes, shared=True) == \
+        stepcost.step_seconds(CFG, lay, 12, 32, compute, NET, nodes)
+    N = num_parameters(CFG)
+    assert memory.default_rule_bytes(N, 2, 6, 3, True) == 3 * 16 * (N // 2)
+    # nodes of 4 at pp 2: two replicas of each stage per node share; 4 ranks of 4 bytes for
+    # a gradient slot and half of the stage's one copy
+    P = N // 2
+    assert memory.default_rule_bytes(N, 2, 8, 4, True) == 4 * 4 * (P + 3 * P // 2)
 
 
 def test_a_suggested_layout_is_checked_with_node_shared_dp():
