@@ -17,7 +17,7 @@ from mpigpt2.model.config import GPTConfig
 from mpigpt2.options import check_args
 from mpigpt2.base.files import check_writable
 from mpigpt2.outputs import check_out_dir
-from mpigpt2.base.machine import available_memory_bytes
+from mpigpt2.base.machine import available_memory_bytes, shm_room
 from mpigpt2.parallel import layout as lay, memory as mem
 
 DEFAULT_VAL = "data/tinyshakespeare/tiny_shakespeare_val.bin"
@@ -154,13 +154,13 @@ def check_memory(args, cfg, layout, world, node_ranks, node_of=None):
         return
     itemsize = 8 if args.dtype == "float64" else 4
     B, T = args.batch_size, args.seq_len
-    shared = shared_default(args)
+    shared, shm = shared_default(args), shm_room()
     need, worst, rank = mem.node_estimate(cfg, layout, node_ranks, B, T, itemsize, args.zero,
-                                          shared, node_of)
+                                          shared, node_of, shm)
     if need <= limit:
         return
     fit = mem.suggest(cfg, layout, world, node_ranks, B, T, itemsize, args.zero, limit, shared,
-                      shared_default(args, flag="auto"), node_of)
+                      shared_default(args, flag="auto"), node_of, shm)
     hint = (f"try {fit[0][0]} (~{mem.size(fit[0][1])})" if fit else
             "no layout of these ranks fits: use more nodes, or a smaller model or batch")
     raise UserError(f"not enough memory: this run needs ~{mem.size(need)} on this node "

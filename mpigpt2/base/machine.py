@@ -38,6 +38,20 @@ def compute_key():
             f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '')}")
 
 
+def shm_room():
+    """Bytes free in /dev/shm (where MPICH puts shared windows); None where it is absent.
+    MPIGPT2_SHM_BYTES overrides it (a container's 64 MiB /dev/shm, in tests)."""
+    import os
+    env = os.environ.get("MPIGPT2_SHM_BYTES")
+    if env:
+        return int(float(env))
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
 def available_memory_bytes():
     """Bytes this node can still give: MemAvailable, capped by the cgroup's limit (Slurm and
     containers set one). MPIGPT2_NODE_MEMORY (bytes) overrides it, e.g. to plan for a node

@@ -67,6 +67,15 @@ def state_bytes(P, itemsize, dp, zero, shared_n=1):
     return 4 * P * itemsize
 
 
+SHM_HEADROOM = 0.9  # node-shared dp's windows may fill this fraction of /dev/shm's free room
+
+
+def shm_fits(nbytes, room):
+    """Whether a node's shared windows (nbytes) fit /dev/shm's free room (None: unknown, assumed
+    to): shared.choose's test, and the memory check's (node_estimate's shm)."""
+    return room is None or nbytes <= SHM_HEADROOM * room
+
+
 def default_rule_bytes(N, pp, world, ranks_per_node, shared, itemsize=4, node_of=None):
     """The default layout's coarse figure for the fullest node's training state
     (layout.default_pp): a pp × world/pp grid in pipe order on node map node_of (None: blocks
@@ -125,30 +134,38 @@ def rank_estimate(cfg, layout, rank, B, T, itemsize, zero, rank0=False, progs=No
     return Estimate(state, activations, checkpoint if rank0 else 0)
 
 
-def node_estimate(cfg, layout, node_ranks, B, T, itemsize, zero, shared=False, node_of=None):
+def node_estimate(cfg, layout, node_ranks, B, T, itemsize, zero, shared=False, node_of=None,
+                  shm=None):
     """(bytes on this node at its peak, the largest rank's Estimate, that rank); shared:
     node-shared dp where the job's node map node_of[world rank] allows it
-    (Layout.shared_replicas; None: every node holds as many ranks as this one, in blocks)."""
+    (Layout.shared_replicas; None: every node holds as many ranks as this one, in blocks) and
+    its windows fit shm, /dev/shm's free bytes (None: unknown, assumed to), as shared.choose
+    decides."""
     progs = layout.programs(T)
     n_node = len(node_ranks)
     n = layout.shared_replicas(node_of or [w // n_node for w in range(layout.pp * layout.dp)]) \
-        if shared else 1
-    per = {r: rank_estimate(cfg, layout, layout.coords(r)[0], B, T, itemsize, zero, r == 0,
-                            progs, n)
-           for r in node_ranks}
+        if shared and not zero else 1
+
+    def estimates(n):
+        return {r: rank_estimate(cfg, layout, layout.coords(r)[0], B, T, itemsize, zero,
+                                 r == 0, progs, n) for r in node_ranks}
+    per = estimates(n)
+    if n > 1 and not shm_fits(sum(e.state for e in per.values()), shm):
+        per = estimates(1)  # (the windows would not fit: every rank keeps its own copy)
     worst = max(per, key=lambda r: per[r].total)
     return sum(e.total for e in per.values()), per[worst], worst
 
 
 def suggest(cfg, layout, world, node_ranks, B, T, itemsize, zero, limit, shared=False,
-            shareable=False, node_of=None):
+            shareable=False, node_of=None, shm=None):
     """The first layout that fits `limit` bytes on this node, fewest changes first: a list
     of (flags text, node bytes) with at most one entry, or []. shared: node-shared dp where
     the node map allows it (as node_estimate; a suggested --zero 1 turns it off);
     shareable: only --shared-dp off keeps it off, so turning it on is the first change tried
-    (where the node map shares at all, and fits); node_of as node_estimate's."""
+    (where the node map shares at all, and fits); node_of and shm as node_estimate's."""
     if shareable and not shared:
-        need = node_estimate(cfg, layout, node_ranks, B, T, itemsize, zero, True, node_of)[0]
+        need = node_estimate(cfg, layout, node_ranks, B, T, itemsize, zero, True, node_of,
+                             shm)[0]
         if need <= limit:
             return [("--shared-dp auto", need)]
     for flags, kw, z, b in _alternatives(layout, world, B, T, zero):
@@ -156,7 +173,7 @@ def suggest(cfg, layout, world, node_ranks, B, T, itemsize, zero, limit, shared=
             lay = resolve(world, cfg, b, T, **kw, virtual_stages=layout.virtual_stages)
         except UserError:
             continue
-        need = node_estimate(cfg, lay, node_ranks, b, T, itemsize, z, shared, node_of)[0]
+        need = node_estimate(cfg, lay, node_ranks, b, T, itemsize, z, shared, node_of, shm)[0]
         if need <= limit:
             return [(flags, need)]
     return []

@@ -14,14 +14,15 @@ a node for free, and no parameter traffic inside a node at all.
 """
 
 import functools
-import os
 
 import numpy as np
 from mpi4py import MPI
 
 from mpigpt2.model.optim import AdamW
 from mpigpt2.parallel.collectives import allreduce_sum, barrier, split_by_node
+from mpigpt2.base.machine import shm_room
 from mpigpt2.parallel.layout import common_replicas
+from mpigpt2.parallel.memory import shm_fits
 from mpigpt2.parallel.zero import buckets, shard_bounds
 
 
@@ -76,15 +77,6 @@ def node_groups(comm, color=None):
 def node_bytes(n, N, itemsize):
     """Shared bytes of one data group's locals: parameters, m, v and n gradient slots."""
     return (3 + n) * N * itemsize
-
-
-def shm_room():
-    """Bytes free in /dev/shm (where MPICH puts shared windows); None where it is absent."""
-    try:
-        st = os.statvfs("/dev/shm")
-    except OSError:
-        return None
-    return st.f_bavail * st.f_frsize
 
 
 class SharedAdam:
@@ -243,7 +235,7 @@ def choose(grid, stage_size, itemsize, mode, zero=0, grad_reduce="auto", color=N
         node = split_by_node(grid.world) if color is None else local
         need = node.allreduce(node_bytes(n, stage_size, itemsize) // n)  # this node's total
         room = shm_room()
-        fits = room is None or need <= 0.9 * room
+        fits = shm_fits(need, room)
         sizes = grid.world.allgather((n, fits))
         local.Free()
         if node is not local:

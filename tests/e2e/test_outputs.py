@@ -149,6 +149,23 @@ def test_node_shared_dp_is_suggested_when_it_was_turned_off(tmp_path, shards):
     assert "gradient reduction: node-shared" in r.stdout
 
 
+def test_a_dev_shm_too_small_for_one_copy_is_checked_with_private_copies(tmp_path, shards):
+    """The run falls back to a private copy per rank when /dev/shm cannot hold the node's
+    windows (MPIGPT2_SHM_BYTES stands in for a container's 64 MiB), so the memory check
+    counts private copies too: 740 MiB (enough for one shared copy) is refused, 900 trains
+    with the start-up line saying why node-shared dp is off."""
+    flags = ("--batch-size", "16", "--seq-len", "64")
+    small = {"MPIGPT2_SHM_BYTES": str(64 << 20)}
+    r = run(mpiexec(2) + train_cmd(shards, tmp_path / "a", *C, *flags),
+            env={**with_memory(740 << 20), **small})
+    refused(r, "not enough memory")
+    assert "needs ~782 MiB" in r.stderr and "--shared-dp auto" not in r.stderr, r.stderr
+    r = run(mpiexec(2) + train_cmd(shards, tmp_path / "b", *C, *flags),
+            env={**with_memory(900 << 20), **small})
+    assert r.returncode == 0, r.stderr
+    assert "node-shared off: /dev/shm has no room for one copy per node" in r.stdout, r.stdout
+
+
 def test_no_memory_check_starts_anyway(tmp_path, shards):
     r = run(train_cmd(shards, tmp_path / "o", *C, "--no-memory-check"), env=with_memory(1))
     assert r.returncode == 0, r.stderr
