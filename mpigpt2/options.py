@@ -42,8 +42,8 @@ def cluster_flags(a):
     a("--shared-dp", choices=("auto", "on", "off"), default="auto", help="node-shared data "
       "parallelism: the replicas of a stage on one node keep one copy of its parameters and "
       "Adam state in shared memory and sum gradients in place (ZeRO-1 inside the node); "
-      "auto: on where two or more replicas of a stage share a node, unless --zero 1 or "
-      "--grad-reduce is given")
+      "auto: on where every node holds the same number (two or more) of each stage's "
+      "replicas and /dev/shm has room, unless --zero 1 or --grad-reduce is given")
     a("--busy-ranks", choices=("auto", "all"), default="auto", help="auto: on a node with "
       "more ranks than cores (and no --pp/--dp), one rank per core computes and the others "
       "wait for the end (oversubscribed ranks only time-share the cores); all: every rank")

@@ -46,10 +46,12 @@ def node_memory_bytes():
         return None
 
 
-def plan(args, world, node_ranks=(0,), node_of=None, net=(None, "")):
+def plan(args, world, node_ranks=(0,), node_of=None, net=(None, ""), shm_free=None):
     """Check the flags and files and resolve them into a Plan (world: the grid's size,
     node_ranks: the world ranks on this rank's node, node_of: every rank's node, net: the
-    (stepcost.Net, source) of train.network)."""
+    (stepcost.Net, source) of train.network, shm_free: the least /dev/shm free on any node,
+    default this node's)."""
+    shm = shm_room(shm_free)
     check_args(args)
     cfg = load_config(args.model)
     B, T = args.batch_size, args.seq_len
@@ -62,16 +64,16 @@ def plan(args, world, node_ranks=(0,), node_of=None, net=(None, "")):
                          node_memory_bytes(), len(node_ranks),
                          args.virtual_stages, args.rank_order,
                          node_of if node_of is not None and len(node_of) == world else None,
-                         net[0], shared_default(args))
+                         net[0], shared_default(args), shm)
     train = DataLoader(args.train_data, B, T, vocab_size=cfg.vocab_size, flag="--train-data",
                        shuffle=args.shuffle, seed=args.seed)
     notes = [] if args.pp or args.dp else [default_note(args, cfg, layout, world, node_ranks,
-                                                         node_of, net)]
+                                                         node_of, net, shm)]
     val = validation_loader(args, cfg, notes)
     resume = find_resume(args, cfg, train, notes) if args.resume else None
     if not (args.print_schedule or args.no_memory_check):
         check_memory(args, cfg, layout, world, node_ranks,
-                     node_of if node_of is not None and len(node_of) == world else None)
+                     node_of if node_of is not None and len(node_of) == world else None, shm)
     check_out_dir(args.out_dir)
     if args.schedule_out:
         if not args.print_schedule:
@@ -94,18 +96,22 @@ def shared_default(args, flag=None):
     return mode != "off" and not args.zero and args.grad_reduce == "auto"
 
 
-def default_note(args, cfg, layout, world, node_ranks, node_of, net):
+def default_note(args, cfg, layout, world, node_ranks, node_of, net, shm=None):
     """Why the default layout: the step model's prediction for each pp it weighed."""
+    from mpigpt2.model.params import num_parameters
     node_of = node_of if node_of is not None and len(node_of) == world else None
     scores = lay.default_pp_scores(world, cfg, args.batch_size, args.seq_len,
                                    node_memory_bytes(), len(node_ranks), net[0], node_of,
-                                   shared_default(args))
+                                   shared_default(args), shm)
+    nodes = node_of or [w // len(node_ranks) for w in range(world)]
+    shares = mem.default_rule_bytes(num_parameters(cfg), layout, nodes, shared_default(args),
+                                    shm)[1]
     others = ", ".join(f"pp {p} {1e3 * t:.0f}" for p, t in sorted(scores.items())
                        if p != layout.pp)
     return (f"layout: pp {layout.pp} × dp {layout.dp} by the step model: predicted "
             f"{1e3 * scores.get(layout.pp, float('nan')):.0f} ms/step"
             + (f" (ms/step of the others: {others})" if others else "")
-            + (", node-shared dp" if shared_default(args) and layout.dp > 1 else ""))
+            + (", node-shared dp" if shares else ""))
 
 
 def validation_loader(args, cfg, notes):
@@ -146,7 +152,7 @@ def find_resume(args, cfg, train, notes):
     return rs.Resume(path, state)
 
 
-def check_memory(args, cfg, layout, world, node_ranks, node_of=None):
+def check_memory(args, cfg, layout, world, node_ranks, node_of=None, shm=None):
     """Refuse a run whose estimated peak (parallel/memory.py) exceeds what this node has left,
     naming the estimate and a layout that would fit."""
     limit = available_memory_bytes()
@@ -154,7 +160,7 @@ def check_memory(args, cfg, layout, world, node_ranks, node_of=None):
         return
     itemsize = 8 if args.dtype == "float64" else 4
     B, T = args.batch_size, args.seq_len
-    shared, shm = shared_default(args), shm_room()
+    shared = shared_default(args)
     need, worst, rank = mem.node_estimate(cfg, layout, node_ranks, B, T, itemsize, args.zero,
                                           shared, node_of, shm)
     if need <= limit:

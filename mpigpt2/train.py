@@ -28,6 +28,7 @@ from threadpoolctl import threadpool_limits
 from mpigpt2 import faults, outputs
 from mpigpt2.base import blas, malloc
 from mpigpt2.base.errors import run_cli
+from mpigpt2.base.machine import shm_free
 from mpigpt2.base.watchdog import init_done
 from mpigpt2.formats import checkpoint as ck, lineage
 from mpigpt2.formats.llmc import write_model
@@ -88,11 +89,13 @@ def main_busy(args, world, waiter, note="", local=None):
             local = world.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks sharing this node
         node_ranks = local.allgather(world.Get_rank())
         node_of = world.allgather(min(node_ranks))  # each rank's node (its lowest rank)
+        # the least /dev/shm free of any node: node-shared dp needs every node's windows
+        shm = min((b for b in world.allgather(shm_free()) if b is not None), default=None)
     print0 = print_on_rank0(world.Get_rank())
     net = network(args, world, node_of, waiter)
     # -- set-up: checked on every rank, agreed, before any compute ----------------------------
     plan = agree(world, lambda: make_plan(args, grid_size(args, world), node_ranks, node_of,
-                                          net), args.debug, waiter)
+                                          net, shm), args.debug, waiter)
     plan.notes.extend([note] if note else [])
     threads = args.threads or max(1, (os.cpu_count() or 1) // local.Get_size())
     plan, tuned = resolve_slices(args, plan, world, threads, print0, waiter)

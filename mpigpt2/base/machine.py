@@ -38,18 +38,31 @@ def compute_key():
             f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '')}")
 
 
-def shm_room():
-    """Bytes free in /dev/shm (where MPICH puts shared windows); None where it is absent.
-    MPIGPT2_SHM_BYTES overrides it (a container's 64 MiB /dev/shm, in tests)."""
+def shm_free():
+    """Bytes free in /dev/shm (where MPICH puts shared windows); None where it is absent."""
     import os
-    env = os.environ.get("MPIGPT2_SHM_BYTES")
-    if env:
-        return int(float(env))
     try:
         st = os.statvfs("/dev/shm")
     except OSError:
         return None
     return st.f_bavail * st.f_frsize
+
+
+def shm_room(free=None):
+    """The /dev/shm room node-shared dp may count on: free bytes (default this node's
+    shm_free(); a job passes the least of every node's), capped by MPIGPT2_SHM_BYTES (a
+    container's 64 MiB /dev/shm, in tests; it can only lower the figure)."""
+    import os
+    from mpigpt2.base.errors import UserError
+    free = shm_free() if free is None else free
+    env = os.environ.get("MPIGPT2_SHM_BYTES")
+    if not env:
+        return free
+    try:
+        cap = int(float(env))
+    except ValueError:
+        raise UserError(f"MPIGPT2_SHM_BYTES={env!r} is not a number of bytes") from None
+    return cap if free is None else min(cap, free)
 
 
 def available_memory_bytes():

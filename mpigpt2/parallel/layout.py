@@ -109,39 +109,51 @@ class Layout:
 
 
 def default_pp(world, cfg, B, T, mem_bytes=None, ranks_per_node=None, net=None, node_of=None,
-               shared=True):
+               shared=True, shm=None):
     """Default rule: among the pp that divide world (pp ≤ L, B divisible by dp·pp) whose
-    node's training state (memory.default_rule_bytes; one copy per stage with node-shared dp
-    where `shared`) fits in half the node's memory, the one with the smallest
-    predicted step time (stepcost.default_layout_seconds on the job's network, node-shared
-    dp where `shared`; ties: the larger pp). dp = world / pp."""
+    fullest node's training state (memory.default_rule_bytes) fits in half the node's memory,
+    the one with the smallest predicted step time (stepcost.default_layout_seconds on the
+    job's network; ties: the larger pp). dp = world / pp. Both count node-shared dp (where
+    `shared`) exactly where the run would share: the scored layout's node map and rank order
+    (Layout.shared_replicas) and room in /dev/shm (shm: its free bytes, None: unknown)."""
     scores = default_pp_scores(world, cfg, B, T, mem_bytes, ranks_per_node, net, node_of,
-                               shared)
+                               shared, shm)
     return min(scores, key=lambda p: (scores[p], -p))
 
 
 def default_pp_scores(world, cfg, B, T, mem_bytes=None, ranks_per_node=None, net=None,
-                      node_of=None, shared=True):
+                      node_of=None, shared=True, shm=None):
     """{pp: predicted seconds per step} of default_pp's candidates."""
     from mpigpt2.model.params import num_parameters
+    from mpigpt2.parallel.memory import default_rule_bytes
+    from mpigpt2.parallel.stepcost import default_layout_seconds
     L = cfg.num_layers
     ranks_per_node = ranks_per_node or world
+    nodes = node_of or [w // ranks_per_node for w in range(world)]
     cands = [p for p in range(1, min(world, L) + 1)
              if world % p == 0 and B % ((world // p) * p) == 0]
     if not cands:
         cands = [p for p in range(1, min(world, L) + 1) if world % p == 0 and B % (world // p) == 0]
     if not cands:
         cands = [max(p for p in range(1, min(world, L) + 1) if world % p == 0)]
+    scored = {p: scored_layout(cfg, B, T, world, p, nodes) for p in cands}
+    rule = {p: default_rule_bytes(num_parameters(cfg), lay, nodes, shared, shm)
+            for p, lay in scored.items()}  # (state bytes of the fullest node, shares)
     if mem_bytes:
-        from mpigpt2.parallel.memory import default_rule_bytes
-        N = num_parameters(cfg)
-        fits = [p for p in cands
-                if default_rule_bytes(N, p, world, ranks_per_node, shared, node_of=node_of)
-                <= mem_bytes / 2]
-        cands = fits or [max(cands)]
-    from mpigpt2.parallel.stepcost import default_layout_seconds
-    return {p: default_layout_seconds(cfg, B, T, world, p, balanced_partition(cfg, T, p), net,
-                                      node_of, shared) for p in cands}
+        cands = [p for p in cands if rule[p][0] <= mem_bytes / 2] or [max(cands)]
+    return {p: default_layout_seconds(cfg, scored[p], B, T, net, nodes, rule[p][1])
+            for p in cands}
+
+
+def scored_layout(cfg, B, T, world, pp, node_of):
+    """The layout default_pp scores for pp: 1F1B over M = pp micro-batches (1 when B does not
+    split so) of 4 slices at pp > 1, balanced stages, in the rank order resolve would pick."""
+    from dataclasses import replace
+    dp = world // pp
+    M = pp if B % dp == 0 and (B // dp) % pp == 0 else 1
+    n = 4 if pp > 1 and T % 4 == 0 else 1
+    lay = Layout(pp, dp, balanced_partition(cfg, T, pp), M, T // n, "1f1b")
+    return replace(lay, rank_order=choose_rank_order(cfg, lay, B, T, node_of, "auto"))
 
 
 @functools.lru_cache(maxsize=256)
@@ -281,15 +293,17 @@ def choose_rank_order(cfg, layout, B, T, node_of, order):
 
 def resolve(world, cfg, B, T, pp=None, dp=None, stage_layers=None, microbatches=None,
             slice_tokens=None, schedule=None, mem_bytes=None, ranks_per_node=None,
-            virtual_stages=None, rank_order="pipe", node_of=None, net=None, shared=True):
+            virtual_stages=None, rank_order="pipe", node_of=None, net=None, shared=True,
+            shm=None):
     """Check the requested layout and fill in defaults; raise UserError naming the bad flag.
-    shared: the default layout may count on node-shared dp (--shared-dp not off)."""
+    shared: the default layout may count on node-shared dp (--shared-dp not off) where
+    /dev/shm's free bytes (shm; None: unknown) hold its windows."""
     L = cfg.num_layers
     for flag, v in (("--pp", pp), ("--dp", dp), ("--microbatches", microbatches)):
         if v is not None and v < 1:
             raise UserError(f"{flag} must be ≥ 1, got {v}")
     if pp is None and dp is None:
-        pp = default_pp(world, cfg, B, T, mem_bytes, ranks_per_node, net, node_of, shared)
+        pp = default_pp(world, cfg, B, T, mem_bytes, ranks_per_node, net, node_of, shared, shm)
     if pp is None:
         if world % dp:
             raise UserError(f"--dp {dp} does not divide the {world} MPI ranks")

@@ -76,16 +76,19 @@ def shm_fits(nbytes, room):
     return room is None or nbytes <= SHM_HEADROOM * room
 
 
-def default_rule_bytes(N, pp, world, ranks_per_node, shared, itemsize=4, node_of=None):
-    """The default layout's coarse figure for the fullest node's training state
-    (layout.default_pp): a pp × world/pp grid in pipe order on node map node_of (None: blocks
-    of ranks_per_node), stages of N/pp parameters; node-shared dp (shared) where
-    common_replicas says the job shares."""
-    nodes = node_of or [w // ranks_per_node for w in range(world)]
-    n = common_replicas(Counter((nodes[w], w % pp) for w in range(world)).values()) \
-        if shared else 1
-    busiest = max(Counter(nodes).values())
-    return busiest * state_bytes(N // pp, itemsize, world // pp, 0, n)
+def default_rule_bytes(N, layout, node_of, shared, shm=None, itemsize=4):
+    """(the fullest node's training state, whether node-shared dp runs) for the default
+    layout's rule (layout.default_pp): stages of N/pp parameters placed by layout on node map
+    node_of; node-shared where `shared`, the map allows it (Layout.shared_replicas) and the
+    windows fit shm, /dev/shm's free bytes (shm_fits), as shared.choose decides."""
+    busiest = max(Counter(node_of).values())
+    n = layout.shared_replicas(node_of) if shared else 1
+
+    def fullest(n):
+        return busiest * state_bytes(N // layout.pp, itemsize, layout.dp, 0, n)
+    if n > 1 and not shm_fits(fullest(n), shm):
+        n = 1
+    return fullest(n), n > 1
 
 
 @dataclass(frozen=True)
@@ -139,19 +142,21 @@ def node_estimate(cfg, layout, node_ranks, B, T, itemsize, zero, shared=False, n
     """(bytes on this node at its peak, the largest rank's Estimate, that rank); shared:
     node-shared dp where the job's node map node_of[world rank] allows it
     (Layout.shared_replicas; None: every node holds as many ranks as this one, in blocks) and
-    its windows fit shm, /dev/shm's free bytes (None: unknown, assumed to), as shared.choose
-    decides."""
+    every node's windows fit shm, the least /dev/shm free on any node (None: unknown, assumed
+    to), as shared.choose decides."""
+    world = layout.pp * layout.dp
+    nodes = node_of or [w // len(node_ranks) for w in range(world)]
+    n = layout.shared_replicas(nodes) if shared and not zero else 1
+    if n > 1:  # every node's windows must fit (choose agrees on all of them): else private
+        share = {s: state_bytes(ParamLayout(cfg, layout.rank_spec(s)).size, itemsize,
+                                layout.dp, 0, n) for s in range(layout.pp)}
+        windows = Counter()
+        for w in range(world):
+            windows[nodes[w]] += share[layout.coords(w)[0]]
+        n = n if all(shm_fits(b, shm) for b in windows.values()) else 1
     progs = layout.programs(T)
-    n_node = len(node_ranks)
-    n = layout.shared_replicas(node_of or [w // n_node for w in range(layout.pp * layout.dp)]) \
-        if shared and not zero else 1
-
-    def estimates(n):
-        return {r: rank_estimate(cfg, layout, layout.coords(r)[0], B, T, itemsize, zero,
-                                 r == 0, progs, n) for r in node_ranks}
-    per = estimates(n)
-    if n > 1 and not shm_fits(sum(e.state for e in per.values()), shm):
-        per = estimates(1)  # (the windows would not fit: every rank keeps its own copy)
+    per = {r: rank_estimate(cfg, layout, layout.coords(r)[0], B, T, itemsize, zero, r == 0,
+                            progs, n) for r in node_ranks}
     worst = max(per, key=lambda r: per[r].total)
     return sum(e.total for e in per.values()), per[worst], worst
 

@@ -22,7 +22,7 @@ from mpigpt2.model.optim import AdamW
 from mpigpt2.parallel.collectives import allreduce_sum, barrier, split_by_node
 from mpigpt2.base.machine import shm_room
 from mpigpt2.parallel.layout import common_replicas
-from mpigpt2.parallel.memory import shm_fits
+from mpigpt2.parallel.memory import shm_fits, state_bytes
 from mpigpt2.parallel.zero import buckets, shard_bounds
 
 
@@ -233,7 +233,9 @@ def choose(grid, stage_size, itemsize, mode, zero=0, grad_reduce="auto", color=N
         local = split_by_node(grid.data, color)
         n = local.Get_size()
         node = split_by_node(grid.world) if color is None else local
-        need = node.allreduce(node_bytes(n, stage_size, itemsize) // n)  # this node's total
+        # this node's total: every rank's share of its stage's windows (memory.state_bytes, as
+        # every estimate of the run counts them)
+        need = node.allreduce(state_bytes(stage_size, itemsize, grid.dp, 0, n))
         room = shm_room()
         fits = shm_fits(need, room)
         sizes = grid.world.allgather((n, fits))

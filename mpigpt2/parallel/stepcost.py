@@ -258,15 +258,9 @@ def step_seconds(cfg, layout, B, T, compute, net=Net(), node_of=None, zero=False
             "bubble": idle}
 
 
-def default_layout_seconds(cfg, B, T, world, pp, stage_layers, net=None, node_of=None,
-                           shared=True):
-    """The default layout's score of pp (parallel/layout.py default_pp): 1F1B over
-    M = pp micro-batches (1 when B does not split so) of 4 slices at pp > 1, a FLOP rate per
-    rank, the optimizer included (node-shared dp updates 1/n of it per rank)."""
-    from mpigpt2.parallel.layout import Layout
-    dp = world // pp
-    M = pp if B % dp == 0 and (B // dp) % pp == 0 else 1
-    n = 4 if pp > 1 and T % 4 == 0 else 1
-    lay = Layout(pp, dp, tuple(stage_layers), M, T // n, "1f1b")
-    return step_seconds(cfg, lay, B, T, FlopModel(cfg), net or Net(), node_of,
+def default_layout_seconds(cfg, layout, B, T, net=None, node_of=None, shared=True):
+    """The default layout's score of one pp (layout.default_pp, which builds the layout:
+    layout.scored_layout): a FLOP rate per rank, the optimizer included (node-shared dp, where
+    `shared`, updates 1/n of it per rank)."""
+    return step_seconds(cfg, layout, B, T, FlopModel(cfg), net or Net(), node_of,
                         shared=shared)["step"]

@@ -22,23 +22,25 @@ NODE = {  # colour (emulated node) of each world rank
 
 @pytest.mark.mpi(min_size=8)
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("pp,dp,node,shares", [
-    (2, 3, "blocks of 3", 1),  # node 0 holds two ranks of stage 0, one of stage 1: unequal
-    (2, 4, "blocks of 4", 2),
-    (1, 8, "blocks of 2", 2),
-    (2, 4, "by parity", 4),    # every rank of a stage on one node
-    (4, 2, "blocks of 4", 1),  # one replica of each stage per node: nothing to share
-    (2, 3, "blocks of 2", 1),
+@pytest.mark.parametrize("pp,dp,node,order,shares", [
+    (2, 3, "blocks of 3", "pipe", 1),  # node 0: two ranks of stage 0, one of stage 1: unequal
+    (2, 4, "blocks of 4", "pipe", 2),
+    (1, 8, "blocks of 2", "pipe", 2),
+    (2, 4, "by parity", "pipe", 4),    # every rank of a stage on one node
+    (4, 2, "blocks of 4", "pipe", 1),  # one replica of each stage per node: nothing to share
+    (2, 3, "blocks of 2", "pipe", 1),
+    (2, 4, "blocks of 4", "data", 4),  # a stage's replicas side by side: one node each
+    (2, 3, "blocks of 2", "data", 1),  # node 1 holds one rank of each stage
 ])
-def test_the_run_shares_exactly_where_the_estimates_count_it(pp, dp, node, shares):
+def test_the_run_shares_exactly_where_the_estimates_count_it(pp, dp, node, order, shares):
     world = MPI.COMM_WORLD
     inside = world.Get_rank() < pp * dp
     comm = world.Split(0 if inside else MPI.UNDEFINED, world.Get_rank())
     verdict = None
     if inside:
-        lay = Layout(pp, dp, (1,) * pp, 1, 32, "1f1b")
+        lay = Layout(pp, dp, (1,) * pp, 1, 32, "1f1b", rank_order=order)
         rule = lay.shared_replicas([NODE[node](r) for r in range(pp * dp)])  # the estimates'
-        grid = make_grid(comm, pp, dp)
+        grid = make_grid(comm, pp, dp, order=order)
         on, why = choose(grid, 1000, 4, "auto", color=NODE[node](comm.Get_rank()))
         if rule != shares or on != (shares > 1):
             verdict = f"choose: {on} ({why}); the estimates' rule: {rule}; expected {shares}"

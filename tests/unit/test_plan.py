@@ -11,7 +11,7 @@ from mpigpt2 import plan
 from mpigpt2.base.errors import UserError
 from mpigpt2.model.config import PRESETS
 from mpigpt2.options import parse_args as train_args
-from mpigpt2.parallel import memory
+from mpigpt2.parallel import memory, planner
 from mpigpt2.parallel.layout import resolve
 
 TINY = ["--model", "gpt2-tiny", "--batch-size", "8", "--seq-len", "64"]
@@ -51,15 +51,13 @@ def test_every_ranked_layout_is_one_the_trainer_accepts(tmp_path, capsys):
         assert lay.as_dict() == p["layout"]
         assert a.threads * p["ranks_per_node"] == 4
         # the memory columns are the trainer's own check (setup.check_memory: node-shared dp
-        # by default where replicas of a stage meet on a node) on each node of block placement
+        # by default where the node map allows it) on each node of block placement
         rpn = p["ranks_per_node"]
         nodes = [memory.node_estimate(cfg, lay, range(n * rpn, (n + 1) * rpn), 8, 64, 4,
                                       a.zero, shared=not a.zero) for n in (0, 1)]
         assert p["node_bytes"] == max(need for need, _, _ in nodes)
         assert p["rank_bytes"] == max(worst.total for _, worst, _ in nodes)
-        shared_here = any(len({lay.coords(w)[0] for w in range(n * rpn, (n + 1) * rpn)}) < rpn
-                          for n in (0, 1))
-        sharing.add(shared_here and not a.zero)
+        sharing.add(lay.shared_replicas(planner.node_map(world, rpn)) > 1 and not a.zero)
         shapes.add((lay.pp, lay.virtual_stages, lay.schedule, a.zero, lay.rank_order))
     # the grid covers the dimensions: pipeline depths, virtual stages, ZeRO and both orders
     assert {s[0] for s in shapes} >= {1, 2, 4} and {s[1] for s in shapes} == {1, 2}

@@ -96,15 +96,15 @@ def test_estimate_sums_to_what_the_shared_windows_allocate():
     """The ranks of a stage on one node: their estimated state adds up to the windows that
     parallel/shared.py allocates (every slot, one copy of parameters and both moments)."""
     lay = resolve(8, CFG, 16, 32, 2, 4)
+    est = memory.node_estimate(CFG, lay, range(8), 16, 32, 4, 0, shared=True)
     for stage in (0, 1):
         P = ParamLayout(CFG, lay.rank_spec(stage)).size
         ranks = [r for r in range(8) if lay.coords(r)[0] == stage]
-        est = memory.node_estimate(CFG, lay, range(8), 16, 32, 4, 0, shared=True)
-        assert est[1].state in {memory.rank_estimate(CFG, lay, s, 16, 32, 4, 0, shared_n=4).state
-                                for s in (0, 1)}
-        total = sum(memory.rank_estimate(CFG, lay, lay.coords(r)[0], 16, 32, 4, 0,
-                                         shared_n=lay.shared_replicas()).state for r in ranks)
+        total = sum(memory.rank_estimate(CFG, lay, stage, 16, 32, 4, 0,
+                                         shared_n=lay.shared_replicas()).state for _ in ranks)
         assert 0 <= shared.node_bytes(4, P, 4) - total <= 3 * 4  # (3·P/4 rounded down)
+        if est[2] in ranks:  # the node's largest rank counts its stage's share, as above
+            assert est[1].state == total // 4
 
 
 def test_unequal_node_maps_are_estimated_with_private_copies():
@@ -127,12 +127,15 @@ def test_unequal_node_maps_are_estimated_with_private_copies():
     compute = stepcost.FlopModel(CFG)
     assert stepcost.step_seconds(CFG, lay, 12, 32, compute, NET, nodes, shared=True) == \
         stepcost.step_seconds(CFG, lay, 12, 32, compute, NET, nodes)
-    N = num_parameters(CFG)
-    assert memory.default_rule_bytes(N, 2, 6, 3, True) == 3 * 16 * (N // 2)
+    N, P = num_parameters(CFG), num_parameters(CFG) // 2
+    assert memory.default_rule_bytes(N, lay, nodes, True) == (3 * 16 * P, False)
     # nodes of 4 at pp 2: two replicas of each stage per node share; 4 ranks of 4 bytes for
-    # a gradient slot and half of the stage's one copy
-    P = N // 2
-    assert memory.default_rule_bytes(N, 2, 8, 4, True) == 4 * 4 * (P + 3 * P // 2)
+    # a gradient slot and half of the stage's one copy; not where /dev/shm cannot hold that
+    lay8, nodes8 = resolve(8, CFG, 16, 32, 2, 4), [w // 4 for w in range(8)]
+    windows = 4 * 4 * (P + 3 * P // 2)
+    assert memory.default_rule_bytes(N, lay8, nodes8, True) == (windows, True)
+    assert memory.default_rule_bytes(N, lay8, nodes8, True, shm=windows / 0.9) == (windows, True)
+    assert memory.default_rule_bytes(N, lay8, nodes8, True, shm=windows) == (4 * 16 * P, False)
 
 
 def test_a_suggested_layout_is_checked_with_node_shared_dp():
@@ -169,3 +172,19 @@ def test_turning_node_shared_dp_back_on_is_the_first_suggestion():
     assert memory.suggest(CFG, lay, 4, range(4), 8, 32, 4, 0, need, shareable=True) == \
         [("--shared-dp auto", need)]
     assert memory.suggest(CFG, lay, 4, range(4), 8, 32, 4, 0, need)[0][0] != "--shared-dp auto"
+
+
+def test_the_default_layout_counts_private_copies_where_dev_shm_is_too_small():
+    """GPT-2 124M on 8 ranks of a 24 GB node whose /dev/shm has 64 MiB (a container's
+    default): the run would keep a private copy per rank (shared.choose), so pp 1 is ruled out
+    as without node-shared dp, and the memory check counts private copies too."""
+    from mpigpt2.model.config import PRESETS
+    from mpigpt2.parallel.layout import default_pp_scores
+    cfg = PRESETS["gpt2-124m"]
+    small = default_pp_scores(8, cfg, 64, 256, 24e9, 8, shared=True, shm=64 << 20)
+    assert small.keys() == default_pp_scores(8, cfg, 64, 256, 24e9, 8, shared=False).keys()
+    assert 1 in default_pp_scores(8, cfg, 64, 256, 24e9, 8, shared=True, shm=8 << 30)
+    lay = resolve(4, CFG, 8, 32, 1, 4)
+    private = memory.node_estimate(CFG, lay, range(4), 8, 32, 4, 0)
+    assert memory.node_estimate(CFG, lay, range(4), 8, 32, 4, 0, True, shm=1 << 10) == private
+    assert memory.node_estimate(CFG, lay, range(4), 8, 32, 4, 0, True, shm=1 << 30) != private
