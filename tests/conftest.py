@@ -1,5 +1,6 @@
 """Shared fixtures; under MPI, a failing rank prints its report and aborts the whole job."""
 
+import shutil
 import sys
 
 import mpigpt2  # noqa: F401 - first (mpigpt2/base/blas.py): see below
@@ -18,6 +19,22 @@ def shards(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
     prepare_tinyshakespeare(str(d), str(TEXT))
     return d / "tiny_shakespeare_train.bin", d / "tiny_shakespeare_val.bin"
+
+
+@pytest.fixture(scope="module")
+def module_tmp(request, tmp_path_factory):
+    """mk(name) -> a fresh directory for this module's fixtures, removed when the module ends
+    if none of its tests failed (a failure keeps it to look at). The suite writes tens of
+    checkpoints of 84 MB: kept to the end of the session they would need about 20 GB of disk."""
+    made, failed = [], request.session.testsfailed
+
+    def mk(name):
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+    yield mk
+    if request.session.testsfailed == failed:
+        for d in made:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def pytest_runtest_makereport(item, call):

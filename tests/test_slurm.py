@@ -93,19 +93,19 @@ def spaced_data(shards, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(slurm, shards, spaced_data, tmp_path_factory):
+def uninterrupted(slurm, shards, spaced_data, module_tmp):
     """{name: (job, final scontrol info)}: the default job ("plain", 1 node x 4 tasks as the
     script asks) and the other layout ("layout": 2 tasks x 2 CPUs), submitted together."""
-    jobs = {"plain": Job(slurm, tmp_path_factory.mktemp("plain"), train_flags(shards)),
-            "layout": Job(slurm, tmp_path_factory.mktemp("layout"),
+    jobs = {"plain": Job(slurm, module_tmp("plain"), train_flags(shards)),
+            "layout": Job(slurm, module_tmp("layout"),
                           layout_flags(shards) + spaced_data, sbatch=LAYOUT_SBATCH)}
     return {name: (job, job.finish(timeout=180)) for name, job in jobs.items()}
 
 
 @pytest.fixture(scope="module")
-def preempted(slurm, shards, spaced_data, tmp_path_factory, uninterrupted):
+def preempted(slurm, shards, spaced_data, module_tmp, uninterrupted):
     """{name: (job, final scontrol info)}: the jobs warned mid-run, submitted together."""
-    d = tmp_path_factory.mktemp("preempted")
+    d = module_tmp("preempted")
     start = uninterrupted["plain"][0].out_dir / "checkpoints" / "step_00000002"
     out_dir = d / "layout" / "my out"
     jobs = {

@@ -65,9 +65,9 @@ def hosts(out_dir):
 
 
 @pytest.fixture(scope="module")
-def reference(shards, tmp_path_factory):
+def reference(shards, module_tmp):
     """The same layout on one node (this machine's own namespaces, the venv's mpiexec)."""
-    out = tmp_path_factory.mktemp("reference")
+    out = module_tmp("reference")
     r = subprocess.run(mpiexec(4) + [sys.executable, "-m", "mpigpt2.train", *flags(shards),
                                      "--out-dir", str(out / "o"), "--save", str(out / "m.bin")],
                        capture_output=True, text=True, timeout=300)

@@ -74,9 +74,15 @@ def node_groups(comm, color=None):
     return local, comm.Split(local.Get_rank(), comm.Get_rank())
 
 
+def window_counts(n, N):
+    """Elements of the four windows one data group's n locals share for a stage of N
+    parameters: parameters, m, v and n gradient slots (SharedAdam allocates exactly these)."""
+    return N, N, N, n * N
+
+
 def node_bytes(n, N, itemsize):
-    """Shared bytes of one data group's locals: parameters, m, v and n gradient slots."""
-    return (3 + n) * N * itemsize
+    """Shared bytes of one data group's locals (what memory.state_bytes must add up to)."""
+    return sum(window_counts(n, N)) * itemsize
 
 
 class SharedAdam:
@@ -93,8 +99,7 @@ class SharedAdam:
             n, li = self.n, self.li = self.local.Get_size(), self.local.Get_rank()
             # the tied wte: summed with the same local index of both wte stages, every node
             self.ecross = (grid.embed.Split(li, grid.embed.Get_rank()) if self.tied else None)
-            self.bufs = [SharedBuffer(self.local, N, dt) for _ in range(3)]
-            self.bufs.append(SharedBuffer(self.local, n * N, dt))
+            self.bufs = [SharedBuffer(self.local, c, dt) for c in window_counts(n, N)]
         self.params, self.m, self.v = (b.array for b in self.bufs[:3])
         self.slots = self.bufs[3].array.reshape(n, N)
         self.sum = self.slots[0]  # the reduced gradient, after wait()

@@ -14,8 +14,8 @@ CK = "checkpoints/step_00000002"
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory, shards):
-    out = tmp_path_factory.mktemp("saved") / "out"
+def saved(module_tmp, shards):
+    out = module_tmp("saved") / "out"
     r = run(train_cmd(shards, out, "--steps", "2", "--sample-tokens", "0", "--val-steps", "1"))
     assert r.returncode == 0, r.stderr
     return out

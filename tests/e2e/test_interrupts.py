@@ -70,8 +70,8 @@ def rank_pids(proc):
 
 
 @pytest.fixture(scope="module")
-def twin(tmp_path_factory, shards):
-    out = tmp_path_factory.mktemp("twin")
+def twin(module_tmp, shards):
+    out = module_tmp("twin")
     r = run(cmd(shards, out, 4, *LAYOUT), timeout=240)
     assert r.returncode == 0, r.stderr
     return out

@@ -17,9 +17,9 @@ def one_line(r, message):
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory, shards):
+def model(module_tmp, shards):
     """A gpt2-tiny .bin written by one training step."""
-    d = tmp_path_factory.mktemp("model")
+    d = module_tmp("model")
     r = run([PY, "-m", "mpigpt2.train", "--train-data", str(shards[0]), "--val-data=",
              "--out-dir", str(d / "o"), "--batch-size", "4", "--seq-len", "32", "--steps", "1",
              "--sample-tokens", "0", "--save", str(d / "m.bin")])

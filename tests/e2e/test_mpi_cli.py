@@ -19,8 +19,8 @@ COMMON = ["--steps", "3", "--sample-tokens", "0", "--val-steps", "1", "--batch-s
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory, shards):
-    out = tmp_path_factory.mktemp("one")
+def one_process(module_tmp, shards):
+    out = module_tmp("one")
     r = run(train_cmd(shards, out, *COMMON))
     assert r.returncode == 0, r.stderr
     return losses(out)

@@ -46,12 +46,12 @@ def wait_for_step(out, step, proc, timeout=120):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, shards):
+def reference(module_tmp, shards):
     """Uninterrupted runs, one per layout used below."""
     refs = {}
     for n, extra in ((1, ()), (4, ("--pp", "2", "--dp", "2", "--microbatches", "2",
                                    "--slice-tokens", "8"))):
-        out = tmp_path_factory.mktemp(f"ref{n}")
+        out = module_tmp(f"ref{n}")
         r = run(cmd(shards, out, n, *extra))
         assert r.returncode == 0, r.stderr
         assert n == 1 or "gradient reduction: node-shared" in r.stdout  # (the default)

@@ -88,7 +88,7 @@ def test_launch_flags(n, threads):
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def model(module_tmp):
     import numpy as np
     from mpigpt2.formats.llmc import write_model
     from mpigpt2.model.config import preset
@@ -96,7 +96,7 @@ def model(tmp_path_factory):
     cfg = preset("gpt2-tiny")
     t = {n: np.empty(s, np.float32) for n, s in tensor_shapes(cfg, cfg.num_layers).items()}
     init_params(cfg, full_spec(cfg), t, 0)
-    path = tmp_path_factory.mktemp("m") / "m.bin"
+    path = module_tmp("m") / "m.bin"
     write_model(str(path), cfg, t)
     return path
 
