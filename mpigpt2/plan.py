@@ -48,6 +48,9 @@ def parse_args(argv):
     a("--nodes", type=int, required=True, help="nodes in the cluster")
     a("--cores-per-node", type=int, required=True, help="physical cores per node")
     a("--mem-per-node", default="256GiB", help="memory per node (e.g. 256GiB, 512GB)")
+    a("--shm-per-node", default=None,
+      help="room in each node's /dev/shm for node-shared dp's windows (default: half of "
+           "--mem-per-node, Linux's default size; containers often have 64MiB)")
     a("--net-gbps", type=float, default=10.0, help="bandwidth between nodes, Gbit/s")
     a("--net-latency-us", type=float, default=20.0, help="latency between nodes, µs")
     a("--node-gbps", type=float, default=stepcost.LOOPBACK_BPS * 8 / 1e9,
@@ -73,6 +76,11 @@ def parse_args(argv):
                     ("--node-latency-us", args.node_latency_us)):
         check_number(flag, x, lo=0)
     args.mem = parse_bytes("--mem-per-node", args.mem_per_node)
+    args.shm = (args.mem // 2 if args.shm_per_node is None
+                else parse_bytes("--shm-per-node", args.shm_per_node))
+    if args.shm > args.mem:
+        raise UserError(f"--shm-per-node {args.shm_per_node} exceeds --mem-per-node "
+                        f"{args.mem_per_node}: /dev/shm lives in the node's memory")
     return args
 
 
@@ -98,7 +106,7 @@ def table(plans, B, T, top):
 
 def as_json(plans, B, T):
     return [{"flags": p.flags(T), "ranks_per_node": p.ranks_per_node, "threads": p.threads,
-             "layout": p.layout.as_dict(), "zero": p.zero,
+             "layout": p.layout.as_dict(), "zero": p.zero, "node_shared": p.shared,
              "tokens_per_second": p.tokens_per_second(B, T), "rank_bytes": p.rank_bytes,
              "node_bytes": p.node_bytes, **{f"{k}_s" if k != "bubble" else k: v
                                            for k, v in p.cost.items()}} for p in plans]
@@ -110,7 +118,7 @@ def main(argv=None):
     B, T = args.batch_size, args.seq_len
     net = stepcost.Net(args.node_latency_us * 1e-6, args.node_gbps * 1e9 / 8,
                        args.net_latency_us * 1e-6, args.net_gbps * 1e9 / 8)
-    cluster = planner.Cluster(args.nodes, args.cores_per_node, args.mem, net)
+    cluster = planner.Cluster(args.nodes, args.cores_per_node, args.mem, net, args.shm)
     fits, refused = planner.candidates(cfg, B, T, cluster)
     if not fits:
         why = "no layout of the planner's grid accepts this batch" if refused is None else (
@@ -125,7 +133,8 @@ def main(argv=None):
     fits = planner.rank(cfg, B, T, cluster, fits,
                         lambda t: stepcost.MeasuredModel(cfg, cal, t), cal["adamw"])
     print(f"{args.model}, B {B} × T {T} on {args.nodes} node(s) × {args.cores_per_node} cores, "
-          f"{args.mem / 2 ** 30:.0f} GiB/node, net {args.net_gbps:g} Gbit/s "
+          f"{args.mem / 2 ** 30:.0f} GiB/node ({memory.size(args.shm)} /dev/shm), "
+          f"net {args.net_gbps:g} Gbit/s "
           f"{args.net_latency_us:g} µs; compute measured on this CPU [{source}]")
     print(table(fits, B, T, args.top))
     if refused is not None:

@@ -76,6 +76,23 @@ def shm_fits(nbytes, room):
     return room is None or nbytes <= SHM_HEADROOM * room
 
 
+def shared_copies(cfg, layout, node_of, itemsize, shm=None, sizes=None):
+    """The replicas of a stage that share one copy per node under node-shared dp on node map
+    node_of[world rank], or 1 where the run keeps private copies: the map must allow it
+    (Layout.shared_replicas) and every node's windows fit shm, the least /dev/shm free on any
+    node (shm_fits; None: unknown, assumed to), as shared.choose decides on all nodes alike.
+    sizes: {stage: parameters}, if known."""
+    n = layout.shared_replicas(node_of)
+    if n == 1:
+        return 1
+    sizes = sizes or {s: ParamLayout(cfg, layout.rank_spec(s)).size for s in range(layout.pp)}
+    share = {s: state_bytes(P, itemsize, layout.dp, 0, n) for s, P in sizes.items()}
+    windows = Counter()
+    for w in range(layout.pp * layout.dp):
+        windows[node_of[w]] += share[layout.coords(w)[0]]
+    return n if all(shm_fits(b, shm) for b in windows.values()) else 1
+
+
 def default_rule_bytes(N, layout, node_of, shared, shm=None, itemsize=4):
     """(the fullest node's training state, whether node-shared dp runs) for the default
     layout's rule (layout.default_pp): stages of N/pp parameters placed by layout on node map
@@ -146,14 +163,7 @@ def node_estimate(cfg, layout, node_ranks, B, T, itemsize, zero, shared=False, n
     to), as shared.choose decides."""
     world = layout.pp * layout.dp
     nodes = node_of or [w // len(node_ranks) for w in range(world)]
-    n = layout.shared_replicas(nodes) if shared and not zero else 1
-    if n > 1:  # every node's windows must fit (choose agrees on all of them): else private
-        share = {s: state_bytes(ParamLayout(cfg, layout.rank_spec(s)).size, itemsize,
-                                layout.dp, 0, n) for s in range(layout.pp)}
-        windows = Counter()
-        for w in range(world):
-            windows[nodes[w]] += share[layout.coords(w)[0]]
-        n = n if all(shm_fits(b, shm) for b in windows.values()) else 1
+    n = shared_copies(cfg, layout, nodes, itemsize, shm) if shared and not zero else 1
     progs = layout.programs(T)
     per = {r: rank_estimate(cfg, layout, layout.coords(r)[0], B, T, itemsize, zero, r == 0,
                             progs, n) for r in node_ranks}

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 
 from mpigpt2.base.errors import UserError
 from mpigpt2.parallel import memory, stepcost
+from mpigpt2.model.params import ParamLayout
 from mpigpt2.parallel.layout import resolve
 
 SCHEDULE_VARIANTS = (("1f1b", 1), ("zb-h1", 1), ("interleaved-1f1b", 2), ("zb-v", 2))
@@ -25,6 +26,7 @@ class Cluster:
     cores: int          # per node
     mem: int            # bytes per node
     net: stepcost.Net
+    shm: int = None     # /dev/shm's room per node (None: unknown, assumed to hold the windows)
 
 
 @dataclass
@@ -36,6 +38,7 @@ class Plan:
     cost: dict           # stepcost.step_seconds
     rank_bytes: int      # the largest rank's estimate
     node_bytes: int      # the fullest node's
+    shared: bool = False  # node-shared dp runs (the map allows it, /dev/shm holds it)
 
     def tokens_per_second(self, B, T):
         return B * T / self.cost["step"]
@@ -48,6 +51,8 @@ class Plan:
             f.append(f"--virtual-stages {lay.virtual_stages}")
         if self.zero:
             f.append("--zero 1")
+        elif lay.dp > 1 and not self.shared:
+            f.append("--shared-dp off")  # (priced with private copies: say so)
         f += [f"--rank-order {lay.rank_order}", f"--threads {self.threads}"]
         return " ".join(f)
 
@@ -87,13 +92,16 @@ def node_map(layout_world, ranks_per_node):
     return [w // ranks_per_node for w in range(layout_world)]
 
 
-def memory_of(cfg, layout, B, T, zero, rpn, itemsize=4, memo=None):
-    """(largest rank's bytes, fullest node's bytes) under block placement, with node-shared
-    dp (the trainer's --shared-dp auto) where the node map allows it; memo: a dict
-    keeping rank estimates across the rank orders and ZeRO settings of one layout."""
+def memory_of(cfg, layout, B, T, zero, rpn, itemsize=4, memo=None, shm=None):
+    """(largest rank's bytes, fullest node's bytes, node-shared) under block placement, with
+    node-shared dp (the trainer's --shared-dp auto) where the node map allows it and /dev/shm
+    (shm bytes per node) holds its windows (memory.shared_copies); memo: a dict keeping rank
+    estimates across the rank orders and ZeRO settings of one layout."""
     memo = {} if memo is None else memo
     if "progs" not in memo:
         memo["progs"] = layout.programs(T)
+        memo["sizes"] = {s: ParamLayout(cfg, layout.rank_spec(s)).size
+                         for s in range(layout.pp)}
 
     def estimate(stage, n, first):  # one rank of `stage`, its copy shared by n (1: private)
         key = (zero, stage, n if not zero else 1, first)
@@ -104,7 +112,7 @@ def memory_of(cfg, layout, B, T, zero, rpn, itemsize=4, memo=None):
 
     world = layout.pp * layout.dp
     node_of = node_map(world, rpn)
-    n = layout.shared_replicas(node_of)  # (1 where the job would not share)
+    n = 1 if zero else memory.shared_copies(cfg, layout, node_of, itemsize, shm, memo["sizes"])
     groups = Counter((node_of[w], layout.coords(w)[0]) for w in range(world))
     nodes, largest = Counter(), 0
     for (node, stage), count in groups.items():
@@ -113,7 +121,7 @@ def memory_of(cfg, layout, B, T, zero, rpn, itemsize=4, memo=None):
     s0 = layout.coords(0)[0]  # world rank 0 also gathers the checkpoint
     first = estimate(s0, n, True)
     nodes[node_of[0]] += first - estimate(s0, n, False)
-    return max(largest, first), max(nodes.values())
+    return max(largest, first), max(nodes.values()), n > 1
 
 
 def price(cfg, plan_, B, T, cluster, compute, adamw_seconds, hierarchical=False, memo=None):
@@ -129,16 +137,16 @@ def price(cfg, plan_, B, T, cluster, compute, adamw_seconds, hierarchical=False,
             memo[key] = pipe
     plan_.cost = stepcost.step_seconds(cfg, lay, B, T, compute, cluster.net, node_of,
                                        bool(plan_.zero), adamw_seconds, hierarchical, pipe,
-                                       shared=not plan_.zero)  # (the trainer's --shared-dp auto)
+                                       shared=plan_.shared)
     return plan_
 
 
 def evaluate(cfg, layout, B, T, cluster, compute, rpn, threads, zero, adamw_seconds,
              hierarchical=False):
     """One Plan: the layout priced on cluster with rpn ranks per node."""
-    rank_b, node_b = memory_of(cfg, layout, B, T, zero, rpn)
-    return price(cfg, Plan(layout, rpn, threads, zero, {}, rank_b, node_b), B, T, cluster,
-                 compute, adamw_seconds, hierarchical)
+    plan_ = Plan(layout, rpn, threads, zero, {},
+                 *memory_of(cfg, layout, B, T, zero, rpn, shm=cluster.shm))
+    return price(cfg, plan_, B, T, cluster, compute, adamw_seconds, hierarchical)
 
 
 def candidates(cfg, B, T, cluster):
@@ -154,11 +162,11 @@ def candidates(cfg, B, T, cluster):
             for order in orders:
                 lay_o = replace(lay, rank_order=order)
                 for zero in ((0, 1) if lay.dp > 1 else (0,)):
-                    rank_b, node_b = memory_of(cfg, lay_o, B, T, zero, rpn, memo=memo)
-                    p = Plan(lay_o, rpn, threads, zero, {}, rank_b, node_b)
-                    if node_b <= MEMORY_HEADROOM * cluster.mem:
+                    p = Plan(lay_o, rpn, threads, zero, {},
+                             *memory_of(cfg, lay_o, B, T, zero, rpn, memo=memo, shm=cluster.shm))
+                    if p.node_bytes <= MEMORY_HEADROOM * cluster.mem:
                         fits.append(p)
-                    elif refused is None or node_b < refused.node_bytes:
+                    elif refused is None or p.node_bytes < refused.node_bytes:
                         refused = p
     return fits, refused
 

@@ -13,6 +13,7 @@ from mpigpt2.model.config import PRESETS
 from mpigpt2.options import parse_args as train_args
 from mpigpt2.parallel import memory, planner
 from mpigpt2.parallel.layout import resolve
+from mpigpt2.setup import shared_default
 
 TINY = ["--model", "gpt2-tiny", "--batch-size", "8", "--seq-len", "64"]
 
@@ -33,16 +34,21 @@ def run_plan(*argv):
                           text=True, timeout=300)
 
 
-def test_every_ranked_layout_is_one_the_trainer_accepts(tmp_path, capsys):
+@pytest.mark.parametrize("shm", [None, 160 << 20])
+def test_every_ranked_layout_is_one_the_trainer_accepts(tmp_path, capsys, shm):
+    """Every ranked layout, run with its flags, is the layout planned, and the memory columns
+    are the trainer's own check on each node. shm: --shm-per-node (None: half the node's 16
+    GiB; 160 MiB holds node-shared dp's windows on some layouts, not on others)."""
     out = tmp_path / "plans.json"
     assert plan.main(["--nodes", "2", "--cores-per-node", "4", "--mem-per-node", "16GiB",
-                      "--json", str(out)] + TINY) == 0
+                      "--json", str(out)] + TINY
+                     + ([] if shm is None else ["--shm-per-node", f"{shm >> 20}MiB"])) == 0
     text = capsys.readouterr().out
     plans = json.loads(out.read_text())
     steps = [p["step_s"] for p in plans]
     assert steps == sorted(steps) and len(plans) > 20
     cfg = PRESETS["gpt2-tiny"]
-    shapes, sharing = set(), set()
+    shapes, sharing, held = set(), set(), set()
     for p in plans:
         a = train_args(p["flags"].split() + TINY)
         world = 2 * p["ranks_per_node"]
@@ -51,18 +57,27 @@ def test_every_ranked_layout_is_one_the_trainer_accepts(tmp_path, capsys):
         assert lay.as_dict() == p["layout"]
         assert a.threads * p["ranks_per_node"] == 4
         # the memory columns are the trainer's own check (setup.check_memory: node-shared dp
-        # by default where the node map allows it) on each node of block placement
+        # by default where the node map allows it and /dev/shm holds it) on each node of
+        # block placement; the flags turn node-shared dp off where it was priced without
         rpn = p["ranks_per_node"]
+        node_of, room = planner.node_map(world, rpn), shm or 8 << 30
         nodes = [memory.node_estimate(cfg, lay, range(n * rpn, (n + 1) * rpn), 8, 64, 4,
-                                      a.zero, shared=not a.zero) for n in (0, 1)]
+                                      a.zero, shared_default(a), node_of, room)
+                 for n in (0, 1)]
         assert p["node_bytes"] == max(need for need, _, _ in nodes)
         assert p["rank_bytes"] == max(worst.total for _, worst, _ in nodes)
-        sharing.add(lay.shared_replicas(planner.node_map(world, rpn)) > 1 and not a.zero)
+        shares = not a.zero and memory.shared_copies(cfg, lay, node_of, 4, room) > 1
+        assert p["node_shared"] == shares
+        assert ("--shared-dp off" in p["flags"]) == (lay.dp > 1 and not a.zero and not shares)
+        if lay.shared_replicas(node_of) > 1 and not a.zero:  # the map shares: does /dev/shm?
+            held.add(shares)
+        sharing.add(lay.shared_replicas(node_of) > 1 and not a.zero)
         shapes.add((lay.pp, lay.virtual_stages, lay.schedule, a.zero, lay.rank_order))
     # the grid covers the dimensions: pipeline depths, virtual stages, ZeRO and both orders
     assert {s[0] for s in shapes} >= {1, 2, 4} and {s[1] for s in shapes} == {1, 2}
     assert {s[3] for s in shapes} == {0, 1} and {s[4] for s in shapes} == {"pipe", "data"}
     assert sharing == {True, False}  # layouts with and without replicas meeting on a node
+    assert held == ({True, False} if shm else {True})  # 160 MiB holds some of the windows
     assert text.splitlines()[1].split()[:2] == ["#", "step"]  # the table after one header line
 
 
@@ -83,6 +98,9 @@ def test_memory_refusals_are_said(capsys):
      "unknown unit 'parsecs'"),
     (["--nodes", "2", "--cores-per-node", "4", "--mem-per-node", "0GiB"], "must be > 0"),
     (["--nodes", "2", "--cores-per-node", "4", "--net-gbps", "0"], "--net-gbps must be > 0"),
+    (["--nodes", "2", "--cores-per-node", "4", "--shm-per-node", "64Mb"], "unknown unit 'Mb'"),
+    (["--nodes", "2", "--cores-per-node", "4", "--mem-per-node", "16GiB", "--shm-per-node",
+      "32GiB"], "--shm-per-node 32GiB exceeds --mem-per-node 16GiB"),
     (["--nodes", "2", "--cores-per-node", "4", "--net-latency-us", "nan"],
      "--net-latency-us must be a finite number"),
     (["--nodes", "2", "--cores-per-node", "4", "--model", "gpt5"], "unknown model preset"),
