@@ -98,14 +98,12 @@ def shared_default(args, flag=None):
 
 def default_note(args, cfg, layout, world, node_ranks, node_of, net, shm=None):
     """Why the default layout: the step model's prediction for each pp it weighed."""
-    from mpigpt2.model.params import num_parameters
     node_of = node_of if node_of is not None and len(node_of) == world else None
     scores = lay.default_pp_scores(world, cfg, args.batch_size, args.seq_len,
                                    node_memory_bytes(), len(node_ranks), net[0], node_of,
                                    shared_default(args), shm)
     nodes = node_of or [w // len(node_ranks) for w in range(world)]
-    shares = mem.default_rule_bytes(num_parameters(cfg), layout, nodes, shared_default(args),
-                                    shm)[1]
+    shares = mem.default_rule_bytes(cfg, layout, nodes, shared_default(args), shm)[1]
     others = ", ".join(f"pp {p} {1e3 * t:.0f}" for p, t in sorted(scores.items())
                        if p != layout.pp)
     return (f"layout: pp {layout.pp} × dp {layout.dp} by the step model: predicted "

@@ -124,7 +124,6 @@ def default_pp(world, cfg, B, T, mem_bytes=None, ranks_per_node=None, net=None, 
 def default_pp_scores(world, cfg, B, T, mem_bytes=None, ranks_per_node=None, net=None,
                       node_of=None, shared=True, shm=None):
     """{pp: predicted seconds per step} of default_pp's candidates."""
-    from mpigpt2.model.params import num_parameters
     from mpigpt2.parallel.memory import default_rule_bytes
     from mpigpt2.parallel.stepcost import default_layout_seconds
     L = cfg.num_layers
@@ -137,7 +136,7 @@ def default_pp_scores(world, cfg, B, T, mem_bytes=None, ranks_per_node=None, net
     if not cands:
         cands = [max(p for p in range(1, min(world, L) + 1) if world % p == 0)]
     scored = {p: scored_layout(cfg, B, T, world, p, nodes) for p in cands}
-    rule = {p: default_rule_bytes(num_parameters(cfg), lay, nodes, shared, shm)
+    rule = {p: default_rule_bytes(cfg, lay, nodes, shared, shm)
             for p, lay in scored.items()}  # (state bytes of the fullest node, shares)
     if mem_bytes:
         cands = [p for p in cands if rule[p][0] <= mem_bytes / 2] or [max(cands)]

@@ -93,19 +93,17 @@ def shared_copies(cfg, layout, node_of, itemsize, shm=None, sizes=None):
     return n if all(shm_fits(b, shm) for b in windows.values()) else 1
 
 
-def default_rule_bytes(N, layout, node_of, shared, shm=None, itemsize=4):
+def default_rule_bytes(cfg, layout, node_of, shared, shm=None, itemsize=4):
     """(the fullest node's training state, whether node-shared dp runs) for the default
-    layout's rule (layout.default_pp): stages of N/pp parameters placed by layout on node map
-    node_of; node-shared where `shared`, the map allows it (Layout.shared_replicas) and the
-    windows fit shm, /dev/shm's free bytes (shm_fits), as shared.choose decides."""
-    busiest = max(Counter(node_of).values())
-    n = layout.shared_replicas(node_of) if shared else 1
-
-    def fullest(n):
-        return busiest * state_bytes(N // layout.pp, itemsize, layout.dp, 0, n)
-    if n > 1 and not shm_fits(fullest(n), shm):
-        n = 1
-    return fullest(n), n > 1
+    layout's rule (layout.default_pp): each rank of layout on node map node_of holds its
+    stage's state (state_bytes, the memory check's figure), node-shared where `shared` and
+    shared_copies allows it (the map and /dev/shm's free bytes shm), as shared.choose decides."""
+    sizes = {s: ParamLayout(cfg, layout.rank_spec(s)).size for s in range(layout.pp)}
+    n = shared_copies(cfg, layout, node_of, itemsize, shm, sizes) if shared else 1
+    nodes = Counter()
+    for w in range(layout.pp * layout.dp):
+        nodes[node_of[w]] += state_bytes(sizes[layout.coords(w)[0]], itemsize, layout.dp, 0, n)
+    return max(nodes.values()), n > 1
 
 
 @dataclass(frozen=True)

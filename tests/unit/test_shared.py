@@ -112,7 +112,6 @@ def test_unequal_node_maps_are_estimated_with_private_copies():
     so the run keeps a private copy per rank (shared.choose; tests/mpi/test_shared_choice.py)
     and every estimate must count that: the memory check, the planner, the step model and the
     default layout's rule."""
-    from mpigpt2.model.params import num_parameters
     from mpigpt2.parallel import planner
     lay = resolve(6, CFG, 12, 32, 2, 3)
     nodes = [0, 0, 0, 1, 1, 1]
@@ -127,15 +126,24 @@ def test_unequal_node_maps_are_estimated_with_private_copies():
     compute = stepcost.FlopModel(CFG)
     assert stepcost.step_seconds(CFG, lay, 12, 32, compute, NET, nodes, shared=True) == \
         stepcost.step_seconds(CFG, lay, 12, 32, compute, NET, nodes)
-    N, P = num_parameters(CFG), num_parameters(CFG) // 2
-    assert memory.default_rule_bytes(N, lay, nodes, True) == (3 * 16 * P, False)
-    # nodes of 4 at pp 2: two replicas of each stage per node share; 4 ranks of 4 bytes for
-    # a gradient slot and half of the stage's one copy; not where /dev/shm cannot hold that
+
+    def private(lay, nodes):  # 16 bytes a parameter of each rank's stage, the fullest node
+        P = [ParamLayout(CFG, lay.rank_spec(s)).size for s in range(lay.pp)]
+        return max(sum(16 * P[lay.coords(w)[0]] for w in range(len(nodes)) if nodes[w] == n)
+                   for n in set(nodes))
+    assert memory.default_rule_bytes(CFG, lay, nodes, True) == (private(lay, nodes), False)
+    # nodes of 4 at pp 2: two replicas of each stage per node share, and the rule counts
+    # what parallel/shared.py allocates for them (a gradient slot each, one copy of the
+    # parameters and moments); not where /dev/shm cannot hold that
     lay8, nodes8 = resolve(8, CFG, 16, 32, 2, 4), [w // 4 for w in range(8)]
-    windows = 4 * 4 * (P + 3 * P // 2)
-    assert memory.default_rule_bytes(N, lay8, nodes8, True) == (windows, True)
-    assert memory.default_rule_bytes(N, lay8, nodes8, True, shm=windows / 0.9) == (windows, True)
-    assert memory.default_rule_bytes(N, lay8, nodes8, True, shm=windows) == (4 * 16 * P, False)
+    assert lay8.shared_replicas(nodes8) == 2
+    windows = sum(shared.node_bytes(2, ParamLayout(CFG, lay8.rank_spec(s)).size, 4)
+                  for s in (0, 1))
+    got, shares = memory.default_rule_bytes(CFG, lay8, nodes8, True)
+    assert shares and 0 <= windows - got <= 2 * 4  # (3·P/2 rounded down per rank)
+    assert memory.default_rule_bytes(CFG, lay8, nodes8, True, shm=got / 0.9) == (got, True)
+    assert memory.default_rule_bytes(CFG, lay8, nodes8, True, shm=got) == \
+        (private(lay8, nodes8), False)
 
 
 def test_a_suggested_layout_is_checked_with_node_shared_dp():
