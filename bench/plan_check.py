@@ -52,6 +52,7 @@ def predict(ranks, flags, cores=None, nodes=1, net=None, cal=None):
     `ranks` ranks on each of `nodes` nodes of `cores` cores, linked by net, from the
     calibration `cal` (default: the cached one)."""
     from mpigpt2.model.config import preset
+    from mpigpt2.base.machine import shm_room
     from mpigpt2.parallel import calibrate, planner, stepcost
     from mpigpt2.parallel.layout import resolve
     cfg = preset(MODEL)
@@ -65,7 +66,8 @@ def predict(ranks, flags, cores=None, nodes=1, net=None, cal=None):
     threads = _flag(flags, "--threads", 1)
     cal = cal or calibrate.load(cfg, np.float32)[0]
     share = max(1.0, ranks * threads / cores)
-    cluster = planner.Cluster(nodes, cores, 24 << 30, net or stepcost.Net())
+    # /dev/shm as the measured runs see it (they keep private copies where it is too small)
+    cluster = planner.Cluster(nodes, cores, 24 << 30, net or stepcost.Net(), shm_room())
     p = planner.evaluate(cfg, lay, B, T, cluster, stepcost.MeasuredModel(cfg, cal, threads,
                                                                          share),
                          ranks, threads, _flag(flags, "--zero", 0), cal["adamw"])

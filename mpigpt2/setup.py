@@ -64,7 +64,7 @@ def plan(args, world, node_ranks=(0,), node_of=None, net=(None, ""), shm_free=No
                          node_memory_bytes(), len(node_ranks),
                          args.virtual_stages, args.rank_order,
                          node_of if node_of is not None and len(node_of) == world else None,
-                         net[0], shared_default(args), shm)
+                         net[0], shared_default(args), shm, itemsize(args))
     train = DataLoader(args.train_data, B, T, vocab_size=cfg.vocab_size, flag="--train-data",
                        shuffle=args.shuffle, seed=args.seed)
     notes = [] if args.pp or args.dp else [default_note(args, cfg, layout, world, node_ranks,
@@ -89,6 +89,11 @@ def plan(args, world, node_ranks=(0,), node_of=None, net=(None, ""), shm_free=No
     return Plan(cfg, layout, train, val, resume, notes, net)
 
 
+def itemsize(args):
+    """Bytes of one value in the run's dtype."""
+    return 8 if args.dtype == "float64" else 4
+
+
 def shared_default(args, flag=None):
     """Whether --shared-dp auto (or on) would share where the node map allows it; with flag:
     whether it would with --shared-dp `flag` instead of the one given."""
@@ -101,9 +106,10 @@ def default_note(args, cfg, layout, world, node_ranks, node_of, net, shm=None):
     node_of = node_of if node_of is not None and len(node_of) == world else None
     scores = lay.default_pp_scores(world, cfg, args.batch_size, args.seq_len,
                                    node_memory_bytes(), len(node_ranks), net[0], node_of,
-                                   shared_default(args), shm)
+                                   shared_default(args), shm, itemsize(args))
     nodes = node_of or [w // len(node_ranks) for w in range(world)]
-    shares = mem.default_rule_bytes(cfg, layout, nodes, shared_default(args), shm)[1]
+    shares = shared_default(args) and mem.shared_copies(cfg, layout, nodes, itemsize(args),
+                                                        shm) > 1
     others = ", ".join(f"pp {p} {1e3 * t:.0f}" for p, t in sorted(scores.items())
                        if p != layout.pp)
     return (f"layout: pp {layout.pp} × dp {layout.dp} by the step model: predicted "
@@ -156,14 +162,13 @@ def check_memory(args, cfg, layout, world, node_ranks, node_of=None, shm=None):
     limit = available_memory_bytes()
     if limit is None:
         return
-    itemsize = 8 if args.dtype == "float64" else 4
-    B, T = args.batch_size, args.seq_len
+    B, T, nbytes = args.batch_size, args.seq_len, itemsize(args)
     shared = shared_default(args)
-    need, worst, rank = mem.node_estimate(cfg, layout, node_ranks, B, T, itemsize, args.zero,
+    need, worst, rank = mem.node_estimate(cfg, layout, node_ranks, B, T, nbytes, args.zero,
                                           shared, node_of, shm)
     if need <= limit:
         return
-    fit = mem.suggest(cfg, layout, world, node_ranks, B, T, itemsize, args.zero, limit, shared,
+    fit = mem.suggest(cfg, layout, world, node_ranks, B, T, nbytes, args.zero, limit, shared,
                       shared_default(args, flag="auto"), node_of, shm)
     hint = (f"try {fit[0][0]} (~{mem.size(fit[0][1])})" if fit else
             "no layout of these ranks fits: use more nodes, or a smaller model or batch")

@@ -109,20 +109,21 @@ class Layout:
 
 
 def default_pp(world, cfg, B, T, mem_bytes=None, ranks_per_node=None, net=None, node_of=None,
-               shared=True, shm=None):
+               shared=True, shm=None, itemsize=4):
     """Default rule: among the pp that divide world (pp ≤ L, B divisible by dp·pp) whose
     fullest node's training state (memory.default_rule_bytes) fits in half the node's memory,
     the one with the smallest predicted step time (stepcost.default_layout_seconds on the
     job's network; ties: the larger pp). dp = world / pp. Both count node-shared dp (where
     `shared`) exactly where the run would share: the scored layout's node map and rank order
-    (Layout.shared_replicas) and room in /dev/shm (shm: its free bytes, None: unknown)."""
+    (Layout.shared_replicas) and room in /dev/shm (shm: its free bytes, None: unknown), in
+    the run's dtype (itemsize bytes)."""
     scores = default_pp_scores(world, cfg, B, T, mem_bytes, ranks_per_node, net, node_of,
-                               shared, shm)
+                               shared, shm, itemsize)
     return min(scores, key=lambda p: (scores[p], -p))
 
 
 def default_pp_scores(world, cfg, B, T, mem_bytes=None, ranks_per_node=None, net=None,
-                      node_of=None, shared=True, shm=None):
+                      node_of=None, shared=True, shm=None, itemsize=4):
     """{pp: predicted seconds per step} of default_pp's candidates."""
     from mpigpt2.parallel.memory import default_rule_bytes
     from mpigpt2.parallel.stepcost import default_layout_seconds
@@ -136,7 +137,7 @@ def default_pp_scores(world, cfg, B, T, mem_bytes=None, ranks_per_node=None, net
     if not cands:
         cands = [max(p for p in range(1, min(world, L) + 1) if world % p == 0)]
     scored = {p: scored_layout(cfg, B, T, world, p, nodes) for p in cands}
-    rule = {p: default_rule_bytes(cfg, lay, nodes, shared, shm)
+    rule = {p: default_rule_bytes(cfg, lay, nodes, shared, shm, itemsize)
             for p, lay in scored.items()}  # (state bytes of the fullest node, shares)
     if mem_bytes:
         cands = [p for p in cands if rule[p][0] <= mem_bytes / 2] or [max(cands)]
@@ -293,16 +294,17 @@ def choose_rank_order(cfg, layout, B, T, node_of, order):
 def resolve(world, cfg, B, T, pp=None, dp=None, stage_layers=None, microbatches=None,
             slice_tokens=None, schedule=None, mem_bytes=None, ranks_per_node=None,
             virtual_stages=None, rank_order="pipe", node_of=None, net=None, shared=True,
-            shm=None):
+            shm=None, itemsize=4):
     """Check the requested layout and fill in defaults; raise UserError naming the bad flag.
     shared: the default layout may count on node-shared dp (--shared-dp not off) where
-    /dev/shm's free bytes (shm; None: unknown) hold its windows."""
+    /dev/shm's free bytes (shm; None: unknown) hold its windows (of itemsize-byte values)."""
     L = cfg.num_layers
     for flag, v in (("--pp", pp), ("--dp", dp), ("--microbatches", microbatches)):
         if v is not None and v < 1:
             raise UserError(f"{flag} must be ≥ 1, got {v}")
     if pp is None and dp is None:
-        pp = default_pp(world, cfg, B, T, mem_bytes, ranks_per_node, net, node_of, shared, shm)
+        pp = default_pp(world, cfg, B, T, mem_bytes, ranks_per_node, net, node_of, shared, shm,
+                        itemsize)
     if pp is None:
         if world % dp:
             raise UserError(f"--dp {dp} does not divide the {world} MPI ranks")

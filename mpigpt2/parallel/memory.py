@@ -76,34 +76,41 @@ def shm_fits(nbytes, room):
     return room is None or nbytes <= SHM_HEADROOM * room
 
 
+def stage_sizes(cfg, layout):
+    """{stage: its parameters} (the tied wte on the first and on the last stage)."""
+    return {s: ParamLayout(cfg, layout.rank_spec(s)).size for s in range(layout.pp)}
+
+
+def node_states(layout, node_of, sizes, itemsize, n):
+    """{node: the training state its ranks hold} (state_bytes of each rank's stage; n: the
+    replicas of a stage sharing one copy per node, 1: private copies)."""
+    nodes = Counter()
+    for w in range(layout.pp * layout.dp):
+        nodes[node_of[w]] += state_bytes(sizes[layout.coords(w)[0]], itemsize, layout.dp, 0, n)
+    return nodes
+
+
 def shared_copies(cfg, layout, node_of, itemsize, shm=None, sizes=None):
     """The replicas of a stage that share one copy per node under node-shared dp on node map
     node_of[world rank], or 1 where the run keeps private copies: the map must allow it
     (Layout.shared_replicas) and every node's windows fit shm, the least /dev/shm free on any
     node (shm_fits; None: unknown, assumed to), as shared.choose decides on all nodes alike.
-    sizes: {stage: parameters}, if known."""
+    sizes: stage_sizes, if known."""
     n = layout.shared_replicas(node_of)
     if n == 1:
         return 1
-    sizes = sizes or {s: ParamLayout(cfg, layout.rank_spec(s)).size for s in range(layout.pp)}
-    share = {s: state_bytes(P, itemsize, layout.dp, 0, n) for s, P in sizes.items()}
-    windows = Counter()
-    for w in range(layout.pp * layout.dp):
-        windows[node_of[w]] += share[layout.coords(w)[0]]
+    windows = node_states(layout, node_of, sizes or stage_sizes(cfg, layout), itemsize, n)
     return n if all(shm_fits(b, shm) for b in windows.values()) else 1
 
 
 def default_rule_bytes(cfg, layout, node_of, shared, shm=None, itemsize=4):
     """(the fullest node's training state, whether node-shared dp runs) for the default
     layout's rule (layout.default_pp): each rank of layout on node map node_of holds its
-    stage's state (state_bytes, the memory check's figure), node-shared where `shared` and
+    stage's state (node_states, the memory check's figure), node-shared where `shared` and
     shared_copies allows it (the map and /dev/shm's free bytes shm), as shared.choose decides."""
-    sizes = {s: ParamLayout(cfg, layout.rank_spec(s)).size for s in range(layout.pp)}
+    sizes = stage_sizes(cfg, layout)
     n = shared_copies(cfg, layout, node_of, itemsize, shm, sizes) if shared else 1
-    nodes = Counter()
-    for w in range(layout.pp * layout.dp):
-        nodes[node_of[w]] += state_bytes(sizes[layout.coords(w)[0]], itemsize, layout.dp, 0, n)
-    return max(nodes.values()), n > 1
+    return max(node_states(layout, node_of, sizes, itemsize, n).values()), n > 1
 
 
 @dataclass(frozen=True)

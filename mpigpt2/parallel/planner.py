@@ -11,7 +11,6 @@ from dataclasses import dataclass, replace
 
 from mpigpt2.base.errors import UserError
 from mpigpt2.parallel import memory, stepcost
-from mpigpt2.model.params import ParamLayout
 from mpigpt2.parallel.layout import resolve
 
 SCHEDULE_VARIANTS = (("1f1b", 1), ("zb-h1", 1), ("interleaved-1f1b", 2), ("zb-v", 2))
@@ -100,8 +99,7 @@ def memory_of(cfg, layout, B, T, zero, rpn, itemsize=4, memo=None, shm=None):
     memo = {} if memo is None else memo
     if "progs" not in memo:
         memo["progs"] = layout.programs(T)
-        memo["sizes"] = {s: ParamLayout(cfg, layout.rank_spec(s)).size
-                         for s in range(layout.pp)}
+        memo["sizes"] = memory.stage_sizes(cfg, layout)
 
     def estimate(stage, n, first):  # one rank of `stage`, its copy shared by n (1: private)
         key = (zero, stage, n if not zero else 1, first)

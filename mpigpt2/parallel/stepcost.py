@@ -228,7 +228,8 @@ def step_seconds(cfg, layout, B, T, compute, net=Net(), node_of=None, zero=False
     bubble: the pipelined part's idle fraction). node_of[world rank] gives nodes (None: one
     node); adamw_seconds the optimizer's time per parameter; pipeline: pipeline_part's
     result when already known (it does not depend on zero or the reduction); shared:
-    node-shared data parallelism where the node map allows it (Layout.shared_replicas)."""
+    node-shared data parallelism where the node map allows it (Layout.shared_replicas): the
+    caller says whether /dev/shm holds its windows (memory.shared_copies)."""
     from mpigpt2.model.params import ParamLayout
     pipe, idle = pipeline or pipeline_part(cfg, layout, B, T, compute, net, node_of)
     nodes = node_of or [0] * (layout.pp * layout.dp)

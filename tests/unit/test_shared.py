@@ -87,6 +87,10 @@ def test_default_layout_counts_one_copy_per_node():
     scores = {s: default_pp_scores(8, cfg, 64, 256, 24e9, 8, shared=s) for s in (False, True)}
     assert 1 not in scores[False] and 1 in scores[True]
     assert set(scores[False]) <= set(scores[True])
+    # in float64 the one copy takes 11 GB: over half of a 20 GB node, not of a 24 GB one
+    assert 1 in default_pp_scores(8, cfg, 64, 256, 20e9, 8, shared=True)
+    assert 1 not in default_pp_scores(8, cfg, 64, 256, 20e9, 8, shared=True, itemsize=8)
+    assert 1 in default_pp_scores(8, cfg, 64, 256, 24e9, 8, shared=True, itemsize=8)
     # ranks of one stage on separate nodes (1 rank a node) share nothing: the same pp weighed
     assert default_pp_scores(8, cfg, 64, 256, 3.5e9, 1, shared=True).keys() == \
         default_pp_scores(8, cfg, 64, 256, 3.5e9, 1, shared=False).keys()
