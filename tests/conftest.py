@@ -24,8 +24,9 @@ def shards(tmp_path_factory):
 @pytest.fixture(scope="module")
 def module_tmp(request, tmp_path_factory):
     """mk(name) -> a fresh directory for this module's fixtures, removed when the module ends
-    if none of its tests failed (a failure keeps it to look at). The suite writes tens of
-    checkpoints of 84 MB: kept to the end of the session they would need about 20 GB of disk."""
+    if none of its tests failed (a failure keeps it to look at). The suite writes about 20 GB of
+    checkpoints (84 MB each) in all: kept to the end of the session they once filled a CI
+    machine's disk (README: Tests)."""
     made, failed = [], request.session.testsfailed
 
     def mk(name):
