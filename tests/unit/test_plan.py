@@ -69,9 +69,10 @@ def test_every_ranked_layout_is_one_the_trainer_accepts(tmp_path, capsys, shm):
         shares = not a.zero and memory.shared_copies(cfg, lay, node_of, 4, room) > 1
         assert p["node_shared"] == shares
         assert ("--shared-dp off" in p["flags"]) == (lay.dp > 1 and not a.zero and not shares)
-        if lay.shared_replicas(node_of) > 1 and not a.zero:  # the map shares: does /dev/shm?
+        map_shares = lay.shared_replicas(node_of) > 1 and not a.zero
+        if map_shares:  # the map shares: does /dev/shm hold it?
             held.add(shares)
-        sharing.add(lay.shared_replicas(node_of) > 1 and not a.zero)
+        sharing.add(map_shares)
         shapes.add((lay.pp, lay.virtual_stages, lay.schedule, a.zero, lay.rank_order))
     # the grid covers the dimensions: pipeline depths, virtual stages, ZeRO and both orders
     assert {s[0] for s in shapes} >= {1, 2, 4} and {s[1] for s in shapes} == {1, 2}
