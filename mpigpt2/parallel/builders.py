@@ -1,6 +1,6 @@
 """Schedule builders (pure): each takes a Pipe (parallel/schedule.py) and returns every rank's
 compute list over (stage, micro-batch, slice) units; schedule.build lowers and validates them.
-The tables and bubbles of each are in docs/design.md#schedules and the README.
+The tables and bubbles of each are in docs/design.md#schedules-as-data and the README.
 """
 
 from mpigpt2.parallel.schedule import (F, B, I, W, ScheduleError, forward_units,
