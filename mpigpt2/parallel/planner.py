@@ -38,6 +38,7 @@ class Plan:
     rank_bytes: int      # the largest rank's estimate
     node_bytes: int      # the fullest node's
     shared: bool = False  # node-shared dp runs (the map allows it, /dev/shm holds it)
+    shareable: bool = False  # the node map alone would let it (--shared-dp auto might share)
 
     def tokens_per_second(self, B, T):
         return B * T / self.cost["step"]
@@ -50,8 +51,8 @@ class Plan:
             f.append(f"--virtual-stages {lay.virtual_stages}")
         if self.zero:
             f.append("--zero 1")
-        elif lay.dp > 1 and not self.shared:
-            f.append("--shared-dp off")  # (priced with private copies: say so)
+        elif self.shareable and not self.shared:
+            f.append("--shared-dp off")  # (only /dev/shm made it private: keep it so)
         f += [f"--rank-order {lay.rank_order}", f"--threads {self.threads}"]
         return " ".join(f)
 
@@ -92,10 +93,11 @@ def node_map(layout_world, ranks_per_node):
 
 
 def memory_of(cfg, layout, B, T, zero, rpn, itemsize=4, memo=None, shm=None):
-    """(largest rank's bytes, fullest node's bytes, node-shared) under block placement, with
-    node-shared dp (the trainer's --shared-dp auto) where the node map allows it and /dev/shm
-    (shm bytes per node) holds its windows (memory.shared_copies); memo: a dict keeping rank
-    estimates across the rank orders and ZeRO settings of one layout."""
+    """(largest rank's bytes, fullest node's bytes, node-shared, shareable) under block
+    placement, with node-shared dp (the trainer's --shared-dp auto) where the node map allows
+    it (shareable) and /dev/shm (shm bytes per node) holds its windows (memory.shared_copies);
+    memo: a dict keeping rank estimates across the rank orders and ZeRO settings of one
+    layout."""
     memo = {} if memo is None else memo
     if "progs" not in memo:
         memo["progs"] = layout.programs(T)
@@ -110,7 +112,9 @@ def memory_of(cfg, layout, B, T, zero, rpn, itemsize=4, memo=None, shm=None):
 
     world = layout.pp * layout.dp
     node_of = node_map(world, rpn)
-    n = 1 if zero else memory.shared_copies(cfg, layout, node_of, itemsize, shm, memo["sizes"])
+    shareable = not zero and layout.shared_replicas(node_of) > 1
+    n = memory.shared_copies(cfg, layout, node_of, itemsize, shm, memo["sizes"]) \
+        if shareable else 1
     groups = Counter((node_of[w], layout.coords(w)[0]) for w in range(world))
     nodes, largest = Counter(), 0
     for (node, stage), count in groups.items():
@@ -119,7 +123,7 @@ def memory_of(cfg, layout, B, T, zero, rpn, itemsize=4, memo=None, shm=None):
     s0 = layout.coords(0)[0]  # world rank 0 also gathers the checkpoint
     first = estimate(s0, n, True)
     nodes[node_of[0]] += first - estimate(s0, n, False)
-    return max(largest, first), max(nodes.values()), n > 1
+    return max(largest, first), max(nodes.values()), n > 1, shareable
 
 
 def price(cfg, plan_, B, T, cluster, compute, adamw_seconds, hierarchical=False, memo=None):

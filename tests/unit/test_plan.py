@@ -68,8 +68,10 @@ def test_every_ranked_layout_is_one_the_trainer_accepts(tmp_path, capsys, shm):
         assert p["rank_bytes"] == max(worst.total for _, worst, _ in nodes)
         shares = not a.zero and memory.shared_copies(cfg, lay, node_of, 4, room) > 1
         assert p["node_shared"] == shares
-        assert ("--shared-dp off" in p["flags"]) == (lay.dp > 1 and not a.zero and not shares)
         map_shares = lay.shared_replicas(node_of) > 1 and not a.zero
+        # --shared-dp off only where the map would share and /dev/shm alone made it private:
+        # elsewhere the trainer's --shared-dp auto keeps private copies by itself
+        assert ("--shared-dp off" in p["flags"]) == (map_shares and not shares)
         if map_shares:  # the map shares: does /dev/shm hold it?
             held.add(shares)
         sharing.add(map_shares)

@@ -126,7 +126,7 @@ def test_unequal_node_maps_are_estimated_with_private_copies():
                                     shared=True, node_of=nodes) for n in (0, 1)]
     assert counted == private
     assert planner.memory_of(CFG, lay, 12, 32, 0, 3) == (
-        max(e[1].total for e in private), max(e[0] for e in private), False)
+        max(e[1].total for e in private), max(e[0] for e in private), False, False)
     compute = stepcost.FlopModel(CFG)
     assert stepcost.step_seconds(CFG, lay, 12, 32, compute, NET, nodes, shared=True) == \
         stepcost.step_seconds(CFG, lay, 12, 32, compute, NET, nodes)
