@@ -90,13 +90,13 @@ def node_states(layout, node_of, sizes, itemsize, n):
     return nodes
 
 
-def shared_copies(cfg, layout, node_of, itemsize, shm=None, sizes=None):
+def shared_copies(cfg, layout, node_of, itemsize, shm=None, sizes=None, replicas=None):
     """The replicas of a stage that share one copy per node under node-shared dp on node map
     node_of[world rank], or 1 where the run keeps private copies: the map must allow it
     (Layout.shared_replicas) and every node's windows fit shm, the least /dev/shm free on any
     node (shm_fits; None: unknown, assumed to), as shared.choose decides on all nodes alike.
-    sizes: stage_sizes, if known."""
-    n = layout.shared_replicas(node_of)
+    sizes: stage_sizes, if known; replicas: Layout.shared_replicas(node_of), if known."""
+    n = layout.shared_replicas(node_of) if replicas is None else replicas
     if n == 1:
         return 1
     windows = node_states(layout, node_of, sizes or stage_sizes(cfg, layout), itemsize, n)

@@ -112,9 +112,9 @@ def memory_of(cfg, layout, B, T, zero, rpn, itemsize=4, memo=None, shm=None):
 
     world = layout.pp * layout.dp
     node_of = node_map(world, rpn)
-    shareable = not zero and layout.shared_replicas(node_of) > 1
-    n = memory.shared_copies(cfg, layout, node_of, itemsize, shm, memo["sizes"]) \
-        if shareable else 1
+    replicas = 1 if zero else layout.shared_replicas(node_of)
+    shareable = replicas > 1  # (the map alone would share)
+    n = memory.shared_copies(cfg, layout, node_of, itemsize, shm, memo["sizes"], replicas)
     groups = Counter((node_of[w], layout.coords(w)[0]) for w in range(world))
     nodes, largest = Counter(), 0
     for (node, stage), count in groups.items():
