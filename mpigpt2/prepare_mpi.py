@@ -4,6 +4,7 @@ writes them in block order (its own blocks it encodes itself). (docs/design.md#p
 import numpy as np
 from mpi4py import MPI
 
+from mpigpt2.base.watchdog import init_done
 from mpigpt2.formats.blocks import Encoded
 from mpigpt2.parallel.failure import agree, install_excepthook
 from mpigpt2.parallel.waiting import Waiter
@@ -85,6 +86,7 @@ def serve(spec, comm, start, waiter):
 
 def run_mpi(spec, out_dir, options, quiet):
     """Rank 0 sets up (or resumes) and writes; every rank encodes its share of the blocks."""
+    init_done()  # MPI_Init has returned (this module's import): the sentinel now watches
     comm, waiter = MPI.COMM_WORLD, Waiter()
     install_excepthook(comm)
     rank = comm.Get_rank()

@@ -7,6 +7,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,6 +56,44 @@ def cmdline(pid):
             return f.read()
     except OSError:
         return b""
+
+
+def rank_pid(proc, rank, marker):
+    """The pid of MPI rank `rank` among proc's descendants whose command line holds marker."""
+    for pid in descendants(proc.pid):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if f"PMI_RANK={rank}".encode() in env and marker.encode() in cmdline(pid):
+            return pid
+    return None
+
+
+def mapped_shm():
+    """Names of the /dev/shm files some live process maps (another job's are in use)."""
+    names = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                names.update(os.path.basename(x.split()[-1]) for x in f if "/dev/shm/" in x)
+        except OSError:
+            pass
+    return names
+
+
+def stale_shm(before, timeout=10.0):
+    """The /dev/shm files that appeared since `before` (a listing) and no live process maps,
+    once they are gone or after timeout seconds (a dead job's sentinels remove MPI's segments
+    ~1 s after the launcher ends it and their own marker after 5 s, base/watchdog.py): empty
+    when the job left nothing behind."""
+    t0 = time.monotonic()
+    while True:
+        stale = set(os.listdir("/dev/shm")) - set(before) - mapped_shm()
+        if not stale or time.monotonic() - t0 > timeout:
+            return stale
+        time.sleep(0.1)
 
 
 def start(command, env=None):

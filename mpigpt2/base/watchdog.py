@@ -43,6 +43,8 @@ def launcher_rank():
 
 MARKER_SECONDS = 5.0
 STALE_SETTLE_SECONDS = 1.0  # a lost rank's peers are killed by the launcher within this
+STALE_WAIT_SECONDS = 10.0  # and a file some rank still maps is looked at again until then
+INIT_POLL_SECONDS = 0.5  # how often the sentinel reads its rank's maps while MPI_Init runs
 
 
 def guard_init(argv):
@@ -71,17 +73,23 @@ def guard_init(argv):
 
 
 def _sentinel(r, parent, seconds, rank, job):
-    if not select.select([r], [], [], seconds)[0]:
-        _write(f"[rank {rank}] gave up (--wait-timeout) after {seconds:.0f}s waiting for "
-               f"MPI_Init: a peer process is stopped or dead")
-        os.kill(parent, signal.SIGKILL)
-        return
+    segments = set()  # MPI's named /dev/shm files the rank maps (MPI_Init makes them early)
+    deadline = time.monotonic() + seconds
+    while not select.select([r], [], [], min(INIT_POLL_SECONDS, seconds))[0]:
+        segments |= _shm_files(parent)  # known even if MPI_Init never returns
+        if time.monotonic() >= deadline:
+            _write(f"[rank {rank}] gave up (--wait-timeout) after {seconds:.0f}s waiting for "
+                   f"MPI_Init: a peer process is stopped or dead")
+            os.kill(parent, signal.SIGKILL)
+            _remove_stale(segments)
+            return
     said = os.read(r, 1)
-    segments = []
     while said == b"I":  # MPI is up: watch until the end
-        segments = _shm_files(parent)
+        segments |= _shm_files(parent)
         said = os.read(r, 1)
-    if said != b"X" and _first_loss(job):  # (a rank the launcher killed after it: quiet)
+    if said == b"A":  # our MPI_Abort follows: the ranks the launcher then kills are no loss
+        _first_loss(job)
+    elif said != b"X" and _first_loss(job):  # (a rank the launcher killed after it: quiet)
         _write(f"[rank {rank}] died without a word (pid {parent} on {socket.gethostname()}): "
                f"killed by a signal (kill -9, the OOM killer) or crashed in native code; the "
                f"MPI launcher ends the job")
@@ -93,29 +101,37 @@ def _shm_files(pid):
     which it unlinks only in MPI_Finalize."""
     try:
         with open(f"/proc/{pid}/maps") as f:
-            return sorted({line.split(None, 5)[5].strip() for line in f
-                           if " /dev/shm/" in line and not line.rstrip().endswith("(deleted)")})
+            return {line.split(None, 5)[5].strip() for line in f
+                    if " /dev/shm/" in line and not line.rstrip().endswith("(deleted)")}
     except (OSError, IndexError):
-        return []
+        return set()
 
 
-def _remove_stale(paths, settle=STALE_SETTLE_SECONDS):
+def _remove_stale(paths, settle=STALE_SETTLE_SECONDS, wait=STALE_WAIT_SECONDS):
     """After a rank ended without MPI_Finalize: once the launcher has ended the rest of the
     job, remove the job's shared-memory files that no process maps any more (they would stay
-    in /dev/shm, holding memory, until a reboot). A file another process still maps is
-    kept; several sentinels may race to remove one file."""
+    in /dev/shm, holding memory, until a reboot). A file some process still maps is looked at
+    again until `wait` seconds have passed, then kept; several sentinels may race to remove
+    one file."""
+    paths = set(paths)
     if not paths:
         return
     time.sleep(settle)
-    mapped = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        mapped.update(_shm_files(pid))
-    for path in paths:
-        if path not in mapped:
+    deadline = time.monotonic() + wait
+    while True:
+        paths = {p for p in paths if os.path.exists(p)}  # (finalised, or another removed it)
+        mapped = set()
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            mapped |= _shm_files(pid)
+        for path in paths - mapped:
             try:
                 os.unlink(path)
             except OSError:
                 pass
+        paths &= mapped
+        if not paths or time.monotonic() >= deadline:
+            return
+        time.sleep(INIT_POLL_SECONDS)
 
 
 def _write(line):
@@ -171,10 +187,12 @@ def init_done():
     _say(b"I")
 
 
-def expected_exit():
+def expected_exit(aborting=False):
     """This process is about to end on purpose (a normal exit, an error already reported, an
-    MPI_Abort): the sentinel leaves quietly."""
-    _say(b"X")
+    MPI_Abort): the sentinel leaves quietly. aborting: our MPI_Abort follows, and the sentinel
+    claims the job's one loss report on this node first, so that the sentinels of the ranks
+    the launcher then kills stay quiet too."""
+    _say(b"A" if aborting else b"X")
     fd = _guard.pop("fd", None)
     if fd is not None:
         os.close(fd)

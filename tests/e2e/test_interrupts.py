@@ -12,7 +12,7 @@ import time
 import pytest
 
 from helpers import run, mpiexec
-from helpers import start, finish, descendants, cmdline
+from helpers import start, finish, descendants, cmdline, stale_shm
 from helpers import train_cmd
 
 STEPS = 10
@@ -140,9 +140,13 @@ def test_ctrl_c_on_the_launcher_checkpoints(tmp_path, shards, twin):
 
 @pytest.mark.timeout(120)
 def test_an_error_on_one_rank_after_set_up_ends_the_job(tmp_path):
-    """A UserError raised on one rank alone (not agreed) must not leave the others waiting."""
+    """A UserError raised on one rank alone (not agreed) must not leave the others waiting,
+    nor MPI's shared-memory files in /dev/shm (the ranks run with the trainer's sentinel)."""
     code = ("import sys\n"
+            "from mpigpt2.base.watchdog import guard_init, init_done\n"
+            "guard_init([])\n"
             "from mpi4py import MPI\n"
+            "init_done()\n"
             "from mpigpt2.base.errors import run_cli, UserError\n"
             "def main(argv):\n"
             "    if MPI.COMM_WORLD.Get_rank() == 1:\n"
@@ -151,6 +155,9 @@ def test_an_error_on_one_rank_after_set_up_ends_the_job(tmp_path):
             "    return 0\n"
             "sys.exit(run_cli(main, []))\n")
     t0 = time.time()
+    shm_before = os.listdir("/dev/shm")
     r = run(mpiexec(2) + [sys.executable, "-c", code], timeout=60)
     assert r.returncode != 0 and time.time() - t0 < 30
     assert "error (rank 1): disk full on rank 1" in r.stderr, r.stderr
+    assert "died without a word" not in r.stderr, r.stderr  # (an exit on purpose)
+    assert not stale_shm(shm_before)

@@ -1,5 +1,6 @@
 """prepare text|jsonl|parquet against an independent reference (tests/prepare_reference.py):
-every format and compression, any worker count, mpiexec, resume after kill -9."""
+every format and compression, any worker count, mpiexec, resume after kill -9 (also of one
+rank under mpiexec)."""
 
 import json
 import os
@@ -10,7 +11,7 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from helpers import PY, descendants, mpiexec, run, start
+from helpers import PY, descendants, mpiexec, rank_pid, run, stale_shm, start
 from mpigpt2.prepare_run import prepare_corpus
 from prepare_reference import (documents, expected_shards, shards_in, write_jsonl,
                                write_parquet, write_text)
@@ -152,6 +153,30 @@ def test_resume_after_kill_9(tmp_path, bigger, seed):
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
     r = run(cli(paths, out, shard=20000), timeout=120)  # finished: verified, not rewritten
     assert r.returncode == 0 and "already complete" in r.stdout
+
+
+def test_mpiexec_kill_9_of_one_rank(tmp_path, bigger):
+    """kill -9 of one rank of `mpiexec -n 2 prepare`: its sentinel names it (MPICH's banner
+    gives only a pid), the job ends, nothing the job put in /dev/shm outlives it, the shards
+    written are whole, and the rerun under mpiexec finishes with the uninterrupted run's bytes."""
+    paths, want = bigger
+    out = tmp_path / "o"
+    shm_before = os.listdir("/dev/shm")
+    p = start(mpiexec(2) + cli(paths, out, shard=20000))
+    wait_for_shards(out, 2)
+    pid = rank_pid(p, 1, "mpigpt2.prepare")
+    assert pid, p.poll()
+    os.kill(pid, signal.SIGKILL)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode != 0
+    lost = [x for x in err.splitlines() if "died without a word" in x]
+    assert len(lost) == 1 and lost[0].startswith(f"[rank 1] died without a word (pid {pid} "), err
+    assert not stale_shm(shm_before)
+    have = shards_in(out)
+    assert 0 < len(have) < len(want) and all(want[name] == data for name, data in have.items())
+    r = run(mpiexec(2) + cli(paths, out, shard=20000), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert shards_in(out) == want
 
 
 def _alive(pid):
