@@ -15,7 +15,7 @@ from mpigpt2.formats.blocks import CHUNK_BYTES
 from mpigpt2.formats.atomic import interrupts_held
 from mpigpt2.formats.shards import ShardWriter
 from mpigpt2.formats.tokenizer import EOT, gpt2_encoding
-from mpigpt2.prepare_run import mpi_size_from_env, prepare_corpus
+from mpigpt2.prepare_run import prepare_corpus
 
 TINYSHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
                        "tinyshakespeare/input.txt")
@@ -214,10 +214,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    # under mpiexec each rank gets the trainer's sentinel: it bounds MPI_Init (prepare_mpi's
-    # import), names a rank killed outright and removes the MPI shared-memory files such a
-    # job leaves in /dev/shm (base/watchdog.py, docs/design.md#waiting)
-    if mpi_size_from_env() > 1:
-        from mpigpt2.base.watchdog import guard_init
-        guard_init(sys.argv[1:])
     sys.exit(run_cli(main))

@@ -169,6 +169,11 @@ def prepare_corpus(kind, items, out_dir, *, field="text", prefix=None, shard_tok
         if workers not in (None, 1):
             raise UserError("under mpiexec every rank is one worker: drop --workers (or run "
                             "without mpiexec)")
+        if "mpi4py.MPI" not in sys.modules:
+            # MPI_Init comes with the next import: start each rank's sentinel first, as the
+            # trainer does (base/watchdog.py, docs/design.md#waiting)
+            from mpigpt2.base.watchdog import guard_init
+            guard_init([])
         from mpigpt2.prepare_mpi import run_mpi
         return run_mpi(spec, out_dir, options, quiet)
     if workers is None:

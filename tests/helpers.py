@@ -83,11 +83,11 @@ def mapped_shm():
     return names
 
 
-def stale_shm(before, timeout=10.0):
+def stale_shm(before, timeout=20.0):
     """The /dev/shm files that appeared since `before` (a listing) and no live process maps,
     once they are gone or after timeout seconds (a dead job's sentinels remove MPI's segments
-    ~1 s after the launcher ends it and their own marker after 5 s, base/watchdog.py): empty
-    when the job left nothing behind."""
+    1-11 s after the launcher ends it and their own marker after 5 s, base/watchdog.py):
+    empty when the job left nothing behind."""
     t0 = time.monotonic()
     while True:
         stale = set(os.listdir("/dev/shm")) - set(before) - mapped_shm()

@@ -5,6 +5,9 @@
    the GIL (so no Python thread can act). The sentinel keeps the time; on expiry it prints one
    line and kills its rank, and the MPI launcher then ends the rest of the job.
 2. A rank killed outright (kill -9, the OOM killer): the sentinel names it.
+3. A job that ends without MPI_Finalize (a rank killed, our MPI_Abort, a rank stuck in
+   MPI_Init) leaves MPI's own named segments in /dev/shm, holding memory until a reboot: the
+   sentinel removes them once no process maps them.
 (docs/design.md#waiting)"""
 
 import argparse
@@ -45,6 +48,10 @@ MARKER_SECONDS = 5.0
 STALE_SETTLE_SECONDS = 1.0  # a lost rank's peers are killed by the launcher within this
 STALE_WAIT_SECONDS = 10.0  # and a file some rank still maps is looked at again until then
 INIT_POLL_SECONDS = 0.5  # how often the sentinel reads its rank's maps while MPI_Init runs
+# the shared-memory files MPI libraries name in /dev/shm and unlink only when they finalise
+# (MPICH, its UCX transport, Open MPI's vader / sm): the only files a sentinel ever removes
+MPI_SHM_PREFIXES = ("mpich_shm_", "mpich_vci_", "ucx_shm_posix_", "vader_segment.",
+                    "sm_segment.")
 
 
 def guard_init(argv):
@@ -87,33 +94,42 @@ def _sentinel(r, parent, seconds, rank, job):
     while said == b"I":  # MPI is up: watch until the end
         segments |= _shm_files(parent)
         said = os.read(r, 1)
+    if said == b"X":  # MPI_Finalize follows and removes MPI's files itself
+        return
     if said == b"A":  # our MPI_Abort follows: the ranks the launcher then kills are no loss
         _first_loss(job)
-    elif said != b"X" and _first_loss(job):  # (a rank the launcher killed after it: quiet)
+    elif _first_loss(job):  # (a rank the launcher killed after it: quiet)
         _write(f"[rank {rank}] died without a word (pid {parent} on {socket.gethostname()}): "
                f"killed by a signal (kill -9, the OOM killer) or crashed in native code; the "
                f"MPI launcher ends the job")
-    _remove_stale(segments)  # (after a clean MPI_Finalize there is none left)
+    _remove_stale(segments)
 
 
 def _shm_files(pid):
-    """The named (not yet unlinked) /dev/shm files process pid maps: MPICH's own segments,
-    which it unlinks only in MPI_Finalize."""
+    """The MPI segments process pid maps: named (not yet unlinked) files directly in /dev/shm
+    with a name of MPI_SHM_PREFIXES. Nothing else (a venv or data kept in /dev/shm, say)."""
     try:
         with open(f"/proc/{pid}/maps") as f:
-            return {line.split(None, 5)[5].strip() for line in f
-                    if " /dev/shm/" in line and not line.rstrip().endswith("(deleted)")}
+            paths = {line.split(None, 5)[5].strip() for line in f
+                     if " /dev/shm/" in line and not line.rstrip().endswith("(deleted)")}
     except (OSError, IndexError):
         return set()
+    return set(filter(_is_mpi_segment, paths))
+
+
+def _is_mpi_segment(path):
+    """A file directly in /dev/shm with a name of MPI_SHM_PREFIXES."""
+    return (os.path.dirname(path) == "/dev/shm"
+            and os.path.basename(path).startswith(MPI_SHM_PREFIXES))
 
 
 def _remove_stale(paths, settle=STALE_SETTLE_SECONDS, wait=STALE_WAIT_SECONDS):
     """After a rank ended without MPI_Finalize: once the launcher has ended the rest of the
-    job, remove the job's shared-memory files that no process maps any more (they would stay
-    in /dev/shm, holding memory, until a reboot). A file some process still maps is looked at
-    again until `wait` seconds have passed, then kept; several sentinels may race to remove
-    one file."""
-    paths = set(paths)
+    job (settle), remove the job's MPI segments that no process maps any more (they would
+    stay in /dev/shm, holding memory, until a reboot). A file some process still maps is
+    looked at again until `wait` more seconds have passed, then kept; several sentinels may
+    race to remove one file."""
+    paths = set(filter(_is_mpi_segment, paths))
     if not paths:
         return
     time.sleep(settle)
@@ -191,7 +207,8 @@ def expected_exit(aborting=False):
     """This process is about to end on purpose (a normal exit, an error already reported, an
     MPI_Abort): the sentinel leaves quietly. aborting: our MPI_Abort follows, and the sentinel
     claims the job's one loss report on this node first, so that the sentinels of the ranks
-    the launcher then kills stay quiet too."""
+    the launcher then kills on this node stay quiet too (on other nodes the first of them
+    still reports)."""
     _say(b"A" if aborting else b"X")
     fd = _guard.pop("fd", None)
     if fd is not None:

@@ -1,0 +1,67 @@
+"""The sentinel's /dev/shm clean-up (base/watchdog.py) touches MPI's own segments only: a venv,
+a library or data a user keeps in /dev/shm is never removed, mapped or not; an MPI segment is
+removed once no process maps it, and kept while one does."""
+
+import mmap
+import os
+import shutil
+
+import pytest
+
+from mpigpt2.base import watchdog
+
+
+@pytest.fixture
+def shm_files():
+    """Makes files in /dev/shm (some in subdirectories); removes them all again after."""
+    tops = set()
+
+    def make(rel):
+        path = os.path.join("/dev/shm", rel)
+        tops.add(os.path.join("/dev/shm", rel.split("/")[0]))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(b"\0" * mmap.PAGESIZE)
+        return path
+    yield make
+    for top in tops:
+        if os.path.isdir(top):
+            shutil.rmtree(top)
+        elif os.path.exists(top):
+            os.unlink(top)
+
+
+def mapped(path):
+    """An open, shared mapping of path (held until the returned object is closed)."""
+    with open(path, "r+b") as f:
+        return mmap.mmap(f.fileno(), 0)
+
+
+def test_only_mpi_segments_directly_in_dev_shm_count(shm_files):
+    tag = f"t{os.getpid()}"
+    mpi = [shm_files(f"mpich_shm_{tag}_0"), shm_files(f"ucx_shm_posix_{tag}")]
+    other = [shm_files(f"venv-{tag}/lib/libmpi.so"), shm_files(f"data-{tag}.bin"),
+             shm_files(f"d-{tag}/mpich_shm_{tag}_0")]
+    maps = [mapped(p) for p in mpi + other]
+    try:
+        assert watchdog._shm_files(os.getpid()) >= set(mpi)
+        assert not watchdog._shm_files(os.getpid()) & set(other)
+    finally:
+        for m in maps:
+            m.close()
+
+
+def test_remove_stale_removes_unmapped_mpi_segments_only(shm_files):
+    tag = f"t{os.getpid()}"
+    gone, held = shm_files(f"mpich_shm_{tag}_0"), shm_files(f"mpich_vci_{tag}_0")
+    user = shm_files(f"data-{tag}.bin")
+    m = mapped(held)
+    try:
+        watchdog._remove_stale({gone, held, user}, settle=0, wait=0.6)
+        assert not os.path.exists(gone)
+        assert os.path.exists(held)  # some process still maps it: kept
+        assert os.path.exists(user)  # not MPI's: never touched, though unmapped
+    finally:
+        m.close()
+    watchdog._remove_stale({held}, settle=0, wait=0)
+    assert not os.path.exists(held)
