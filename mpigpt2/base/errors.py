@@ -50,6 +50,6 @@ def abort(comm, code):
     from mpigpt2.base.watchdog import expected_exit
     sys.stdout.flush()
     sys.stderr.flush()
-    expected_exit(aborting=True)  # (the reason is printed; no sentinel need report a loss)
+    expected_exit(finalize=False)  # (the reason is printed; no sentinel need report a loss)
     time.sleep(ABORT_GRACE_SECONDS)
     comm.Abort(code)

@@ -1,13 +1,17 @@
-"""Each rank's sentinel, a forked process that outlives what the rank itself cannot report.
+"""Each rank's sentinel, a separate process that outlives what the rank itself cannot report.
 
 1. A bound on MPI_Init: a peer stopped (SIGSTOP) or dead while the job starts leaves every
    other rank inside MPI_Init, before any MPI call of ours could poll or abort, and holding
    the GIL (so no Python thread can act). The sentinel keeps the time; on expiry it prints one
    line and kills its rank, and the MPI launcher then ends the rest of the job.
-2. A rank killed outright (kill -9, the OOM killer): the sentinel names it.
-3. A job that ends without MPI_Finalize (a rank killed, our MPI_Abort, a rank stuck in
-   MPI_Init) leaves MPI's own named segments in /dev/shm, holding memory until a reboot: the
-   sentinel removes them once no process maps them.
+2. A rank killed outright (kill -9, the OOM killer): the sentinel names it, unless the rank
+   or another on this node already told that its end is on purpose (our MPI_Abort, a hard
+   exit after a second signal): then the ranks the launcher kills are no loss.
+3. A job that ends without MPI_Finalize (a rank killed, our MPI_Abort or hard exit, a rank
+   stuck in MPI_Init) leaves MPI's own named segments in /dev/shm, holding memory until a
+   reboot: the sentinel removes those its rank mapped (files directly in /dev/shm named as in
+   MPI_SHM_PREFIXES, nothing else) once no process maps them, 1 s after, looking again for
+   up to 10 s more.
 (docs/design.md#waiting)"""
 
 import argparse
@@ -55,7 +59,7 @@ MPI_SHM_PREFIXES = ("mpich_shm_", "mpich_vci_", "ucx_shm_posix_", "vader_segment
 
 
 def guard_init(argv):
-    """Start this rank's sentinel: `python -m mpigpt2.base.watchdog FD PID SECONDS RANK`, a
+    """Start this rank's sentinel: `python -m mpigpt2.base.watchdog FD PID SECONDS RANK JOB`, a
     separate small process holding only the read end of a pipe (and stderr).
 
     Until init_done() it bounds MPI_Init: nothing within --wait-timeout seconds, and it prints
@@ -65,17 +69,17 @@ def guard_init(argv):
     cannot say it: MPICH kills them within ~0.1 s. (An exec'd program, not a bare fork, so
     that it is told apart from the ranks in ps and /proc; in its own session, so that the
     launcher's process-group kill does not take it along.)"""
-    seconds = wait_timeout(argv)
+    seconds, job = wait_timeout(argv), job_key()
     try:
         r, w = os.pipe()
         subprocess.Popen([sys.executable, "-m", "mpigpt2.base.watchdog", str(r),
-                          str(os.getpid()), repr(seconds), launcher_rank(), job_key()],
+                          str(os.getpid()), repr(seconds), launcher_rank(), job],
                          pass_fds=(r,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                          start_new_session=True)
     except OSError:
         return  # no sentinel here: MPI_Init stays unguarded
     os.close(r)
-    _guard.update(fd=w)
+    _guard.update(fd=w, job=job)
     atexit.register(expected_exit)
 
 
@@ -87,6 +91,7 @@ def _sentinel(r, parent, seconds, rank, job):
         if time.monotonic() >= deadline:
             _write(f"[rank {rank}] gave up (--wait-timeout) after {seconds:.0f}s waiting for "
                    f"MPI_Init: a peer process is stopped or dead")
+            _first_loss(job)  # (the ranks the launcher now kills are no loss)
             os.kill(parent, signal.SIGKILL)
             _remove_stale(segments)
             return
@@ -96,8 +101,8 @@ def _sentinel(r, parent, seconds, rank, job):
         said = os.read(r, 1)
     if said == b"X":  # MPI_Finalize follows and removes MPI's files itself
         return
-    if said == b"A":  # our MPI_Abort follows: the ranks the launcher then kills are no loss
-        _first_loss(job)
+    if said == b"A":  # an end without MPI_Finalize; the rank made the loss marker already
+        _remove_later(_marker(job))
     elif _first_loss(job):  # (a rank the launcher killed after it: quiet)
         _write(f"[rank {rank}] died without a word (pid {parent} on {socket.gethostname()}): "
                f"killed by a signal (kill -9, the OOM killer) or crashed in native code; the "
@@ -162,19 +167,35 @@ def _first_loss(job):
     launcher kills the other ranks right after (by process group: the sentinels run in their
     own sessions to survive it), and their sentinels must stay quiet. The marker is removed
     again after MARKER_SECONDS."""
-    path = os.path.join("/dev/shm" if os.path.isdir("/dev/shm") else "/tmp",
+    if not _claim(job):
+        return False
+    _remove_later(_marker(job))
+    return True
+
+
+def _marker(job):
+    """The job's loss marker on this node: whoever makes it first (O_EXCL) has the one report."""
+    return os.path.join("/dev/shm" if os.path.isdir("/dev/shm") else "/tmp",
                         f"mpigpt2-lost-{job}")
+
+
+def _claim(job):
+    """Make the job's loss marker on this node; True if this call made it."""
     try:
-        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.close(os.open(_marker(job), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        return True
     except OSError:
         return False
-    if os.fork() == 0:  # remove the marker later, without delaying the report
+
+
+def _remove_later(path):
+    """Remove path after MARKER_SECONDS, in a child (the caller goes on at once)."""
+    if os.fork() == 0:
         time.sleep(MARKER_SECONDS)
         try:
             os.unlink(path)
         finally:
             os._exit(0)
-    return True
 
 
 def job_key():
@@ -203,13 +224,16 @@ def init_done():
     _say(b"I")
 
 
-def expected_exit(aborting=False):
-    """This process is about to end on purpose (a normal exit, an error already reported, an
-    MPI_Abort): the sentinel leaves quietly. aborting: our MPI_Abort follows, and the sentinel
-    claims the job's one loss report on this node first, so that the sentinels of the ranks
-    the launcher then kills on this node stay quiet too (on other nodes the first of them
-    still reports)."""
-    _say(b"A" if aborting else b"X")
+def expected_exit(finalize=True):
+    """This process is about to end on purpose: the sentinel leaves quietly. finalize: the
+    exit runs MPI_Finalize (a normal exit, an error already agreed and reported), which
+    removes MPI's files. Otherwise (our MPI_Abort, a hard exit) this claims the job's loss
+    report on this node first, before the launcher kills the other ranks here, so that their
+    sentinels stay quiet too (on other nodes the first of them still reports), and the
+    sentinel removes the marker later and MPI's segments once nothing maps them."""
+    if _guard.get("fd") is not None and not finalize:
+        _claim(_guard["job"])
+    _say(b"X" if finalize else b"A")
     fd = _guard.pop("fd", None)
     if fd is not None:
         os.close(fd)

@@ -33,7 +33,7 @@ def _handler(signum, frame):
         sys.stderr.write(f"[rank {MPI.COMM_WORLD.Get_rank()}] second signal "
                          f"{signal.Signals(signum).name}: exiting now\n")
         sys.stderr.flush()
-        expected_exit()
+        expected_exit(finalize=False)  # (no MPI_Finalize: base/watchdog.py cleans up)
         os._exit(128 + signum)
     _state["signal"], _state["at"] = signum, now
 

@@ -38,6 +38,7 @@ def ends_bounded(proc, out, shm_before, victim=None):
                 pass
     assert proc.returncode != 0
     assert "gave up (--wait-timeout)" in err and "[rank " in err and "waiting for" in err, err
+    assert "died without a word" not in err, err  # (the ranks the launcher ended: no loss)
     assert time.time() - t0 < TIMEOUT + MARGIN
     time.sleep(0.5)
     left = [p for p in os.listdir("/proc") if p.isdigit() and str(out).encode() in cmdline(p)]

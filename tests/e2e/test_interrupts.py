@@ -123,6 +123,25 @@ def test_interrupt_then_resume_is_bit_exact(tmp_path, shards, twin, target, sig,
     resume_and_compare(shards, out, twin)
 
 
+@pytest.mark.timeout(180)
+def test_a_second_signal_ends_the_job_at_once_leaving_nothing(tmp_path, shards):
+    """Two signals at once to one rank: it exits without a checkpoint and without
+    MPI_Finalize (parallel/signals.py); the job ends, no rank is reported lost, and nothing
+    is left in /dev/shm (the rank's sentinel removes MPI's segment, base/watchdog.py)."""
+    out = tmp_path / "run"
+    shm_before = os.listdir("/dev/shm")
+    p = start(cmd(shards, out, 4, *LAYOUT))
+    wait_for(out, 2, p)
+    victim = rank_pids(p)[1]
+    os.kill(victim, signal.SIGTERM)
+    os.kill(victim, signal.SIGINT)
+    code, _, err = finish(p, timeout=60)
+    assert code not in (0, 3), err
+    assert "[rank 1] second signal SIG" in err, err
+    assert "died without a word" not in err, err
+    assert not stale_shm(shm_before)
+
+
 @pytest.mark.timeout(300)
 def test_ctrl_c_on_the_launcher_checkpoints(tmp_path, shards, twin):
     """`make train` runs the launcher: Ctrl-C (SIGINT to the foreground group) must reach the

@@ -55,12 +55,13 @@ def test_remove_stale_removes_unmapped_mpi_segments_only(shm_files):
     tag = f"t{os.getpid()}"
     gone, held = shm_files(f"mpich_shm_{tag}_0"), shm_files(f"mpich_vci_{tag}_0")
     user = shm_files(f"data-{tag}.bin")
+    marker = shm_files(f"mpigpt2-lost-{tag}")  # (the loss marker: removed by its own timer)
     m = mapped(held)
     try:
-        watchdog._remove_stale({gone, held, user}, settle=0, wait=0.6)
+        watchdog._remove_stale({gone, held, user, marker}, settle=0, wait=0.6)
         assert not os.path.exists(gone)
         assert os.path.exists(held)  # some process still maps it: kept
-        assert os.path.exists(user)  # not MPI's: never touched, though unmapped
+        assert os.path.exists(user) and os.path.exists(marker)  # not MPI's: never touched
     finally:
         m.close()
     watchdog._remove_stale({held}, settle=0, wait=0)
