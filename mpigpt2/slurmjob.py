@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, replace
 
 from mpigpt2.base.errors import EXIT_USAGE
+from mpigpt2.base.watchdog import MPICH_SHM_KINDS, SHM_DIR
 from mpigpt2.formats import checkpoint as ck
 from mpigpt2.launch import find_mpiexec, flavour, mpiexec_cmd
 from mpigpt2.options import parse_args
@@ -26,7 +27,6 @@ NOJOB = "nojob"  # SLURM_JOB_ID outside a job
 PREEMPTED = 3  # the trainer's "checkpointed, requeue me"
 UNSET = "\x01unset"  # a default the user's flags did not override
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-SHM_DIR = "/dev/shm"
 SHM_STEPS = 32  # job steps of one attempt whose segments are removed (probes, cleanup, run)
 REQUEUE_WAIT = 30  # seconds to wait for Slurm to end this attempt after `scontrol requeue`
 STOP_GRACE = 5  # seconds between SIGTERM and SIGKILL for a probe that does not answer
@@ -195,7 +195,7 @@ def remove_stale_shm(job, shm_dir=None):
     removed. A requeued job keeps its id and numbers its steps from 0 again: after an unclean
     end, the new step's MPI_Init attaches to the old segment and hangs (measured)."""
     prefixes = tuple(f"mpich_{kind}_{fnv1a(f'{job}.{step}'):x}_"
-                     for step in range(SHM_STEPS) for kind in ("shm", "vci"))
+                     for step in range(SHM_STEPS) for kind in MPICH_SHM_KINDS)
     shm_dir = shm_dir or SHM_DIR
     try:
         names = sorted(os.listdir(shm_dir))

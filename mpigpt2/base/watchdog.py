@@ -52,10 +52,12 @@ MARKER_SECONDS = 5.0
 STALE_SETTLE_SECONDS = 1.0  # a lost rank's peers are killed by the launcher within this
 STALE_WAIT_SECONDS = 10.0  # and a file some rank still maps is looked at again until then
 INIT_POLL_SECONDS = 0.5  # how often the sentinel reads its rank's maps while MPI_Init runs
+SHM_DIR = "/dev/shm"
+MPICH_SHM_KINDS = ("shm", "vci")  # MPICH's own segments: mpich_<kind>_<hash of the job>_<n>
 # the shared-memory files MPI libraries name in /dev/shm and unlink only when they finalise
 # (MPICH, its UCX transport, Open MPI's vader / sm): the only files a sentinel ever removes
-MPI_SHM_PREFIXES = ("mpich_shm_", "mpich_vci_", "ucx_shm_posix_", "vader_segment.",
-                    "sm_segment.")
+MPI_SHM_PREFIXES = tuple(f"mpich_{kind}_" for kind in MPICH_SHM_KINDS) + (
+    "ucx_shm_posix_", "vader_segment.", "sm_segment.")
 
 
 def guard_init(argv):
@@ -116,7 +118,7 @@ def _shm_files(pid):
     try:
         with open(f"/proc/{pid}/maps") as f:
             paths = {line.split(None, 5)[5].strip() for line in f
-                     if " /dev/shm/" in line and not line.rstrip().endswith("(deleted)")}
+                     if f" {SHM_DIR}/" in line and not line.rstrip().endswith("(deleted)")}
     except (OSError, IndexError):
         return set()
     return set(filter(_is_mpi_segment, paths))
@@ -124,7 +126,7 @@ def _shm_files(pid):
 
 def _is_mpi_segment(path):
     """A file directly in /dev/shm with a name of MPI_SHM_PREFIXES."""
-    return (os.path.dirname(path) == "/dev/shm"
+    return (os.path.dirname(path) == SHM_DIR
             and os.path.basename(path).startswith(MPI_SHM_PREFIXES))
 
 
@@ -175,7 +177,7 @@ def _first_loss(job):
 
 def _marker(job):
     """The job's loss marker on this node: whoever makes it first (O_EXCL) has the one report."""
-    return os.path.join("/dev/shm" if os.path.isdir("/dev/shm") else "/tmp",
+    return os.path.join(SHM_DIR if os.path.isdir(SHM_DIR) else "/tmp",
                         f"mpigpt2-lost-{job}")
 
 
