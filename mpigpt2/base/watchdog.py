@@ -16,6 +16,7 @@
 
 import argparse
 import atexit
+import contextlib
 import math
 import os
 import select
@@ -49,6 +50,7 @@ def launcher_rank():
 
 
 MARKER_SECONDS = 5.0
+MARKER_PREFIX = "mpigpt2-lost-"  # + the job key: <launcher pid>-<its start time>
 STALE_SETTLE_SECONDS = 1.0  # a lost rank's peers are killed by the launcher within this
 STALE_WAIT_SECONDS = 10.0  # and a file some rank still maps is looked at again until then
 INIT_POLL_SECONDS = 0.5  # how often the sentinel reads its rank's maps while MPI_Init runs
@@ -86,6 +88,7 @@ def guard_init(argv):
 
 
 def _sentinel(r, parent, seconds, rank, job):
+    _sweep_markers()
     segments = set()  # MPI's named /dev/shm files the rank maps (MPI_Init makes them early)
     deadline = time.monotonic() + seconds
     while not select.select([r], [], [], min(INIT_POLL_SECONDS, seconds))[0]:
@@ -178,7 +181,7 @@ def _first_loss(job):
 def _marker(job):
     """The job's loss marker on this node: whoever makes it first (O_EXCL) has the one report."""
     return os.path.join(SHM_DIR if os.path.isdir(SHM_DIR) else "/tmp",
-                        f"mpigpt2-lost-{job}")
+                        f"{MARKER_PREFIX}{job}")
 
 
 def _claim(job):
@@ -188,6 +191,23 @@ def _claim(job):
         return True
     except OSError:
         return False
+
+
+def _sweep_markers():
+    """Remove the loss markers of jobs whose launcher process is gone: their timed removal
+    (_remove_later) can be killed with the job (Slurm ends a step's whole cgroup), which left
+    an empty marker behind for good. Run by every sentinel as it starts; a job that is still
+    running keeps its marker."""
+    folder = os.path.dirname(_marker("x"))
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(MARKER_PREFIX)]
+    except OSError:
+        return
+    for name in names:
+        pid, _, start = name[len(MARKER_PREFIX):].partition("-")
+        if pid.isdigit() and start.isdigit() and start != "0" and _start_time(pid) != start:
+            with contextlib.suppress(OSError):  # (another sentinel was first)
+                os.unlink(os.path.join(folder, name))
 
 
 def _remove_later(path):
@@ -204,12 +224,17 @@ def job_key():
     """This node's share of the job: the launcher process that started the ranks here (its
     pid and start time, so a reused pid is another job)."""
     ppid = os.getppid()
+    return f"{ppid}-{_start_time(ppid) or '0'}"
+
+
+def _start_time(pid):
+    """Process pid's start time (clock ticks after boot, /proc/PID/stat's 22nd field) as a
+    string; None if there is no such process."""
     try:
-        with open(f"/proc/{ppid}/stat") as f:
-            start = f.read().rsplit(")", 1)[1].split()[19]
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
-        start = "0"
-    return f"{ppid}-{start}"
+        return None
 
 
 def _say(mark):

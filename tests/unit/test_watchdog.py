@@ -5,6 +5,7 @@ removed once no process maps it, and kept while one does."""
 import mmap
 import os
 import shutil
+import subprocess
 
 import pytest
 
@@ -66,3 +67,18 @@ def test_remove_stale_removes_unmapped_mpi_segments_only(shm_files):
         m.close()
     watchdog._remove_stale({held}, settle=0, wait=0)
     assert not os.path.exists(held)
+
+
+def test_a_marker_outlives_only_the_launcher_it_names(shm_files):
+    """A loss marker whose launcher process is gone (its timed removal was killed with the job)
+    is swept by the next sentinel; one of a running launcher, or of another name, is kept."""
+    done = subprocess.Popen(["true"])
+    done.wait()  # a pid that no longer runs
+    me = os.getpid()
+    live = shm_files(f"{watchdog.MARKER_PREFIX}{me}-{watchdog._start_time(me)}")
+    dead = shm_files(f"{watchdog.MARKER_PREFIX}{done.pid}-12345")
+    reused = shm_files(f"{watchdog.MARKER_PREFIX}{me}-1")  # this pid, another start: gone
+    other = shm_files(f"{watchdog.MARKER_PREFIX}t{me}")
+    watchdog._sweep_markers()
+    assert os.path.exists(live) and os.path.exists(other)
+    assert not os.path.exists(dead) and not os.path.exists(reused)
