@@ -65,16 +65,16 @@ class Waiter:
         what: a callable returning a description of the awaited messages, printed if the
         wait outlasts stall_seconds (then the wait goes on, or the job aborts if abort).
         """
-        if not reqs or MPI.Request.Testall(reqs):
-            return
         t0 = time.perf_counter()
+        if not reqs or self._test(reqs, kind, what, t0):
+            return
         if self.blocking:  # never in normal runs: no stall report, no timeout
             MPI.Request.Waitall(reqs)
             self._add(kind, time.perf_counter() - t0)
             return
         nap, warned = SLEEP_START, False
         cap = SLEEP_MAX_COLLECTIVE if kind in DATA_COLLECTIVES else SLEEP_MAX
-        while not MPI.Request.Testall(reqs):
+        while not self._test(reqs, kind, what, t0):
             time.sleep(nap)
             nap = min(2 * nap, cap)
             waited = time.perf_counter() - t0
@@ -90,6 +90,18 @@ class Waiter:
         self._add(kind, t1 - t0)
         if self.trace is not None and kind in TRACED_KINDS:
             self.trace(kind, what() if what else kind, t0, t1)
+
+    def _test(self, reqs, kind, what, t0):
+        """Testall(reqs); an error MPI reports for them (a peer process gone, which MPI can
+        notice before the launcher ends this rank) ends the job with one line naming what
+        this rank waited for, instead of a traceback of this module."""
+        try:
+            return MPI.Request.Testall(reqs)
+        except MPI.Exception as e:
+            self._report(time.perf_counter() - t0, kind, what,
+                         f"MPI error ({e.Get_error_string().strip()})")
+            abort(MPI.COMM_WORLD, 4)
+            raise  # (abort returns only where it is replaced, in tests)
 
     @contextlib.contextmanager
     def bounded(self, what):
