@@ -51,6 +51,7 @@ def launcher_rank():
 
 MARKER_SECONDS = 5.0
 MARKER_PREFIX = "mpigpt2-lost-"  # + the job key: <launcher pid>-<its start time>
+MARKER_STALE_SECONDS = 6 * MARKER_SECONDS  # a marker this old, of an ended job, is litter
 STALE_SETTLE_SECONDS = 1.0  # a lost rank's peers are killed by the launcher within this
 STALE_WAIT_SECONDS = 10.0  # and a file some rank still maps is looked at again until then
 INIT_POLL_SECONDS = 0.5  # how often the sentinel reads its rank's maps while MPI_Init runs
@@ -180,8 +181,11 @@ def _first_loss(job):
 
 def _marker(job):
     """The job's loss marker on this node: whoever makes it first (O_EXCL) has the one report."""
-    return os.path.join(SHM_DIR if os.path.isdir(SHM_DIR) else "/tmp",
-                        f"{MARKER_PREFIX}{job}")
+    return os.path.join(_marker_dir(), f"{MARKER_PREFIX}{job}")
+
+
+def _marker_dir():
+    return SHM_DIR if os.path.isdir(SHM_DIR) else "/tmp"
 
 
 def _claim(job):
@@ -194,20 +198,25 @@ def _claim(job):
 
 
 def _sweep_markers():
-    """Remove the loss markers of jobs whose launcher process is gone: their timed removal
-    (_remove_later) can be killed with the job (Slurm ends a step's whole cgroup), which left
-    an empty marker behind for good. Run by every sentinel as it starts; a job that is still
-    running keeps its marker."""
-    folder = os.path.dirname(_marker("x"))
+    """Remove the loss markers of ended jobs: their timed removal (_remove_later) can be
+    killed with the job (Slurm ends a step's whole cgroup), which left an empty marker behind
+    for good. A marker goes once it is MARKER_STALE_SECONDS old and its launcher no longer
+    runs (or cannot be known: the key's start time is 0), so a job that is still reporting
+    keeps its marker. Run by every sentinel as it starts; never fails."""
+    folder, now = _marker_dir(), time.time()
     try:
         names = [n for n in os.listdir(folder) if n.startswith(MARKER_PREFIX)]
     except OSError:
         return
     for name in names:
         pid, _, start = name[len(MARKER_PREFIX):].partition("-")
-        if pid.isdigit() and start.isdigit() and start != "0" and _start_time(pid) != start:
-            with contextlib.suppress(OSError):  # (another sentinel was first)
-                os.unlink(os.path.join(folder, name))
+        if not (pid.isdigit() and start.isdigit()):
+            continue  # (not a marker of ours)
+        path = os.path.join(folder, name)
+        with contextlib.suppress(OSError):  # (gone already: another sentinel was first)
+            if (os.stat(path).st_mtime < now - MARKER_STALE_SECONDS
+                    and (start == "0" or _start_time(pid) != start)):
+                os.unlink(path)
 
 
 def _remove_later(path):
@@ -231,8 +240,8 @@ def _start_time(pid):
     """Process pid's start time (clock ticks after boot, /proc/PID/stat's 22nd field) as a
     string; None if there is no such process."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
+        with open(f"/proc/{pid}/stat", "rb") as f:  # (the name in it may be any bytes)
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
     except (OSError, IndexError):
         return None
 

@@ -54,7 +54,8 @@ class GradReducer:
             self._start(self.grid.data, [self.g[n][i] for n in LAYER_NAMES])
             # MPI progresses nonblocking collectives only inside MPI calls: poke the
             # buckets in flight so they advance while the next layers compute
-            MPI.Request.Testall(self.reqs)
+            self.grid.waiter.checked(MPI.Request.Testall, self.reqs, "allreduce",
+                                     lambda: f"{len(self.reqs)} gradient allreduces")
 
     def start_rest(self):
         """The embeddings and final LayerNorm are final once the whole backward ran; layers

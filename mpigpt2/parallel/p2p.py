@@ -82,7 +82,8 @@ class PipeP2P:
 
     def sends_done(self):
         """Names of the sends that completed since the last call (tracing only: a Testsome)."""
-        idx = MPI.Request.Testsome(self.sends) or []
+        idx = self.waiter.checked(MPI.Request.Testsome, self.sends, "p2p",
+                                  lambda: f"{len(self.sends)} sends to finish") or []
         done = [self.send_names[i] for i in idx if self.send_names[i] is not None]
         for i in idx:
             self.send_names[i] = None

@@ -149,7 +149,9 @@ class SharedAdam:
                     self.reqs.append(comm.Iallreduce(MPI.IN_PLACE, self.sum[lo:hi],
                                                      op=MPI.SUM))
             if self.reqs:
-                MPI.Request.Testall(self.reqs)  # progress the allreduces already started
+                # progress the allreduces already started
+                self.grid.waiter.checked(MPI.Request.Testall, self.reqs, "allreduce",
+                                         lambda: "gradient allreduces between nodes")
         self.grid.waiter.wait(self.reqs, "allreduce",
                               lambda: f"{len(self.reqs)} gradient allreduces between nodes")
         self.reqs = []

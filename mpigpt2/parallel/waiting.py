@@ -65,16 +65,16 @@ class Waiter:
         what: a callable returning a description of the awaited messages, printed if the
         wait outlasts stall_seconds (then the wait goes on, or the job aborts if abort).
         """
-        t0 = time.perf_counter()
-        if not reqs or self._test(reqs, kind, what, t0):
+        if not reqs or self.checked(MPI.Request.Testall, reqs, kind, what):
             return
+        t0 = time.perf_counter()
         if self.blocking:  # never in normal runs: no stall report, no timeout
-            MPI.Request.Waitall(reqs)
+            self.checked(MPI.Request.Waitall, reqs, kind, what, t0)
             self._add(kind, time.perf_counter() - t0)
             return
         nap, warned = SLEEP_START, False
         cap = SLEEP_MAX_COLLECTIVE if kind in DATA_COLLECTIVES else SLEEP_MAX
-        while not self._test(reqs, kind, what, t0):
+        while not self.checked(MPI.Request.Testall, reqs, kind, what, t0):
             time.sleep(nap)
             nap = min(2 * nap, cap)
             waited = time.perf_counter() - t0
@@ -91,17 +91,20 @@ class Waiter:
         if self.trace is not None and kind in TRACED_KINDS:
             self.trace(kind, what() if what else kind, t0, t1)
 
-    def _test(self, reqs, kind, what, t0):
-        """Testall(reqs); an error MPI reports for them (a peer process gone, which MPI can
-        notice before the launcher ends this rank) ends the job with one line naming what
-        this rank waited for, instead of a traceback of this module."""
+    def checked(self, call, reqs, kind, what=None, t0=None):
+        """call(reqs): an MPI test or wait of this rank's requests (wait()'s polls, and the
+        pokes that progress nonblocking collectives while a rank computes). An error MPI
+        reports for them (a peer process gone, which MPI can notice before the launcher ends
+        this rank) ends the job with one line naming what this rank waited for, instead of a
+        traceback of this module. t0: when the wait began (None: now)."""
         try:
-            return MPI.Request.Testall(reqs)
+            return call(reqs)
         except MPI.Exception as e:
-            self._report(time.perf_counter() - t0, kind, what,
-                         f"MPI error ({e.Get_error_string().strip()})")
+            text = " ".join(e.Get_error_string().split())  # (MPICH's error stack: one line)
+            waited = time.perf_counter() - t0 if t0 is not None else 0.0
+            self._report(waited, kind, what, f"MPI error ({text})")
             abort(MPI.COMM_WORLD, 4)
-            raise  # (abort returns only where it is replaced, in tests)
+            raise  # (never reached: abort ends the process; tests replace it with a raise)
 
     @contextlib.contextmanager
     def bounded(self, what):

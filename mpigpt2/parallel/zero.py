@@ -114,7 +114,9 @@ class ShardedAdam:
 
     def start_layer(self, i):
         self._start(i)
-        MPI.Request.Testall(self.red_reqs)  # progress the buckets in flight (no MPI thread)
+        # progress the buckets in flight (no MPI thread)
+        self.grid.waiter.checked(MPI.Request.Testall, self.red_reqs, "allreduce",
+                                 lambda: "gradient reductions")
 
     def start_rest(self):
         """After the whole backward: the embeddings, lnf, and layers not started yet."""
@@ -152,7 +154,8 @@ class ShardedAdam:
         if reqs:
             self.grid.waiter.wait(reqs, "allgather", lambda: f"parameter broadcast of {key}")
         for later in self.gather_reqs.values():  # progress the broadcasts of later layers
-            MPI.Request.Testall(later)
+            self.grid.waiter.checked(MPI.Request.Testall, later, "allgather",
+                                     lambda: "parameter broadcasts of later layers")
 
     def sync(self):
         for key in list(self.gather_reqs):

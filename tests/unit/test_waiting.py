@@ -1,15 +1,17 @@
-"""An error MPI reports for a request a rank waits on (parallel/waiting.py) ends the job with one
-line naming the rank and what it waited for, not a traceback (a peer killed while rank 0 of
-`prepare` waited for its block printed one). A real MPI error on COMM_SELF stands in for a lost
-peer: a message longer than the receive buffer (MPI_ERR_TRUNCATE)."""
+"""An error MPI reports for a request a rank waits on or pokes (parallel/waiting.py) ends the job
+with one line naming the rank and what it waited for, not a traceback (a peer killed while
+rank 0 of `prepare` waited for its block printed one). A real MPI error on COMM_SELF stands in
+for a lost peer: a message longer than the receive buffer (MPI_ERR_TRUNCATE)."""
 
-import threading
+import time
 
 import numpy as np
 import pytest
 from mpi4py import MPI
 
 from mpigpt2.parallel import waiting
+
+TAG = 7
 
 
 class Aborted(Exception):
@@ -28,23 +30,51 @@ def aborts(monkeypatch):
     return codes
 
 
-@pytest.mark.parametrize("first_poll", [True, False])
-def test_an_mpi_error_in_a_wait_is_one_line_and_ends_the_job(aborts, capfd, first_poll):
-    comm = MPI.COMM_SELF
-    big, small = np.arange(8, dtype=np.int32), np.zeros(2, dtype=np.int32)
-    reqs = [comm.Irecv(small, 0, 7)]
-    if first_poll:  # the message is there before the first test
-        send = comm.Isend(big, 0, 7)
-    with pytest.raises(Aborted):
-        if not first_poll:  # the first test finds nothing; the message comes while it naps
-            threading.Timer(0.05, lambda: comm.Send(big, 0, 7)).start()
-        waiting.Waiter().wait(reqs, "p2p", lambda: "a block from rank 1")
-    if first_poll:
-        send.Wait()
-    err = capfd.readouterr().err
-    assert aborts == [4]
+def too_long_message(when, monkeypatch):
+    """A receive of 2 ints on COMM_SELF and the send of 8 that fails it: sent now ('first
+    poll'), or at the wait's first nap ('nap'). Returns (receive request, send requests)."""
+    comm, big = MPI.COMM_SELF, np.arange(8, dtype=np.int32)
+    recv = comm.Irecv(np.zeros(2, dtype=np.int32), 0, TAG)
+    sends = []
+    if when == "first poll":
+        sends.append(comm.Isend(big, 0, TAG))
+    else:
+        real_sleep = time.sleep
+
+        def nap(seconds):  # the wait polled once and found nothing: now the message comes
+            if not sends:
+                sends.append(comm.Isend(big, 0, TAG))
+            real_sleep(seconds)
+        monkeypatch.setattr(waiting.time, "sleep", nap)
+    return recv, sends
+
+
+def one_line(err):
     lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"[rank {MPI.COMM_WORLD.Get_rank()}] MPI error (")
-    assert lines[0].endswith("waiting for a block from rank 1"), err
-    assert "Traceback" not in err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"[rank {MPI.COMM_WORLD.Get_rank()}] MPI error ("), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("when", ["first poll", "nap"])
+def test_an_mpi_error_in_a_wait_is_one_line_and_ends_the_job(aborts, capfd, monkeypatch, when):
+    recv, sends = too_long_message(when, monkeypatch)
+    with pytest.raises(Aborted):
+        waiting.Waiter().wait([recv], "p2p", lambda: "a block from rank 1")
+    monkeypatch.undo()
+    assert len(sends) == 1  # (the nap case napped)
+    MPI.Request.Waitall(sends)
+    assert aborts == [4]
+    assert one_line(capfd.readouterr().err).endswith("waiting for a block from rank 1")
+
+
+def test_an_mpi_error_in_a_poke_is_one_line_and_ends_the_job(aborts, capfd, monkeypatch):
+    """The pokes that progress collectives while a rank computes go through the same check."""
+    recv, sends = too_long_message("first poll", monkeypatch)
+    with pytest.raises(Aborted):
+        for _ in range(1000):  # (MPI may complete the receive at a later poke)
+            waiting.Waiter().checked(MPI.Request.Testall, [recv], "allreduce",
+                                     lambda: "gradient allreduces")
+    MPI.Request.Waitall(sends)
+    assert aborts == [4]
+    assert one_line(capfd.readouterr().err).endswith("0s waiting for gradient allreduces")

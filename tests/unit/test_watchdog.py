@@ -6,6 +6,7 @@ import mmap
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -70,15 +71,41 @@ def test_remove_stale_removes_unmapped_mpi_segments_only(shm_files):
 
 
 def test_a_marker_outlives_only_the_launcher_it_names(shm_files):
-    """A loss marker whose launcher process is gone (its timed removal was killed with the job)
-    is swept by the next sentinel; one of a running launcher, or of another name, is kept."""
+    """A loss marker of an ended job (its timed removal was killed with the job) is swept by
+    the next sentinel once it is old; one of a running launcher, a fresh one (its job may
+    still be reporting) or one of another name is kept."""
     done = subprocess.Popen(["true"])
     done.wait()  # a pid that no longer runs
-    me = os.getpid()
-    live = shm_files(f"{watchdog.MARKER_PREFIX}{me}-{watchdog._start_time(me)}")
-    dead = shm_files(f"{watchdog.MARKER_PREFIX}{done.pid}-12345")
-    reused = shm_files(f"{watchdog.MARKER_PREFIX}{me}-1")  # this pid, another start: gone
-    other = shm_files(f"{watchdog.MARKER_PREFIX}t{me}")
+    me, prefix = os.getpid(), watchdog.MARKER_PREFIX
+    old = time.time() - watchdog.MARKER_STALE_SECONDS - 5
+
+    def marker(key, aged=True):
+        path = shm_files(f"{prefix}{key}")
+        if aged:
+            os.utime(path, (old, old))
+        return path
+    kept = [marker(f"{me}-{watchdog._start_time(me)}"),  # this launcher runs
+            marker(f"{done.pid}-12345", aged=False), marker(f"{me}-0", aged=False),  # fresh
+            marker(f"t{me}")]  # not a job key
+    swept = [marker(f"{done.pid}-12346"),  # its launcher is gone
+             marker(f"{me}-1"),  # this pid, another start time: a reused pid
+             marker(f"{done.pid}-0")]  # its launcher could not be known
     watchdog._sweep_markers()
-    assert os.path.exists(live) and os.path.exists(other)
-    assert not os.path.exists(dead) and not os.path.exists(reused)
+    assert all(os.path.exists(p) for p in kept)
+    assert not any(os.path.exists(p) for p in swept)
+
+
+def test_start_time_of_a_process_whose_name_is_not_utf8(tmp_path):
+    """The sweep reads /proc/PID/stat of any pid a marker names: a process name that is not
+    UTF-8 must not end the sentinel (it did, with a UnicodeDecodeError)."""
+    exe = os.path.join(os.fsencode(tmp_path), b"\xff\xfe)x")
+    os.symlink(b"/bin/sleep", exe)
+    p = subprocess.Popen([exe, "5"])
+    try:
+        with open(f"/proc/{p.pid}/stat", "rb") as f:
+            assert b"\xff\xfe)x" in f.read()  # (the name as the test meant it)
+        start = watchdog._start_time(p.pid)
+        assert start.isdigit() and int(start) > 0
+    finally:
+        p.kill()
+        p.wait()
