@@ -69,7 +69,7 @@ def main(argv=None):
                                                                 args.print_schedule), waiter)
     if comm is None:  # (docs/design.md#busy-ranks)
         signals.install()  # a signal is for the busy ranks to act on
-        return busy.idle(world)
+        return busy.idle(world, waiter)
     if comm.Get_size() == world.Get_size():
         return main_busy(args, comm, waiter, local=local)  # (every rank busy: same ranks)
     try:

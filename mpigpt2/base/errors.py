@@ -50,9 +50,12 @@ def abort(comm, code):
     from mpigpt2.base.watchdog import expected_exit
     sys.stdout.flush()
     sys.stderr.flush()
-    time.sleep(ABORT_GRACE_SECONDS)
-    # the reason is printed: no sentinel need report a loss. Claimed only now, right before
-    # the launcher starts to kill the ranks: a peer killed just before (whose failure may be
-    # what brought this rank here) has had the grace to be named by its own sentinel
-    expected_exit(finalize=False)
-    comm.Abort(code)
+    try:
+        time.sleep(ABORT_GRACE_SECONDS)
+    finally:  # (also when a signal handler raises during the grace: the job still ends here)
+        # the reason is printed: no sentinel need report a loss. Claimed only now, right
+        # before the launcher starts to kill the ranks: a peer killed just before (whose
+        # failure may be what brought this rank here) has had the grace to be named by its
+        # own sentinel
+        expected_exit(finalize=False)
+        comm.Abort(code)

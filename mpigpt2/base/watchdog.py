@@ -119,11 +119,12 @@ def _sentinel(r, parent, seconds, rank, job):
 def _shm_files(pid):
     """The MPI segments process pid maps: named (not yet unlinked) files directly in /dev/shm
     with a name of MPI_SHM_PREFIXES. Nothing else (a venv or data kept in /dev/shm, say)."""
-    try:
-        with open(f"/proc/{pid}/maps") as f:
+    try:  # (a mapped file's name may be any bytes: kept as the str os.unlink takes back)
+        with open(f"/proc/{pid}/maps", encoding=sys.getfilesystemencoding(),
+                  errors="surrogateescape") as f:
             paths = {line.split(None, 5)[5].strip() for line in f
                      if f" {SHM_DIR}/" in line and not line.rstrip().endswith("(deleted)")}
-    except (OSError, IndexError):
+    except (OSError, IndexError, ValueError):
         return set()
     return set(filter(_is_mpi_segment, paths))
 

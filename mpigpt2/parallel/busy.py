@@ -48,11 +48,13 @@ def split(world, local, mode, grid_given, waiter):
                   f"(--busy-ranks all computes on every rank)")
 
 
-def idle(world):
+def idle(world, waiter):
     """An idle rank's whole run: wait (sleeping) for the busy ranks' exit status."""
     status = np.zeros(1, dtype=np.int64)
-    req = world.Ibcast(status, root=0)
-    while not req.Test():  # (a Waiter's naps are for waits that end soon)
+    reqs = [world.Ibcast(status, root=0)]
+    # (not waiter.wait: its naps are for waits that end soon, and its timeout for one wait)
+    while not waiter.checked(MPI.Request.Testall, reqs, "setup",
+                             lambda: "the busy ranks' exit status (from rank 0)"):
         time.sleep(IDLE_POLL_SECONDS)
     return int(status[0])
 

@@ -13,6 +13,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mpigpt2.parallel.schedule import FORWARD, BACKWARD, tag, max_tag
+from mpigpt2.parallel.waiting import Waiter
 
 
 class PipeP2P:
@@ -103,11 +104,16 @@ PROBE_TAG = 7  # set-up only: no pipeline message is in flight yet
 
 
 def _spin(reqs, deadline, what):
-    """Busy-poll reqs (a latency probe must not sleep between polls) until the deadline."""
+    """Busy-poll reqs (a latency probe must not sleep between polls) until the deadline; an
+    MPI error is reported as Waiter.checked reports it (caught around the loop: no cost per
+    poll)."""
     import time
-    while not MPI.Request.Testall(reqs):
-        if time.perf_counter() > deadline:
-            raise TimeoutError(what)
+    try:
+        while not MPI.Request.Testall(reqs):
+            if time.perf_counter() > deadline:
+                raise TimeoutError(what)
+    except MPI.Exception as e:
+        Waiter().mpi_error(e, "setup", lambda: what)
 
 
 def pingpong(comm, peer, first, nbytes, reps, seconds=10.0):

@@ -142,18 +142,18 @@ class SharedAdam:
         barrier(self.local, self.grid.waiter, "allreduce",
                 "the in-node gradient reduction (every local's backward)")
         self.bufs[3].sync()
+
+        def what():
+            return f"{len(self.reqs)} gradient allreduces between nodes"
         for key in self.keys:
             for _, lo, hi, comm in self.ranges.get(key, ()):
                 _sum_kernel()(self.slots, lo, hi, SUM_BLOCK)
                 if comm.Get_size() > 1:
                     self.reqs.append(comm.Iallreduce(MPI.IN_PLACE, self.sum[lo:hi],
                                                      op=MPI.SUM))
-            if self.reqs:
-                # progress the allreduces already started
-                self.grid.waiter.checked(MPI.Request.Testall, self.reqs, "allreduce",
-                                         lambda: "gradient allreduces between nodes")
-        self.grid.waiter.wait(self.reqs, "allreduce",
-                              lambda: f"{len(self.reqs)} gradient allreduces between nodes")
+            if self.reqs:  # progress the allreduces already started
+                self.grid.waiter.checked(MPI.Request.Testall, self.reqs, "allreduce", what)
+        self.grid.waiter.wait(self.reqs, "allreduce", what)
         self.reqs = []
 
     def full_grad(self):

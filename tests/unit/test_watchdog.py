@@ -53,6 +53,22 @@ def test_only_mpi_segments_directly_in_dev_shm_count(shm_files):
             m.close()
 
 
+def test_a_mapped_file_whose_name_is_not_utf8(shm_files):
+    """A mapped file with a name that is not UTF-8 is read (it ended the sentinel) and an MPI
+    segment so named can still be removed by the name read."""
+    tag = f"t{os.getpid()}"
+    user = shm_files(f"data-{tag}-\udcff.bin")  # (os.fsencode: the byte 0xff)
+    mpi = shm_files(f"mpich_shm_{tag}_\udcff")
+    maps = [mapped(p) for p in (user, mpi)]
+    try:
+        assert watchdog._shm_files(os.getpid()) & {user, mpi} == {mpi}
+    finally:
+        for m in maps:
+            m.close()
+    watchdog._remove_stale({mpi}, settle=0, wait=0)
+    assert not os.path.exists(mpi) and os.path.exists(user)
+
+
 def test_remove_stale_removes_unmapped_mpi_segments_only(shm_files):
     tag = f"t{os.getpid()}"
     gone, held = shm_files(f"mpich_shm_{tag}_0"), shm_files(f"mpich_vci_{tag}_0")
