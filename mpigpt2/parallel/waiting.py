@@ -52,7 +52,8 @@ class Waiter:
     step: Optional[int] = None  # named in stall reports
     seconds: dict = field(default_factory=dict)
     # MPI_Status objects the tests fill (one per request, reused): a failed request's own
-    # error is in its status (MPI_ERR_IN_STATUS); ~0.4 µs per call
+    # error is in its status (MPI_ERR_IN_STATUS); ~0.1 µs per call (4 pending requests: a
+    # Testall 0.38 µs, through checked() with statuses 0.49)
     statuses: list = field(default_factory=list, repr=False)
 
     def take(self):
